@@ -1,0 +1,177 @@
+"""Typed, frozen settings loaded once from config.yaml, then injected.
+
+Every key is documented in config.yaml at the top of the repository; the defaults here are
+the same values, so a missing file means "all defaults". An unknown key, a wrong type or an
+impossible value stops start-up with a `ConfigError` that names the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+Mode = Literal["transcribe", "chat"]
+
+# Environment variables that override single keys (the CLI flags of the same name win).
+ENV_CONFIG = "VOXTRAL_CONFIG"
+ENV_OVERRIDES: dict[str, tuple[str, str]] = {
+    "VOXTRAL_MODEL": ("model", "id"),
+    "VOXTRAL_HOST": ("server", "host"),
+    "VOXTRAL_PORT": ("server", "port"),
+}
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; the message names the key and what is allowed."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSettings(_Section):
+    id: str = "mistralai/Voxtral-Mini-3B-2507"
+    device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    compile: Literal["auto", "on", "off"] = "auto"
+    compile_mode: Literal["auto", "default", "reduce-overhead", "max-autotune"] = "auto"
+    warmup_runs: int = Field(default=2, ge=0, le=20)
+    warmup_audio_s: float = Field(default=2.0, gt=0, le=30)
+    max_new_tokens: int = Field(default=256, ge=1, le=8192)
+    mel: Literal["reduced", "processor"] = "reduced"
+
+
+class TranscribeSettings(_Section):
+    language: str | None = Field(default="en", pattern=r"^[a-z]{2}$")
+
+
+class SamplingSettings(_Section):
+    temperature: float = Field(default=0.2, ge=0, le=2)
+    top_p: float = Field(default=0.95, gt=0, le=1)
+
+
+class ConversationSettings(_Section):
+    max_turns: int = Field(default=4, ge=0, le=32)
+    instructions: str | None = None
+
+
+class AudioSettings(_Section):
+    max_utterance_s: float = Field(default=30.0, gt=0, le=600)
+
+
+class EngineSettings(_Section):
+    queue_size: int = Field(default=16, ge=1, le=1024)
+
+
+class ChunkedResponseSettings(_Section):
+    min_words_per_chunk: int = Field(default=1, ge=1, le=64)
+    max_words_per_chunk: int = Field(default=1, ge=1, le=64)
+    chunk_timeout_ms: float = Field(default=150.0, gt=0, le=10_000)
+
+    @model_validator(mode="after")
+    def _min_le_max(self) -> ChunkedResponseSettings:
+        if self.min_words_per_chunk > self.max_words_per_chunk:
+            raise ValueError(
+                "min_words_per_chunk must be <= max_words_per_chunk "
+                f"(got {self.min_words_per_chunk} > {self.max_words_per_chunk})"
+            )
+        return self
+
+
+class StreamingSettings(_Section):
+    latency_target_ms: float = Field(default=300.0, gt=0)
+
+
+class PerformanceTargets(_Section):
+    ttft_ms: float = Field(default=200.0, gt=0)
+    total_latency_ms: float = Field(default=2000.0, gt=0)
+
+
+class ServerSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+
+
+class LoggingSettings(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class Settings(_Section):
+    mode: Literal["transcribe", "chat"] = "chat"
+    model: ModelSettings = ModelSettings()
+    transcribe: TranscribeSettings = TranscribeSettings()
+    chat: SamplingSettings = SamplingSettings()
+    conversation: ConversationSettings = ConversationSettings()
+    audio: AudioSettings = AudioSettings()
+    engine: EngineSettings = EngineSettings()
+    chunked_response: ChunkedResponseSettings = ChunkedResponseSettings()
+    streaming: StreamingSettings = StreamingSettings()
+    performance_targets: PerformanceTargets = PerformanceTargets()
+    server: ServerSettings = ServerSettings()
+    logging: LoggingSettings = LoggingSettings()
+
+    def with_overrides(self, overrides: Mapping[tuple[str, str], Any]) -> Settings:
+        """A copy with `{(section, key): value}` replaced, validated like the file."""
+        data = self.model_dump()
+        for (section, key), value in overrides.items():
+            if value is not None:
+                data[section][key] = value
+        return _validate(data, source="overrides")
+
+
+def _describe(error: Any) -> str:
+    key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    if error["type"] == "extra_forbidden":
+        return f"{key}: unknown key"
+    return f"{key}: {error['msg']} (got {error.get('input')!r})"
+
+
+def _validate(data: Mapping[str, Any], source: str) -> Settings:
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(_describe(e) for e in exc.errors())
+        raise ConfigError(f"{source}: {problems}") from None
+
+
+def default_config_path() -> Path | None:
+    """$VOXTRAL_CONFIG, else ./config.yaml if present, else None (built-in defaults)."""
+    env = os.environ.get(ENV_CONFIG)
+    if env:
+        return Path(env)
+    local = Path("config.yaml")
+    return local if local.is_file() else None
+
+
+def load_settings(
+    path: Path | None = None,
+    overrides: Mapping[tuple[str, str], Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """File (or defaults) <- environment <- explicit overrides (CLI flags)."""
+    path = path if path is not None else default_config_path()
+    data: Any = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read config file ({exc.strerror})") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+    settings = _validate(data, source=source)
+    env = os.environ if environ is None else environ
+    merged: dict[tuple[str, str], Any] = {
+        target: env[name] for name, target in ENV_OVERRIDES.items() if env.get(name)
+    }
+    merged.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return settings.with_overrides(merged) if merged else settings

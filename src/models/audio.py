@@ -1,0 +1,78 @@
+"""Audio input: constants, decoding, conversion to 16 kHz mono float32, validation (pure)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+SAMPLE_RATE = 16000  # Hz, what Voxtral's encoder expects
+PCM16_SCALE = 32768.0  # int16 -> float in [-1, 1)
+
+
+class AudioInputError(ValueError):
+    """The audio cannot be used; the message says why in words a user understands."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def to_mono_16k(samples: np.ndarray, sample_rate: int) -> np.ndarray:
+    """(n,) or (n, channels) samples at any rate -> (n',) float32 at 16 kHz."""
+    if sample_rate <= 0:
+        raise AudioInputError("invalid_audio", f"sample rate must be positive, got {sample_rate}")
+    data = np.asarray(samples)
+    if data.ndim == 2:
+        data = data.mean(axis=1)
+    elif data.ndim != 1:
+        raise AudioInputError("invalid_audio", f"expected 1 or 2 dimensions, got {data.ndim}")
+    data = data.astype(np.float32, copy=False)
+    if sample_rate != SAMPLE_RATE and data.size:
+        data = soxr.resample(data, sample_rate, SAMPLE_RATE, quality="HQ").astype(np.float32)
+    return data
+
+
+def pcm16_to_float(pcm: bytes) -> np.ndarray:
+    """Little-endian PCM16 bytes -> float32 in [-1, 1)."""
+    if len(pcm) % 2:
+        raise AudioInputError("invalid_audio", f"PCM16 needs an even number of bytes, got {len(pcm)}")
+    return np.frombuffer(pcm, dtype="<i2").astype(np.float32) / PCM16_SCALE
+
+
+def read_audio_file(path: Path) -> np.ndarray:
+    """Decode any format libsndfile reads (wav, flac, ogg, mp3, ...) -> 16 kHz mono float32."""
+    try:
+        samples, rate = sf.read(str(path), dtype="float32", always_2d=False)
+    except FileNotFoundError:
+        raise AudioInputError("unreadable_audio", f"{path}: no such file") from None
+    except (sf.LibsndfileError, RuntimeError, OSError) as exc:
+        raise AudioInputError("unreadable_audio", f"{path}: cannot decode audio ({exc})") from None
+    return to_mono_16k(samples, int(rate))
+
+
+def validate(audio: np.ndarray, max_seconds: float) -> np.ndarray:
+    """Refuse audio the model cannot answer; return it as contiguous float32."""
+    if audio.ndim != 1:
+        raise AudioInputError("invalid_audio", "audio must be mono (one dimension)")
+    if audio.size == 0:
+        raise AudioInputError("empty_audio", "the audio is empty: nothing was recorded")
+    if not np.isfinite(audio).all():
+        raise AudioInputError("invalid_audio", "the audio contains NaN or infinite samples")
+    seconds = audio.size / SAMPLE_RATE
+    if seconds > max_seconds:
+        raise AudioInputError(
+            "audio_too_long",
+            f"the audio lasts {seconds:.1f} s, longer than audio.max_utterance_s = {max_seconds:g} s",
+        )
+    return np.ascontiguousarray(audio, dtype=np.float32)
+
+
+def wav_bytes(audio: np.ndarray) -> bytes:
+    """16 kHz mono float32 -> PCM16 WAV bytes (what mistral_common's tokenizer reads)."""
+    buffer = io.BytesIO()
+    sf.write(buffer, audio, SAMPLE_RATE, format="WAV", subtype="PCM_16")
+    return buffer.getvalue()

@@ -1,0 +1,109 @@
+"""From `generate`'s token stream to word chunks, on the worker thread, with no extra thread.
+
+`WordStreamer` is a `TextIteratorStreamer` whose finalized text goes through the word
+chunker instead of a text queue; finished chunks go to the request's sink. It timestamps the
+first generated token in `put()` (the base class only releases text at whitespace, which
+would measure the first word instead), and flushes text that has waited longer than the
+chunk timeout when the next token arrives, so a run without whitespace cannot hold back the
+first chunk. `CancelCriteria` ends `generate` at the next decode step once the request's
+handle is cancelled.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from transformers import StoppingCriteria, TextIteratorStreamer
+
+from .types import Chunk, RequestHandle
+from .words import WordChunker
+
+ChunkSink = Callable[[Chunk], None]
+
+
+def _ms(start: float, end: float) -> float:
+    return round((end - start) * 1000.0, 3)
+
+
+class WordStreamer(TextIteratorStreamer):  # type: ignore[misc]
+    def __init__(
+        self,
+        tokenizer: Any,
+        handle: RequestHandle,
+        chunker: WordChunker,
+        chunk_timeout_s: float,
+        sink: ChunkSink,
+    ) -> None:
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.handle = handle
+        self.chunker = chunker
+        self.chunk_timeout_s = chunk_timeout_s
+        self.sink = sink
+        self.first_token_at: float | None = None
+        self.tokens = 0
+        self.chunks = 0
+        self.words = 0
+        self.text = ""
+        self._pending_since: float | None = None
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.skip_prompt and self.next_tokens_are_prompt:
+            self.next_tokens_are_prompt = False
+            return
+        now = time.perf_counter()
+        if self.first_token_at is None:
+            self.first_token_at = now
+        ids = value.reshape(-1).tolist()
+        self.tokens += len(ids)
+        if self.handle.cancelled:
+            return  # generation stops at the next step; nothing more is handed out
+        self.token_cache.extend(ids)
+        decoded = self.tokenizer.decode(self.token_cache, **self.decode_kwargs)
+        if decoded.endswith("\ufffd"):
+            return  # a multi-byte character is split across tokens: wait for the rest
+        new_text = decoded[self.print_len :]
+        self.print_len = len(decoded)
+        chunks = self.chunker.feed(new_text)
+        if self.chunker.pending:
+            if self._pending_since is None or chunks:
+                self._pending_since = now
+            elif now - self._pending_since >= self.chunk_timeout_s:
+                chunks += self.chunker.flush()
+                self._pending_since = None
+        else:
+            self._pending_since = None
+        self._emit(chunks)
+
+    def end(self) -> None:
+        if not self.handle.cancelled:
+            self._emit(self.chunker.flush())
+        self.token_cache = []
+        self.print_len = 0
+        self.next_tokens_are_prompt = True
+
+    def _emit(self, texts: list[str]) -> None:
+        for text in texts:
+            now = time.perf_counter()
+            submitted = self.handle.submitted_at
+            first = None if self.first_token_at is None else _ms(submitted, self.first_token_at)
+            self.text += text
+            self.words += len(text.split())
+            self.sink(Chunk(text, self.chunks, False, first, _ms(submitted, now), self.tokens))
+            self.chunks += 1
+
+
+class CancelCriteria(StoppingCriteria):  # type: ignore[misc]
+    """True once the handle is cancelled; `generate` checks it after every decode step."""
+
+    def __init__(self, handle: RequestHandle) -> None:
+        self.handle = handle
+        self.stopped_at: float | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        stop = self.handle.cancelled
+        if stop and self.stopped_at is None:
+            self.stopped_at = time.perf_counter()
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)

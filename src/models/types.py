@@ -1,0 +1,104 @@
+"""What callers hand the engine and what comes back: plain data, no tensors."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+Mode = Literal["transcribe", "chat"]
+Status = Literal["completed", "cancelled", "error"]
+
+
+class EngineError(RuntimeError):
+    """A request could not be served; `code` is stable and machine-readable."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class ModelLoadError(EngineError):
+    def __init__(self, message: str) -> None:
+        super().__init__("model_load_failed", message)
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One earlier exchange of a chat: what the user said and what the model answered."""
+
+    audio: np.ndarray  # 16 kHz mono float32
+    answer: str
+
+
+@dataclass(frozen=True)
+class Request:
+    audio: np.ndarray  # 16 kHz mono float32
+    mode: Mode = "chat"
+    language: str | None = None  # transcribe mode; None = let the model detect it
+    instructions: str | None = None  # chat mode: text sent along with the audio
+    history: tuple[Turn, ...] = ()  # chat mode: earlier turns, oldest first
+    max_new_tokens: int | None = None  # None = model.max_new_tokens
+    temperature: float | None = None  # None = chat.temperature (chat) / 0 (transcribe)
+    top_p: float | None = None
+    min_new_tokens: int = 0  # benchmarks: keep a random model from stopping at once
+
+
+@dataclass(frozen=True)
+class Totals:
+    """Carried by the final chunk of an answer."""
+
+    status: Status
+    answer: str  # the whole answer's text
+    tokens: int
+    words: int
+    total_ms: float
+    tokens_per_s: float
+    queue_wait_ms: float
+    model_ttft_ms: float | None  # worker picked the request up -> first generated token
+    cancel_latency_ms: float | None = None  # cancel() -> generation stopped
+    error_code: str | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One delta of an answer. Concatenating the texts of all chunks gives the answer."""
+
+    text: str
+    chunk_index: int
+    is_final: bool
+    first_token_latency_ms: float | None  # submitted -> first generated token
+    processing_time_ms: float  # submitted -> this chunk handed out
+    tokens: int  # tokens generated so far
+    totals: Totals | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        totals = data.pop("totals")
+        if totals is not None:
+            data.update(totals)
+        return data
+
+
+@dataclass
+class RequestHandle:
+    """The caller's side of a submitted request: cancel it, read its timestamps."""
+
+    request: Request
+    submitted_at: float = field(default_factory=time.perf_counter)
+    _cancel: threading.Event = field(default_factory=threading.Event)
+    cancel_requested_at: float | None = None
+
+    def cancel(self) -> None:
+        """Stop generation at the next decode step (idempotent, from any thread)."""
+        if not self._cancel.is_set():
+            self.cancel_requested_at = time.perf_counter()
+            self._cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()

@@ -1,0 +1,436 @@
+"""The Voxtral engine: load, compile, warm up, then stream words for one request at a time.
+
+One worker thread owns the model and every tensor: it warms up (compile and CUDA graphs are
+per-thread), then serves requests in the order they were submitted from a bounded queue.
+Callers get a `RequestHandle` (cancel) and receive `Chunk`s through a sink they pass in,
+called on the worker thread: a `queue.Queue.put` for threads, `loop.call_soon_threadsafe`
+for asyncio.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import (
+    AutoProcessor,
+    CompileConfig,
+    StoppingCriteriaList,
+    VoxtralForConditionalGeneration,
+)
+
+from ..config import Settings
+from .audio import SAMPLE_RATE, validate
+from .mel import N_SAMPLES, LogMel, processor_features
+from .prompt import PromptBuilder
+from .streamer import CancelCriteria, ChunkSink, WordStreamer
+from .types import (
+    Chunk,
+    EngineError,
+    ModelLoadError,
+    Request,
+    RequestHandle,
+    Status,
+    Totals,
+)
+from .words import WordChunker
+
+logger = logging.getLogger(__name__)
+
+AUDIO_TOKENS_PER_WINDOW = 375  # 30 s -> 3000 mel frames -> 1500 encoder positions -> 375
+_PROMPT_TEXT_MARGIN = 64  # control and language tokens around each user turn
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how the model runs, resolved from `model.*` settings and the hardware."""
+
+    device: torch.device
+    dtype: torch.dtype
+    compile: bool
+    compile_mode: str
+
+    @classmethod
+    def resolve(cls, settings: Settings) -> Runtime:
+        m = settings.model
+        if m.device == "auto":
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        else:
+            device = torch.device(m.device)
+            if device.type == "cuda" and not torch.cuda.is_available():
+                raise ModelLoadError(f"model.device is {m.device!r} but no CUDA device is visible")
+        on_cuda = device.type == "cuda"
+        if m.dtype == "auto":
+            dtype = torch.bfloat16 if on_cuda else torch.float32
+        else:
+            dtype = getattr(torch, m.dtype)
+        compile_on = m.compile == "on" or (m.compile == "auto" and on_cuda)
+        mode = m.compile_mode
+        if mode == "auto":
+            mode = "reduce-overhead" if on_cuda else "default"  # CUDA graphs exist on CUDA only
+        return cls(device, dtype, compile_on, mode)
+
+
+def load_pretrained(settings: Settings, runtime: Runtime) -> tuple[Any, Any]:
+    """Processor + model from a hub id or a local folder; one clear error when that fails."""
+    model_id = settings.model.id
+    try:
+        processor = AutoProcessor.from_pretrained(model_id)
+        model = VoxtralForConditionalGeneration.from_pretrained(
+            model_id, dtype=runtime.dtype, attn_implementation=settings.model.attn_implementation
+        )
+    except (OSError, ValueError, ImportError, KeyError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(
+            f"cannot load model {model_id!r}: {reason}. Point model.id (or --model) at a local "
+            "folder or a hub id this machine can download; for an offline demo build a tiny "
+            "checkpoint with `voxtral-server make-tiny DIR` and pass `--model DIR`."
+        ) from exc
+    return processor, model.to(runtime.device).eval()
+
+
+@dataclass(frozen=True)
+class _Job:
+    handle: RequestHandle
+    sink: ChunkSink
+
+
+class _Shutdown:
+    """Sentinel that stops the worker."""
+
+
+class ChunkStream:
+    """A submitted request read from a plain thread: iterate chunks up to the final one."""
+
+    def __init__(self) -> None:
+        self._chunks: queue.Queue[Chunk] = queue.Queue()
+        self.handle: RequestHandle | None = None
+
+    def put(self, chunk: Chunk) -> None:
+        self._chunks.put(chunk)
+
+    def __iter__(self) -> Iterator[Chunk]:
+        while True:
+            chunk = self._chunks.get()
+            yield chunk
+            if chunk.is_final:
+                return
+
+    def cancel(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+
+
+def _ms(start: float, end: float) -> float:
+    return round((end - start) * 1000.0, 3)
+
+
+class VoxtralEngine:
+    def __init__(self, settings: Settings, processor: Any, model: Any, runtime: Runtime) -> None:
+        self.settings = settings
+        self.runtime = runtime
+        self.processor = processor
+        self.model = model
+        self.prompts = PromptBuilder(processor, settings.model.id)
+        fe = processor.feature_extractor
+        if getattr(fe, "dither", 0.0):
+            raise ModelLoadError("the processor's feature extractor dithers; the exact mel needs none")
+        self._mel = LogMel(np.asarray(fe.mel_filters), runtime.device)
+        self._jobs: queue.Queue[_Job | _Shutdown] = queue.Queue(settings.engine.queue_size)
+        self._ready = threading.Event()
+        self._startup_error: BaseException | None = None
+        self._closed = False
+        self._lock = threading.Lock()
+        self._current: RequestHandle | None = None
+        self._thread = threading.Thread(target=self._run, name="voxtral-engine", daemon=True)
+        self._gen_defaults = self._generation_defaults()
+        self.warmup_ms: list[float] = []
+
+    # ----------------------------------------------------------------- lifecycle
+
+    @classmethod
+    def load(cls, settings: Settings) -> VoxtralEngine:
+        """Load, warm up (logging how long each step took), and start serving."""
+        runtime = Runtime.resolve(settings)
+        t0 = time.perf_counter()
+        processor, model = load_pretrained(settings, runtime)
+        logger.info(
+            "model loaded: model=%s device=%s dtype=%s compile=%s mode=%s load_ms=%.0f",
+            settings.model.id,
+            runtime.device,
+            str(runtime.dtype).removeprefix("torch."),
+            "on" if runtime.compile else "off",
+            runtime.compile_mode if runtime.compile else "-",
+            (time.perf_counter() - t0) * 1000,
+        )
+        engine = cls(settings, processor, model, runtime)
+        engine.start()
+        return engine
+
+    def start(self) -> None:
+        """Start the worker; it warms up first. Returns once ready, raises if warm-up failed."""
+        self._thread.start()
+        self._ready.wait()
+        if self._startup_error is not None:
+            self._thread.join()
+            raise ModelLoadError(f"warm-up failed: {self._startup_error}") from self._startup_error
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set() and self._startup_error is None and not self._closed
+
+    @property
+    def queue_depth(self) -> int:
+        return self._jobs.qsize()
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Cancel what is running or queued and stop the worker (idempotent)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            if self._current is not None:
+                self._current.cancel()
+        while True:  # queued requests end as cancelled, so no caller waits forever
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(job, _Job):
+                job.handle.cancel()
+                self._finish(job, None, None, 0.0)
+        if self._thread.is_alive():
+            self._jobs.put(_Shutdown())
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                logger.warning("engine worker did not stop within %.0f s", timeout)
+
+    # ----------------------------------------------------------------- requests
+
+    def submit(self, request: Request, sink: ChunkSink) -> RequestHandle:
+        """Queue a request; chunks go to `sink` on the worker thread, the last with totals.
+
+        Raises `AudioInputError` for audio the model cannot answer and `EngineError` when
+        the engine is closed or its queue is full; the engine keeps serving either way.
+        """
+        if request.mode not in ("transcribe", "chat"):
+            raise EngineError("invalid_mode", f"mode must be transcribe or chat, not {request.mode!r}")
+        validate(request.audio, self.settings.audio.max_utterance_s)
+        handle = RequestHandle(request)
+        with self._lock:
+            if self._closed:
+                raise EngineError("engine_closed", "the engine is shutting down")
+            try:
+                self._jobs.put_nowait(_Job(handle, sink))
+            except queue.Full:
+                raise EngineError(
+                    "engine_busy",
+                    f"{self.settings.engine.queue_size} requests are already waiting "
+                    "(engine.queue_size); try again shortly",
+                ) from None
+        return handle
+
+    def stream(self, request: Request) -> ChunkStream:
+        """Submit and read the chunks from this thread: `for chunk in engine.stream(r)`."""
+        stream = ChunkStream()
+        stream.handle = self.submit(request, stream.put)
+        return stream
+
+    # ----------------------------------------------------------------- worker
+
+    def _run(self) -> None:
+        try:
+            self._warmup()
+        except BaseException as exc:  # reported to start(), which raises it
+            logger.exception("warm-up failed")
+            self._startup_error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        while True:
+            job = self._jobs.get()
+            if isinstance(job, _Shutdown):
+                return
+            with self._lock:
+                self._current = job.handle
+            try:
+                self._serve(job)
+            finally:
+                with self._lock:
+                    self._current = None
+
+    def _warmup(self) -> None:
+        runs = self.settings.model.warmup_runs
+        if runs == 0:
+            return
+        silence = np.zeros(int(self.settings.model.warmup_audio_s * SAMPLE_RATE), np.float32)
+        for i in range(runs):
+            for mode in ("transcribe", "chat"):
+                t0 = time.perf_counter()
+                request = Request(silence, mode, max_new_tokens=8, min_new_tokens=8)
+                self._generate(RequestHandle(request), lambda chunk: None)
+                self._sync()
+                elapsed = (time.perf_counter() - t0) * 1000
+                self.warmup_ms.append(elapsed)
+                logger.info("warm-up run %d/%d (%s): %.0f ms", i + 1, runs, mode, elapsed)
+
+    def _sync(self) -> None:
+        if self.runtime.device.type == "cuda":
+            torch.cuda.synchronize(self.runtime.device)
+
+    def _serve(self, job: _Job) -> None:
+        handle = job.handle
+        started = time.perf_counter()
+        if handle.cancelled:  # cancelled while it waited in the queue
+            self._finish(job, None, None, _ms(handle.submitted_at, started))
+            return
+        streamer: WordStreamer | None = None
+        error: EngineError | None = None
+        try:
+            streamer = self._generate(handle, job.sink)
+        except Exception as exc:  # one request's failure must not stop the worker
+            logger.exception("generation failed")
+            code = "out_of_memory" if isinstance(exc, torch.OutOfMemoryError) else "generation_failed"
+            error = EngineError(code, f"generation failed: {type(exc).__name__}: {exc}")
+            if isinstance(exc, torch.OutOfMemoryError) and self.runtime.device.type == "cuda":
+                torch.cuda.empty_cache()
+        self._finish(job, streamer, error, _ms(handle.submitted_at, started))
+
+    def _finish(
+        self,
+        job: _Job,
+        streamer: WordStreamer | None,
+        error: EngineError | None,
+        queue_wait_ms: float,
+    ) -> None:
+        handle = job.handle
+        now = time.perf_counter()
+        status: Status = "error" if error else "cancelled" if handle.cancelled else "completed"
+        tokens = streamer.tokens if streamer else 0
+        first = streamer.first_token_at if streamer else None
+        total_ms = _ms(handle.submitted_at, now)
+        gen_s = (now - first) if first is not None else 0.0
+        totals = Totals(
+            status=status,
+            answer=streamer.text if streamer else "",
+            tokens=tokens,
+            words=streamer.words if streamer else 0,
+            total_ms=total_ms,
+            tokens_per_s=round((tokens - 1) / gen_s, 1) if tokens > 1 and gen_s > 0 else 0.0,
+            queue_wait_ms=queue_wait_ms,
+            model_ttft_ms=(
+                _ms(handle.submitted_at, first) - queue_wait_ms if first is not None else None
+            ),
+            cancel_latency_ms=(
+                _ms(handle.cancel_requested_at, now) if handle.cancel_requested_at else None
+            ),
+            error_code=error.code if error else None,
+            error=str(error) if error else None,
+        )
+        final = Chunk(
+            text="",
+            chunk_index=streamer.chunks if streamer else 0,
+            is_final=True,
+            first_token_latency_ms=_ms(handle.submitted_at, first) if first is not None else None,
+            processing_time_ms=total_ms,
+            tokens=tokens,
+            totals=totals,
+        )
+        try:
+            job.sink(final)
+        except Exception:  # the caller went away; nothing else to tell it
+            logger.exception("could not hand out the final chunk")
+        target = self.settings.streaming.latency_target_ms
+        if streamer is not None and streamer.chunks and (final.first_token_latency_ms or 0) > target:
+            logger.warning(
+                "first token after %.1f ms, above streaming.latency_target_ms=%g "
+                "(queue_wait_ms=%.1f)",
+                final.first_token_latency_ms,
+                target,
+                queue_wait_ms,
+            )
+
+    # ----------------------------------------------------------------- model calls
+
+    def _generation_defaults(self) -> dict[str, Any]:
+        if not self.runtime.compile:
+            return {}
+        s = self.settings
+        windows = -(-int(s.audio.max_utterance_s * SAMPLE_RATE) // N_SAMPLES)
+        per_user = AUDIO_TOKENS_PER_WINDOW * windows + _PROMPT_TEXT_MARGIN
+        if s.conversation.instructions:
+            per_user += len(self.processor.tokenizer.encode(s.conversation.instructions))
+        turns = s.conversation.max_turns
+        # Size the static KV cache for the longest prompt the settings allow, so that warm-up
+        # compiles the decode step once and no later request changes its shapes.
+        max_cache_len = (turns + 1) * per_user + (turns + 1) * s.model.max_new_tokens
+        config = CompileConfig(mode=self.runtime.compile_mode)
+        if self.runtime.device.type != "cuda":
+            config._compile_all_devices = True  # transformers compiles on CUDA only by default
+        return {
+            "cache_implementation": "static",
+            "compile_config": config,
+            "max_cache_len": max_cache_len,
+        }
+
+    def _features(self, audio: np.ndarray) -> torch.Tensor:
+        if self.settings.model.mel == "reduced":
+            return self._mel(audio)
+        return processor_features(self.processor.feature_extractor, audio)
+
+    def model_inputs(self, request: Request) -> dict[str, torch.Tensor]:
+        """input_ids, attention_mask and input_features for one request, on the device."""
+        if request.mode == "transcribe":
+            ids = self.prompts.transcription(request.audio, request.language)
+            audios = [request.audio]
+        else:
+            ids = self.prompts.chat(request.audio, request.instructions, request.history)
+            audios = [turn.audio for turn in request.history] + [request.audio]
+        features = torch.cat([self._features(a) for a in audios])
+        input_ids = torch.tensor([ids], device=self.runtime.device)
+        return {
+            "input_ids": input_ids,
+            "attention_mask": torch.ones_like(input_ids),
+            "input_features": features.to(self.runtime.device, self.runtime.dtype),
+        }
+
+    def _sampling(self, request: Request) -> dict[str, Any]:
+        chat = self.settings.chat
+        if request.temperature is not None:
+            temperature = request.temperature
+        else:
+            temperature = chat.temperature if request.mode == "chat" else 0.0
+        if temperature <= 0:
+            return {"do_sample": False}
+        top_p = request.top_p if request.top_p is not None else chat.top_p
+        return {"do_sample": True, "temperature": temperature, "top_p": top_p}
+
+    def _generate(self, handle: RequestHandle, sink: ChunkSink) -> WordStreamer:
+        request = handle.request
+        cr = self.settings.chunked_response
+        streamer = WordStreamer(
+            self.processor.tokenizer,
+            handle,
+            WordChunker(cr.min_words_per_chunk, cr.max_words_per_chunk),
+            cr.chunk_timeout_ms / 1000.0,
+            sink,
+        )
+        with torch.inference_mode():
+            inputs = self.model_inputs(request)
+            self.model.generate(
+                **inputs,
+                **self._gen_defaults,
+                **self._sampling(request),
+                max_new_tokens=request.max_new_tokens or self.settings.model.max_new_tokens,
+                min_new_tokens=request.min_new_tokens,
+                streamer=streamer,
+                stopping_criteria=StoppingCriteriaList([CancelCriteria(handle)]),
+            )
+        return streamer
