@@ -39,16 +39,18 @@ def to_mono_16k(samples: np.ndarray, sample_rate: int) -> np.ndarray:
 def pcm16_to_float(pcm: bytes) -> np.ndarray:
     """Little-endian PCM16 bytes -> float32 in [-1, 1)."""
     if len(pcm) % 2:
-        raise AudioInputError("invalid_audio", f"PCM16 needs an even number of bytes, got {len(pcm)}")
+        raise AudioInputError(
+            "invalid_audio", f"PCM16 needs an even number of bytes, got {len(pcm)}"
+        )
     return np.frombuffer(pcm, dtype="<i2").astype(np.float32) / PCM16_SCALE
 
 
 def read_audio_file(path: Path) -> np.ndarray:
     """Decode any format libsndfile reads (wav, flac, ogg, mp3, ...) -> 16 kHz mono float32."""
+    if not path.is_file():
+        raise AudioInputError("unreadable_audio", f"{path}: no such file")
     try:
         samples, rate = sf.read(str(path), dtype="float32", always_2d=False)
-    except FileNotFoundError:
-        raise AudioInputError("unreadable_audio", f"{path}: no such file") from None
     except (sf.LibsndfileError, RuntimeError, OSError) as exc:
         raise AudioInputError("unreadable_audio", f"{path}: cannot decode audio ({exc})") from None
     return to_mono_16k(samples, int(rate))
@@ -66,7 +68,8 @@ def validate(audio: np.ndarray, max_seconds: float) -> np.ndarray:
     if seconds > max_seconds:
         raise AudioInputError(
             "audio_too_long",
-            f"the audio lasts {seconds:.1f} s, longer than audio.max_utterance_s = {max_seconds:g} s",
+            f"the audio lasts {seconds:.1f} s, longer than "
+            f"audio.max_utterance_s = {max_seconds:g} s",
         )
     return np.ascontiguousarray(audio, dtype=np.float32)
 

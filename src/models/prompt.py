@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from mistral_common.protocol.transcription.request import TranscriptionRequest
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
+from mistral_common.protocol.transcription.request import TranscriptionRequest
 
 from .audio import wav_bytes
 from .types import Turn

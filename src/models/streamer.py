@@ -36,8 +36,14 @@ class WordStreamer(TextIteratorStreamer):  # type: ignore[misc]
         chunker: WordChunker,
         chunk_timeout_s: float,
         sink: ChunkSink,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.clock = clock
+        # The base class's decoding state, declared here for the type checker.
+        self.token_cache: list[int] = []
+        self.print_len = 0
+        self.next_tokens_are_prompt = True
         self.handle = handle
         self.chunker = chunker
         self.chunk_timeout_s = chunk_timeout_s
@@ -47,17 +53,20 @@ class WordStreamer(TextIteratorStreamer):  # type: ignore[misc]
         self.chunks = 0
         self.words = 0
         self.text = ""
+        self.token_ids: list[int] = []
         self._pending_since: float | None = None
 
     def put(self, value: torch.Tensor) -> None:
         if self.skip_prompt and self.next_tokens_are_prompt:
             self.next_tokens_are_prompt = False
             return
-        now = time.perf_counter()
+        now = self.clock()
         if self.first_token_at is None:
             self.first_token_at = now
         ids = value.reshape(-1).tolist()
         self.tokens += len(ids)
+        self.handle.tokens = self.tokens
+        self.token_ids.extend(ids)
         if self.handle.cancelled:
             return  # generation stops at the next step; nothing more is handed out
         self.token_cache.extend(ids)
@@ -86,7 +95,7 @@ class WordStreamer(TextIteratorStreamer):  # type: ignore[misc]
 
     def _emit(self, texts: list[str]) -> None:
         for text in texts:
-            now = time.perf_counter()
+            now = self.clock()
             submitted = self.handle.submitted_at
             first = None if self.first_token_at is None else _ms(submitted, self.first_token_at)
             self.text += text

@@ -93,9 +93,7 @@ def script_bias(script_ids: Sequence[int], eos_id: int = EOS_ID) -> list[list[An
     return [[list(k), v] for k, v in entries.items()]
 
 
-def build_tiny(
-    out_dir: Path, script: str | None = None, n_bpe: int = DEFAULT_BPE_RANKS
-) -> Path:
+def build_tiny(out_dir: Path, script: str | None = None, n_bpe: int = DEFAULT_BPE_RANKS) -> Path:
     """Write a tiny random Voxtral checkpoint (and processor) into `out_dir`; return it."""
     import torch
     from transformers import (

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -34,6 +35,24 @@ class Turn:
     answer: str
 
 
+class Conversation:
+    """The last `max_turns` exchanges of a chat, oldest first (older ones are dropped)."""
+
+    def __init__(self, max_turns: int) -> None:
+        self._turns: deque[Turn] = deque(maxlen=max_turns)
+
+    def add(self, audio: np.ndarray, answer: str) -> None:
+        if self._turns.maxlen:
+            self._turns.append(Turn(audio, answer))
+
+    def clear(self) -> None:
+        self._turns.clear()
+
+    @property
+    def history(self) -> tuple[Turn, ...]:
+        return tuple(self._turns)
+
+
 @dataclass(frozen=True)
 class Request:
     audio: np.ndarray  # 16 kHz mono float32
@@ -60,8 +79,10 @@ class Totals:
     queue_wait_ms: float
     model_ttft_ms: float | None  # worker picked the request up -> first generated token
     cancel_latency_ms: float | None = None  # cancel() -> generation stopped
+    tokens_after_cancel: int | None = None  # generated after cancel() was called
     error_code: str | None = None
     error: str | None = None
+    token_ids: tuple[int, ...] = ()  # every generated token, EOS included
 
 
 @dataclass(frozen=True)
@@ -92,11 +113,14 @@ class RequestHandle:
     submitted_at: float = field(default_factory=time.perf_counter)
     _cancel: threading.Event = field(default_factory=threading.Event)
     cancel_requested_at: float | None = None
+    tokens: int = 0  # generated so far; written by the worker, read by cancel()
+    tokens_at_cancel: int | None = None
 
     def cancel(self) -> None:
         """Stop generation at the next decode step (idempotent, from any thread)."""
         if not self._cancel.is_set():
             self.cancel_requested_at = time.perf_counter()
+            self.tokens_at_cancel = self.tokens
             self._cancel.set()
 
     @property

@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -78,21 +79,52 @@ class Runtime:
         return cls(device, dtype, compile_on, mode)
 
 
+def _looks_like_path(model_id: str) -> bool:
+    return model_id.startswith(("/", ".", "~")) or Path(model_id).exists()
+
+
+def _cached_on_disk(model_id: str) -> bool:
+    """True when a hub id's files are already in the local Hugging Face cache."""
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(model_id, "config.json"), str)
+
+
 def load_pretrained(settings: Settings, runtime: Runtime) -> tuple[Any, Any]:
-    """Processor + model from a hub id or a local folder; one clear error when that fails."""
+    """Processor + model from a local folder or a hub id; one clear error when that fails.
+
+    A hub id already in the local cache loads without touching the network; otherwise it is
+    downloaded (which, with no network, takes the hub client's retries to fail).
+    """
     model_id = settings.model.id
+    hint = (
+        "Point model.id (or --model) at a local folder or a hub id this machine can "
+        "download; for an offline demo build a tiny checkpoint with `voxtral-server "
+        "make-tiny DIR` and pass `--model DIR`."
+    )
+    if _looks_like_path(model_id):
+        folder = Path(model_id).expanduser()
+        if not (folder / "config.json").is_file():
+            raise ModelLoadError(
+                f"cannot load model {model_id!r}: no config.json in that folder. {hint}"
+            )
+        source, local_only = str(folder), True
+    else:
+        source, local_only = model_id, _cached_on_disk(model_id)
+        if not local_only:
+            logger.info("model %s is not in the local cache: downloading it from the hub", model_id)
     try:
-        processor = AutoProcessor.from_pretrained(model_id)
+        processor = AutoProcessor.from_pretrained(source, local_files_only=local_only)
         model = VoxtralForConditionalGeneration.from_pretrained(
-            model_id, dtype=runtime.dtype, attn_implementation=settings.model.attn_implementation
+            source,
+            dtype=runtime.dtype,
+            attn_implementation=settings.model.attn_implementation,
+            local_files_only=local_only,
         )
     except (OSError, ValueError, ImportError, KeyError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(
-            f"cannot load model {model_id!r}: {reason}. Point model.id (or --model) at a local "
-            "folder or a hub id this machine can download; for an offline demo build a tiny "
-            "checkpoint with `voxtral-server make-tiny DIR` and pass `--model DIR`."
-        ) from exc
+        text = str(exc).strip()
+        reason = text.splitlines()[0].rstrip(".") if text else type(exc).__name__
+        raise ModelLoadError(f"cannot load model {model_id!r}: {reason}. {hint}") from exc
     return processor, model.to(runtime.device).eval()
 
 
@@ -141,7 +173,9 @@ class VoxtralEngine:
         self.prompts = PromptBuilder(processor, settings.model.id)
         fe = processor.feature_extractor
         if getattr(fe, "dither", 0.0):
-            raise ModelLoadError("the processor's feature extractor dithers; the exact mel needs none")
+            raise ModelLoadError(
+                "the processor's feature extractor dithers; the exact mel needs none"
+            )
         self._mel = LogMel(np.asarray(fe.mel_filters), runtime.device)
         self._jobs: queue.Queue[_Job | _Shutdown] = queue.Queue(settings.engine.queue_size)
         self._ready = threading.Event()
@@ -221,7 +255,9 @@ class VoxtralEngine:
         the engine is closed or its queue is full; the engine keeps serving either way.
         """
         if request.mode not in ("transcribe", "chat"):
-            raise EngineError("invalid_mode", f"mode must be transcribe or chat, not {request.mode!r}")
+            raise EngineError(
+                "invalid_mode", f"mode must be transcribe or chat, not {request.mode!r}"
+            )
         validate(request.audio, self.settings.audio.max_utterance_s)
         handle = RequestHandle(request)
         with self._lock:
@@ -297,7 +333,9 @@ class VoxtralEngine:
             streamer = self._generate(handle, job.sink)
         except Exception as exc:  # one request's failure must not stop the worker
             logger.exception("generation failed")
-            code = "out_of_memory" if isinstance(exc, torch.OutOfMemoryError) else "generation_failed"
+            code = (
+                "out_of_memory" if isinstance(exc, torch.OutOfMemoryError) else "generation_failed"
+            )
             error = EngineError(code, f"generation failed: {type(exc).__name__}: {exc}")
             if isinstance(exc, torch.OutOfMemoryError) and self.runtime.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -331,8 +369,12 @@ class VoxtralEngine:
             cancel_latency_ms=(
                 _ms(handle.cancel_requested_at, now) if handle.cancel_requested_at else None
             ),
+            tokens_after_cancel=(
+                tokens - handle.tokens_at_cancel if handle.tokens_at_cancel is not None else None
+            ),
             error_code=error.code if error else None,
             error=str(error) if error else None,
+            token_ids=tuple(streamer.token_ids) if streamer else (),
         )
         final = Chunk(
             text="",
@@ -348,7 +390,11 @@ class VoxtralEngine:
         except Exception:  # the caller went away; nothing else to tell it
             logger.exception("could not hand out the final chunk")
         target = self.settings.streaming.latency_target_ms
-        if streamer is not None and streamer.chunks and (final.first_token_latency_ms or 0) > target:
+        if (
+            streamer is not None
+            and streamer.chunks
+            and (final.first_token_latency_ms or 0) > target
+        ):
             logger.warning(
                 "first token after %.1f ms, above streaming.latency_target_ms=%g "
                 "(queue_wait_ms=%.1f)",

@@ -1,0 +1,173 @@
+"""`voxtral-server` command line: make-tiny, transcribe, chat, demo.
+
+stdout carries only results (one JSON object per chunk); logs go to stderr.
+Exit codes: 0 success, 1 the model could not be loaded or generation failed,
+2 bad usage, configuration or audio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError, Settings, load_settings
+
+logger = logging.getLogger("voxtral_server")
+
+DEMO_SCRIPT = (
+    "Hello! This is a tiny Voxtral running on your own machine, and every word you see "
+    "was streamed the moment it was complete."
+)
+SAMPLE_CLIP = Path(__file__).resolve().parent.parent / "static" / "sample.wav"
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "voxtral-server"
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides = {
+        ("model", "id"): getattr(args, "model", None),
+        ("server", "host"): getattr(args, "host", None),
+        ("server", "port"): getattr(args, "port", None),
+    }
+    return load_settings(args.config, overrides)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def _print_chunks(engine: Any, request: Any) -> int:
+    status = "completed"
+    for chunk in engine.stream(request):
+        print(json.dumps(chunk.to_dict(), ensure_ascii=False), flush=True)
+        if chunk.is_final and chunk.totals is not None:
+            status = chunk.totals.status
+    return 0 if status == "completed" else 1
+
+
+def _run_file(args: argparse.Namespace, settings: Settings, mode: str) -> int:
+    from .models.audio import read_audio_file
+    from .models.types import Request
+    from .models.voxtral import VoxtralEngine
+
+    audio = read_audio_file(Path(args.file))  # refuse unreadable audio before loading a model
+    engine = VoxtralEngine.load(settings)
+    try:
+        if mode == "transcribe":
+            request = Request(
+                audio, "transcribe", language=args.language or settings.transcribe.language
+            )
+        else:
+            request = Request(
+                audio, "chat", instructions=args.prompt or settings.conversation.instructions
+            )
+        return _print_chunks(engine, request)
+    finally:
+        engine.close()
+
+
+def cmd_make_tiny(args: argparse.Namespace) -> int:
+    from .models.tiny import build_tiny
+
+    out = Path(args.dir)
+    if out.exists() and any(out.iterdir()) and not args.force:
+        print(f"error: {out} is not empty (use --force to overwrite)", file=sys.stderr)
+        return 2
+    build_tiny(out, script=args.script)
+    print(str(out))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .models.tiny import build_tiny
+
+    model_dir = cache_dir() / "tiny-demo"
+    if not (model_dir / "config.json").is_file():
+        logger.info("building the tiny scripted demo checkpoint in %s", model_dir)
+        build_tiny(model_dir, script=DEMO_SCRIPT)
+    args.model = str(model_dir)
+    args.file = args.file or str(SAMPLE_CLIP)
+    settings = _settings(args)
+    return _run_file(args, settings, "chat")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="voxtral-server", description="Real-time speech-to-speech server for Voxtral."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser, model: bool = True) -> None:
+        p.add_argument(
+            "--config", type=Path, help="config file (default: $VOXTRAL_CONFIG or ./config.yaml)"
+        )
+        if model:
+            p.add_argument("--model", help="hub id or local folder (overrides model.id)")
+
+    p = sub.add_parser("make-tiny", help="write an offline tiny random Voxtral checkpoint")
+    p.add_argument("dir", help="output folder")
+    p.add_argument("--script", help="make greedy decoding answer exactly this text")
+    p.add_argument("--force", action="store_true", help="write into a non-empty folder")
+    p.set_defaults(func=cmd_make_tiny, config=None)
+
+    p = sub.add_parser(
+        "transcribe", help="print the transcription of FILE, one JSON chunk per line"
+    )
+    common(p)
+    p.add_argument("file", help="audio file (wav, flac, ogg, mp3, ...; any rate and channels)")
+    p.add_argument("--language", help="ISO 639-1 code (default: transcribe.language)")
+    p.set_defaults(func=lambda a: _run_file(a, _settings(a), "transcribe"))
+
+    p = sub.add_parser("chat", help="print the model's answer to FILE, one JSON chunk per line")
+    common(p)
+    p.add_argument("file", help="audio file (wav, flac, ogg, mp3, ...; any rate and channels)")
+    p.add_argument("--prompt", help="text sent with the audio (default: conversation.instructions)")
+    p.set_defaults(func=lambda a: _run_file(a, _settings(a), "chat"))
+
+    p = sub.add_parser("demo", help="stream the answer of a tiny offline model to a sample clip")
+    common(p, model=False)
+    p.add_argument("file", nargs="?", help="audio file (default: static/sample.wav)")
+    p.set_defaults(func=cmd_demo, prompt=None)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .models.audio import AudioInputError
+    from .models.types import EngineError
+
+    try:
+        level = load_settings(args.config).logging.level if args.config else "INFO"
+    except ConfigError as exc:
+        print(f"error: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    _setup_logging(level)
+    try:
+        code: int = args.func(args)
+    except ConfigError as exc:
+        print(f"error: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    except AudioInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except EngineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
