@@ -1,0 +1,40 @@
+# One command each: `make demo` and `make test` set up .venv first (once per pyproject change).
+# torch is installed on its own, pinned, before the project: on a CPU-only machine an
+# unpinned torch pulls a multi-GB CUDA build. GPU hosts: `make setup TORCH=torch` (or keep
+# the CUDA build already installed in VENV).
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell (cat pyproject.toml; echo '$(CURDIR)') | cksum | cut -d' ' -f1)
+
+.PHONY: setup demo test lint unit bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet '$(TORCH)'
+	$(PY) -m pip install --quiet -e '.[test]'
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/voxtral-server demo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/mypy src
+
+unit: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test: lint unit
+
+bench: $(STAMP)
+	$(PY) benchmarks/mel.py
+	$(PY) benchmarks/engine.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
