@@ -209,7 +209,7 @@ def test_unknown_mode_is_refused(scripted_engine: VoxtralEngine) -> None:
         scripted_engine.submit(Request(speech_like(1.0), "sing"), lambda c: None)  # type: ignore[arg-type]
 
 
-def test_unreadable_and_missing_files(tmp_path: Path) -> None:
+def test_unreadable_and_missing_files(scripted_engine: VoxtralEngine, tmp_path: Path) -> None:
     garbage = tmp_path / "garbage.wav"
     garbage.write_bytes(b"RIFF....WAVEnot really audio")
     with pytest.raises(AudioInputError, match="cannot decode audio") as info:
@@ -217,6 +217,8 @@ def test_unreadable_and_missing_files(tmp_path: Path) -> None:
     assert info.value.code == "unreadable_audio"
     with pytest.raises(AudioInputError, match="no such file"):
         read_audio_file(tmp_path / "missing.wav")
+    good = read_audio_file(SAMPLE_WAV)
+    assert _final(collect(scripted_engine, Request(good, "chat"))).answer == SCRIPT
 
 
 def test_any_rate_and_channels_become_16k_mono(tmp_path: Path) -> None:

@@ -315,7 +315,15 @@ class VoxtralEngine:
                 self._sync()
                 elapsed = (time.perf_counter() - t0) * 1000
                 self.warmup_ms.append(elapsed)
-                logger.info("warm-up run %d/%d (%s): %.0f ms", i + 1, runs, mode, elapsed)
+                compiling = self.runtime.compile and len(self.warmup_ms) == 1
+                logger.info(
+                    "warm-up run %d/%d (%s%s): %.0f ms",
+                    i + 1,
+                    runs,
+                    mode,
+                    ", includes torch.compile" if compiling else "",
+                    elapsed,
+                )
 
     def _sync(self) -> None:
         if self.runtime.device.type == "cuda":
