@@ -91,17 +91,53 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .api.app import create_app
+
+    settings = _settings(args)
+    host, port = settings.server.host, settings.server.port
+    if host not in LOOPBACK and settings.server.auth_token is None and not args.insecure:
+        print(
+            f"error: refusing to listen on {host} without server.auth_token: anyone who can "
+            "reach it could use the model. Set server.auth_token, bind 127.0.0.1 and use "
+            "`ssh -L`, or pass --insecure.",
+            file=sys.stderr,
+        )
+        return 2
+    logger.info("serving on http://%s:%d/ (model %s)", host, port, settings.model.id)
+    uvicorn.run(
+        create_app(settings),
+        host=host,
+        port=port,
+        log_config=None,  # keep our logging setup
+        ws_max_size=max(4 * settings.server.max_event_bytes, 16 * 1024 * 1024),
+        ws_ping_interval=20,
+        timeout_graceful_shutdown=5,
+    )
+    return 0
+
+
+def demo_checkpoint() -> Path:
     from .models.tiny import build_tiny
 
     model_dir = cache_dir() / "tiny-demo"
     if not (model_dir / "config.json").is_file():
         logger.info("building the tiny scripted demo checkpoint in %s", model_dir)
         build_tiny(model_dir, script=DEMO_SCRIPT)
-    args.model = str(model_dir)
-    args.file = args.file or str(SAMPLE_CLIP)
-    settings = _settings(args)
-    return _run_file(args, settings, "chat")
+    return model_dir
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    args.model = str(demo_checkpoint())
+    if args.clip is not None:  # no server: stream the answer to one clip and exit
+        args.file = args.clip or str(SAMPLE_CLIP)
+        return _run_file(args, _settings(args), "chat")
+    return cmd_serve(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,9 +173,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", help="text sent with the audio (default: conversation.instructions)")
     p.set_defaults(func=lambda a: _run_file(a, _settings(a), "chat"))
 
-    p = sub.add_parser("demo", help="stream the answer of a tiny offline model to a sample clip")
+    def server_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--host", help="bind address (overrides server.host)")
+        p.add_argument("--port", type=int, help="TCP port (overrides server.port)")
+        p.add_argument(
+            "--insecure", action="store_true", help="allow a non-loopback host without a token"
+        )
+
+    p = sub.add_parser("serve", help="run the realtime server (WebSocket + WebRTC + web page)")
+    common(p)
+    server_flags(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("demo", help="serve a tiny offline scripted model (no GPU, no hub)")
     common(p, model=False)
-    p.add_argument("file", nargs="?", help="audio file (default: static/sample.wav)")
+    server_flags(p)
+    p.add_argument(
+        "--clip",
+        nargs="?",
+        const="",
+        help="instead of serving, stream the answer to one audio file (default: the sample)",
+    )
     p.set_defaults(func=cmd_demo, prompt=None)
     return parser
 

@@ -96,6 +96,29 @@ class PerformanceTargets(_Section):
 class ServerSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
+    auth_token: str | None = Field(default=None, min_length=16)
+    allowed_origins: tuple[str, ...] = ()
+    max_sessions: int = Field(default=32, ge=1, le=10_000)
+    max_event_bytes: int = Field(default=1_048_576, ge=1024, le=64 * 1_048_576)
+
+
+class VadSettings(_Section):
+    threshold: float = Field(default=0.5, gt=0, lt=1)
+    min_silence_ms: int = Field(default=500, ge=32, le=10_000)
+    prefix_padding_ms: int = Field(default=300, ge=0, le=5000)
+
+
+class IceServer(_Section):
+    urls: tuple[str, ...] = Field(min_length=1)
+    username: str | None = None
+    credential: str | None = None
+
+
+class WebRTCSettings(_Section):
+    enabled: bool = True
+    ice_servers: tuple[IceServer, ...] = ()
+    ice_transport_policy: Literal["all", "relay"] = "all"
+    connect_timeout_s: float = Field(default=10.0, gt=0, le=300)
 
 
 class LoggingSettings(_Section):
@@ -113,6 +136,8 @@ class Settings(_Section):
     chunked_response: ChunkedResponseSettings = ChunkedResponseSettings()
     streaming: StreamingSettings = StreamingSettings()
     performance_targets: PerformanceTargets = PerformanceTargets()
+    vad: VadSettings = VadSettings()
+    webrtc: WebRTCSettings = WebRTCSettings()
     server: ServerSettings = ServerSettings()
     logging: LoggingSettings = LoggingSettings()
 

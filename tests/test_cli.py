@@ -95,7 +95,7 @@ def test_bad_config_stops_start_up_naming_the_key(tmp_path: Path) -> None:
 
 
 def test_demo_streams_words_from_the_sample_clip(tmp_path: Path) -> None:
-    run = cli("demo", env={"XDG_CACHE_HOME": str(tmp_path)})
+    run = cli("demo", "--clip", env={"XDG_CACHE_HOME": str(tmp_path)})
     assert run.returncode == 0, run.stderr
     chunks = [json.loads(line) for line in run.stdout.splitlines()]
     assert len(chunks) > 10 and chunks[-1]["status"] == "completed"

@@ -1,0 +1,136 @@
+"""create_app(settings): the lifespan loads the engine once; routers and static/ are mounted.
+
+`GET /healthz` answers as soon as the process serves HTTP; `GET /readyz` only once the
+engine has loaded and warmed up. Shutdown closes every session, peer connection and task,
+then the engine's worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
+
+from ..config import Settings
+from .session import Engine, Session
+
+logger = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).resolve().parent.parent.parent / "static"
+EngineFactory = Callable[[Settings], Engine]
+
+
+class TooManySessions(RuntimeError):
+    pass
+
+
+class ServerState:
+    """Everything the server owns, created in the lifespan and kept on app.state."""
+
+    def __init__(self, settings: Settings, engine_factory: EngineFactory) -> None:
+        self.settings = settings
+        self.engine: Engine | None = None
+        self.load_error: str | None = None
+        self.sessions: set[Session] = set()
+        self._factory = engine_factory
+        self._loader: asyncio.Task[None] | None = None
+        from .webrtc import PeerManager  # aiortc is heavy: import with the server only
+
+        self.peers = PeerManager(self)
+
+    def start(self) -> None:
+        self._loader = asyncio.create_task(self._load(), name="engine-load")
+
+    async def _load(self) -> None:
+        try:
+            self.engine = await asyncio.to_thread(self._factory, self.settings)
+            logger.info("engine ready: /readyz answers 200")
+        except Exception as exc:
+            self.load_error = str(exc)
+            logger.error("engine failed to load: %s", exc)
+
+    @property
+    def ready(self) -> bool:
+        return self.engine is not None
+
+    async def wait_loaded(self) -> None:
+        """Until the engine has loaded or failed to."""
+        if self._loader is not None:
+            await asyncio.shield(self._loader)
+
+    def check_token(self, presented: str | None) -> bool:
+        token = self.settings.server.auth_token
+        if token is None:
+            return True
+        return presented is not None and hmac.compare_digest(presented, token)
+
+    def open_session(self, session: Session) -> None:
+        limit = self.settings.server.max_sessions
+        if len(self.sessions) >= limit:
+            raise TooManySessions(f"server.max_sessions = {limit} conversations are open")
+        self.sessions.add(session)
+
+    def close_session(self, session: Session) -> None:
+        session.close()
+        self.sessions.discard(session)
+
+    async def close(self) -> None:
+        if self._loader is not None:
+            self._loader.cancel()
+            await asyncio.gather(self._loader, return_exceptions=True)
+        await self.peers.close()
+        for session in list(self.sessions):
+            self.close_session(session)
+        close = getattr(self.engine, "close", None)
+        if close is not None:
+            await asyncio.to_thread(close)
+        logger.info("server stopped")
+
+
+def _default_engine(settings: Settings) -> Engine:
+    from ..models.voxtral import VoxtralEngine
+
+    return VoxtralEngine.load(settings)
+
+
+def create_app(settings: Settings, engine_factory: EngineFactory = _default_engine) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state = ServerState(settings, engine_factory)
+        app.state.server = state
+        state.start()
+        try:
+            yield
+        finally:
+            await state.close()
+
+    app = FastAPI(title="voxtral-server", lifespan=lifespan, docs_url=None, redoc_url=None)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        state: ServerState = app.state.server
+        if state.ready:
+            return JSONResponse({"status": "ready", "sessions": len(state.sessions)})
+        if state.load_error:
+            return JSONResponse({"status": "failed", "error": state.load_error}, status_code=503)
+        return JSONResponse({"status": "loading"}, status_code=503)
+
+    from .webrtc import router as webrtc_router
+    from .websocket import router as websocket_router
+
+    app.include_router(websocket_router)
+    app.include_router(webrtc_router)
+    if STATIC_DIR.is_dir():
+        app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="static")
+    return app

@@ -1,0 +1,270 @@
+"""The wire protocol: a subset of the OpenAI Realtime API (GA) events, typed.
+
+One module for both transports (WebSocket text frames, the WebRTC `oai-events` data channel).
+Client events are parsed strictly by `type`; unknown fields inside a known event are ignored,
+as the OpenAI API's own clients send fields this server does not use (voice, tools, ...).
+Server events carry the standard fields plus a few extras the browser UI uses
+(`chunk_index`, `is_final`, `first_token_latency_ms`, `processing_time_ms`, `timings`);
+standard clients ignore them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+
+class _Event(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    event_id: str | None = None
+
+
+class _Loose(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+# ------------------------------------------------------------------ client -> server
+
+
+class TurnDetection(_Loose):
+    type: Literal["server_vad", "semantic_vad"] = "server_vad"
+    threshold: float | None = Field(default=None, gt=0, lt=1)
+    prefix_padding_ms: int | None = Field(default=None, ge=0, le=5000)
+    silence_duration_ms: int | None = Field(default=None, ge=32, le=10_000)
+    create_response: bool = True
+    interrupt_response: bool = True
+
+
+class Transcription(_Loose):
+    language: str | None = Field(default=None, pattern=r"^[a-z]{2}$")
+
+
+class AudioInput(_Loose):
+    # A present `turn_detection: null` means push-to-talk; an absent key means "unchanged".
+    turn_detection: TurnDetection | None = None
+    transcription: Transcription | None = None
+
+
+class AudioConfig(_Loose):
+    input: AudioInput | None = None
+
+
+class SessionConfig(_Loose):
+    # "realtime" answers what was said (chat); "transcription" writes it down.
+    type: Literal["realtime", "transcription"] | None = None
+    instructions: str | None = Field(default=None, max_length=4000)
+    audio: AudioConfig | None = None
+
+
+class SessionUpdate(_Event):
+    type: Literal["session.update"]
+    session: SessionConfig
+
+
+class InputAudioBufferAppend(_Event):
+    type: Literal["input_audio_buffer.append"]
+    audio: str  # base64 PCM16 little-endian, 16 kHz mono
+
+
+class InputAudioBufferCommit(_Event):
+    type: Literal["input_audio_buffer.commit"]
+
+
+class InputAudioBufferClear(_Event):
+    type: Literal["input_audio_buffer.clear"]
+
+
+class ResponseCreate(_Event):
+    type: Literal["response.create"]
+
+
+class ResponseCancel(_Event):
+    type: Literal["response.cancel"]
+    response_id: str | None = None
+
+
+ClientEvent = Annotated[
+    SessionUpdate
+    | InputAudioBufferAppend
+    | InputAudioBufferCommit
+    | InputAudioBufferClear
+    | ResponseCreate
+    | ResponseCancel,
+    Field(discriminator="type"),
+]
+CLIENT_EVENT_TYPES = (
+    "session.update",
+    "input_audio_buffer.append",
+    "input_audio_buffer.commit",
+    "input_audio_buffer.clear",
+    "response.create",
+    "response.cancel",
+)
+_client_adapter: TypeAdapter[ClientEvent] = TypeAdapter(ClientEvent)
+
+
+class ProtocolError(ValueError):
+    """A client event that cannot be used; `code` goes into the `error` event."""
+
+    def __init__(self, code: str, message: str, event_id: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.event_id = event_id
+
+
+def parse_client_event(raw: str | bytes) -> ClientEvent:
+    """JSON text -> a typed client event, or `ProtocolError` naming what is wrong."""
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ProtocolError("invalid_json", f"event is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ProtocolError("invalid_event", "event must be a JSON object")
+    event_id = data.get("event_id") if isinstance(data.get("event_id"), str) else None
+    kind = data.get("type")
+    if not isinstance(kind, str):
+        raise ProtocolError("invalid_event", "event has no string 'type'", event_id)
+    if kind not in CLIENT_EVENT_TYPES:
+        raise ProtocolError(
+            "unknown_event",
+            f"unsupported event type {kind!r}; supported: {', '.join(CLIENT_EVENT_TYPES)}",
+            event_id,
+        )
+    try:
+        return _client_adapter.validate_python(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'][1:]) or 'event'}: {e['msg']}" for e in exc.errors()
+        )
+        raise ProtocolError("invalid_event", f"invalid {kind}: {problems}", event_id) from None
+
+
+# ------------------------------------------------------------------ server -> client
+
+_ids = itertools.count(1)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{next(_ids):08d}"
+
+
+class ServerEvent(BaseModel):
+    event_id: str = Field(default_factory=lambda: new_id("event"))
+
+    def to_json(self) -> str:
+        return self.model_dump_json(exclude_none=True)
+
+
+class SessionState(BaseModel):
+    """What the session currently does, echoed in session.created / session.updated."""
+
+    id: str
+    type: Literal["realtime", "transcription"]
+    object: Literal["realtime.session"] = "realtime.session"
+    model: str
+    instructions: str | None = None
+    audio: dict[str, Any]
+
+
+class SessionCreated(ServerEvent):
+    type: Literal["session.created"] = "session.created"
+    session: SessionState
+
+
+class SessionUpdated(ServerEvent):
+    type: Literal["session.updated"] = "session.updated"
+    session: SessionState
+
+
+class SpeechStarted(ServerEvent):
+    type: Literal["input_audio_buffer.speech_started"] = "input_audio_buffer.speech_started"
+    audio_start_ms: int
+    item_id: str
+
+
+class SpeechStopped(ServerEvent):
+    type: Literal["input_audio_buffer.speech_stopped"] = "input_audio_buffer.speech_stopped"
+    audio_end_ms: int
+    item_id: str
+
+
+class Committed(ServerEvent):
+    type: Literal["input_audio_buffer.committed"] = "input_audio_buffer.committed"
+    item_id: str
+    previous_item_id: str | None = None
+
+
+class Cleared(ServerEvent):
+    type: Literal["input_audio_buffer.cleared"] = "input_audio_buffer.cleared"
+
+
+class Response(BaseModel):
+    id: str
+    object: Literal["realtime.response"] = "realtime.response"
+    status: Literal["in_progress", "completed", "cancelled", "failed"]
+    status_details: dict[str, Any] | None = None
+    output: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class ResponseCreated(ServerEvent):
+    type: Literal["response.created"] = "response.created"
+    response: Response
+
+
+class TextDelta(ServerEvent):
+    type: Literal["response.output_text.delta"] = "response.output_text.delta"
+    response_id: str
+    item_id: str
+    output_index: int = 0
+    content_index: int = 0
+    delta: str
+    # Extras for the browser UI.
+    chunk_index: int
+    is_final: bool = False
+    first_token_latency_ms: float | None
+    processing_time_ms: float
+
+
+class TextDone(ServerEvent):
+    type: Literal["response.output_text.done"] = "response.output_text.done"
+    response_id: str
+    item_id: str
+    output_index: int = 0
+    content_index: int = 0
+    text: str
+
+
+class Timings(BaseModel):
+    queue_wait_ms: float
+    model_ttft_ms: float | None
+    first_word_ms: float | None  # end of speech (or commit) -> first delta handed out
+    total_ms: float  # end of speech (or commit) -> response.done
+    words: int
+    tokens: int
+    transport: str
+    cancel_latency_ms: float | None = None
+
+
+class ResponseDone(ServerEvent):
+    type: Literal["response.done"] = "response.done"
+    response: Response
+    timings: Timings
+
+
+class ErrorDetail(BaseModel):
+    type: str = "invalid_request_error"
+    code: str
+    message: str
+    event_id: str | None = None
+
+
+class Error(ServerEvent):
+    type: Literal["error"] = "error"
+    error: ErrorDetail
+
+
+def error_event(code: str, message: str, event_id: str | None = None) -> Error:
+    return Error(error=ErrorDetail(code=code, message=message, event_id=event_id))

@@ -1,0 +1,482 @@
+"""One conversation, whatever carries it: audio in, turns, the running response, events out.
+
+Transports (WebSocket, WebRTC) only move bytes: they hand the session client events and
+16 kHz audio, and give it a non-blocking `send` for server events. Everything a turn is
+(turn detection, commit, response, cancel, barge-in, timings) lives here, on the event loop.
+The engine's chunks arrive from its worker thread through `loop.call_soon_threadsafe`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import numpy as np
+
+from ..config import Settings
+from ..models import vad
+from ..models.audio import SAMPLE_RATE, AudioInputError, pcm16_to_float
+from ..models.streamer import ChunkSink
+from ..models.types import Chunk, Conversation, EngineError, Request, RequestHandle
+from . import protocol as p
+
+logger = logging.getLogger(__name__)
+
+_TAIL_KEEP_S = 0.1  # audio kept after the detected end of speech
+_MIN_COMMIT_S = 0.1  # OpenAI's minimum for a committed buffer
+
+
+class Transport(Protocol):
+    name: str
+
+    def send(self, event: p.ServerEvent) -> None:
+        """Queue an event for the client; never blocks, never raises."""
+
+
+class Engine(Protocol):
+    def submit(self, request: Request, sink: ChunkSink) -> RequestHandle: ...
+
+
+@dataclass
+class _Response:
+    id: str
+    item_id: str
+    handle: RequestHandle
+    audio: np.ndarray
+    turn_ended_at: float  # end of speech detected, or commit received
+    first_delta_at: float | None = None
+    text: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _TurnDetection:
+    threshold: float
+    prefix_padding_ms: int
+    silence_duration_ms: int
+    create_response: bool = True
+    interrupt_response: bool = True
+
+
+def ms(start: float, end: float) -> float:
+    return round((end - start) * 1000.0, 3)
+
+
+class Session:
+    def __init__(self, engine: Engine, settings: Settings, transport: Transport) -> None:
+        self.id = p.new_id("sess")
+        self.engine = engine
+        self.settings = settings
+        self.transport = transport
+        self.mode = settings.mode
+        self.language = settings.transcribe.language
+        self.instructions = settings.conversation.instructions
+        v = settings.vad
+        self.turn_detection: _TurnDetection | None = _TurnDetection(
+            v.threshold, v.prefix_padding_ms, v.min_silence_ms
+        )
+        self.conversation = Conversation(settings.conversation.max_turns)
+        self._detector: vad.TurnDetector | None = None
+        self._buffer = np.zeros(0, np.float32)  # the input audio buffer
+        self._buffer_start = 0  # stream offset (samples) of _buffer[0]
+        self._stream_samples = 0  # samples received in this session
+        self._speech_item: str | None = None
+        self._committed: tuple[str, np.ndarray, float] | None = None  # awaiting response.create
+        self._last_item: str | None = None
+        self._response: _Response | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.closed = False
+        self.turns = 0
+
+    # ----------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        if self.turn_detection is not None:
+            await self._ensure_detector()
+        self.transport.send(p.SessionCreated(session=self._state()))
+        logger.info("session=%s opened transport=%s", self.id, self.transport.name)
+
+    def close(self) -> None:
+        """Cancel what runs; the transport is gone (idempotent)."""
+        if self.closed:
+            return
+        self.closed = True
+        if self._response is not None:
+            self._response.handle.cancel()
+        logger.info("session=%s closed turns=%d", self.id, self.turns)
+
+    @property
+    def responding(self) -> bool:
+        return self._response is not None
+
+    # ----------------------------------------------------------------- input
+
+    async def handle_text(self, raw: str | bytes) -> None:
+        """One client event as received (JSON text)."""
+        limit = self.settings.server.max_event_bytes
+        if len(raw) > limit:
+            self._error(
+                "event_too_large",
+                f"event of {len(raw)} bytes exceeds server.max_event_bytes = {limit}",
+            )
+            return
+        try:
+            event = p.parse_client_event(raw)
+        except p.ProtocolError as exc:
+            self._error(exc.code, str(exc), exc.event_id)
+            return
+        try:
+            if isinstance(event, p.SessionUpdate):
+                await self._update(event)
+            elif isinstance(event, p.InputAudioBufferAppend):
+                self._append_base64(event)
+            elif isinstance(event, p.InputAudioBufferCommit):
+                self._commit(event.event_id)
+            elif isinstance(event, p.InputAudioBufferClear):
+                self._clear()
+            elif isinstance(event, p.ResponseCreate):
+                self._create_response(event.event_id)
+            elif isinstance(event, p.ResponseCancel):
+                self._cancel(event.event_id)
+        except p.ProtocolError as exc:
+            self._error(exc.code, str(exc), exc.event_id or event.event_id)
+
+    def append_audio(self, audio: np.ndarray) -> None:
+        """16 kHz mono float32 audio from the client, in order."""
+        if self.closed or audio.size == 0:
+            return
+        if not np.isfinite(audio).all():
+            raise p.ProtocolError("invalid_audio", "audio contains NaN or infinite samples")
+        self._stream_samples += audio.size
+        self._buffer = np.concatenate([self._buffer, audio])
+        if self.turn_detection is None or self._detector is None:
+            limit = int(self.settings.audio.max_utterance_s * SAMPLE_RATE)
+            if self._buffer.size > limit:
+                self._buffer = np.zeros(0, np.float32)
+                self._buffer_start = self._stream_samples
+                raise p.ProtocolError(
+                    "input_audio_buffer_full",
+                    "the input audio buffer exceeded audio.max_utterance_s = "
+                    f"{self.settings.audio.max_utterance_s:g} s and was cleared",
+                )
+            return
+        for event in self._detector.feed(audio):
+            if isinstance(event, vad.SpeechStarted):
+                self._speech_started(event.sample)
+            else:
+                self._speech_stopped(event.sample)
+        self._bound_buffer()
+
+    def _append_base64(self, event: p.InputAudioBufferAppend) -> None:
+        try:
+            pcm = base64.b64decode(event.audio, validate=True)
+        except (binascii.Error, ValueError):
+            raise p.ProtocolError("invalid_audio", "audio is not valid base64") from None
+        try:
+            audio = pcm16_to_float(pcm)
+        except AudioInputError as exc:
+            raise p.ProtocolError("invalid_audio", str(exc)) from None
+        self.append_audio(audio)
+
+    # ----------------------------------------------------------------- turns
+
+    def _speech_started(self, sample: int) -> None:
+        assert self.turn_detection is not None
+        prefix = int(self.turn_detection.prefix_padding_ms * SAMPLE_RATE / 1000)
+        self._cut_buffer_before(max(sample - prefix, 0))
+        self._speech_item = p.new_id("item")
+        self.transport.send(
+            p.SpeechStarted(audio_start_ms=sample * 1000 // SAMPLE_RATE, item_id=self._speech_item)
+        )
+        if self._response is not None and self.turn_detection.interrupt_response:
+            logger.info("session=%s barge-in cancels response=%s", self.id, self._response.id)
+            self._response.handle.cancel()
+
+    def _speech_stopped(self, sample: int) -> None:
+        assert self.turn_detection is not None
+        now = time.perf_counter()
+        item = self._speech_item or p.new_id("item")
+        self._speech_item = None
+        self.transport.send(
+            p.SpeechStopped(audio_end_ms=sample * 1000 // SAMPLE_RATE, item_id=item)
+        )
+        end = sample + int(_TAIL_KEEP_S * SAMPLE_RATE) - self._buffer_start
+        audio, self._buffer = self._buffer[: max(end, 0)], self._buffer[max(end, 0) :]
+        self._buffer_start += audio.size
+        self._committed_turn(item, audio, now)
+        if self.turn_detection.create_response:
+            self._create_response(None)
+
+    def _commit(self, event_id: str | None) -> None:
+        now = time.perf_counter()
+        if self._buffer.size < _MIN_COMMIT_S * SAMPLE_RATE:
+            raise p.ProtocolError(
+                "input_audio_buffer_commit_empty",
+                f"buffer too small: expected at least {_MIN_COMMIT_S * 1000:.0f} ms of audio, "
+                f"have {self._buffer.size * 1000 // SAMPLE_RATE} ms",
+                event_id,
+            )
+        audio = self._buffer
+        self._buffer_start += audio.size
+        self._buffer = np.zeros(0, np.float32)
+        if self._detector is not None:
+            self._detector.reset()
+        self._speech_item = None
+        self._committed_turn(p.new_id("item"), audio, now)
+
+    def _committed_turn(self, item: str, audio: np.ndarray, at: float) -> None:
+        self.transport.send(p.Committed(item_id=item, previous_item_id=self._last_item))
+        self._last_item = item
+        self._committed = (item, audio, at)
+
+    def _clear(self) -> None:
+        self._buffer_start = self._stream_samples
+        self._buffer = np.zeros(0, np.float32)
+        self._committed = None
+        if self._detector is not None:
+            self._detector.reset()
+        self.transport.send(p.Cleared())
+
+    def _cut_buffer_before(self, sample: int) -> None:
+        drop = min(max(sample - self._buffer_start, 0), self._buffer.size)
+        self._buffer = self._buffer[drop:]
+        self._buffer_start += drop
+
+    def _bound_buffer(self) -> None:
+        """Idle: keep only what prefix padding may need. Speaking: end the turn at the limit."""
+        assert self.turn_detection is not None and self._detector is not None
+        if not self._detector.speaking:
+            keep = int((self.turn_detection.prefix_padding_ms / 1000 + 1.0) * SAMPLE_RATE)
+            self._cut_buffer_before(self._stream_samples - keep)
+        elif self._buffer.size >= self.settings.audio.max_utterance_s * SAMPLE_RATE:
+            # A monologue longer than the model takes: end the turn here, as if paused.
+            self._detector.reset()
+            self._speech_stopped(self._stream_samples)
+
+    # ----------------------------------------------------------------- responses
+
+    def _create_response(self, event_id: str | None) -> None:
+        if self._response is not None:
+            raise p.ProtocolError(
+                "conversation_already_has_active_response",
+                f"response {self._response.id} is still running; cancel it first",
+                event_id,
+            )
+        if self._committed is None:
+            raise p.ProtocolError(
+                "no_committed_audio",
+                "nothing to answer: commit the input audio buffer first",
+                event_id,
+            )
+        item, audio, turn_ended_at = self._committed
+        self._committed = None
+        request = Request(
+            audio,
+            "chat" if self.mode == "chat" else "transcribe",
+            language=self.language,
+            instructions=self.instructions,
+            history=self.conversation.history if self.mode == "chat" else (),
+        )
+        response_id = p.new_id("resp")
+        try:
+            handle = self.engine.submit(request, self._sink(response_id))
+        except (AudioInputError, EngineError) as exc:
+            self._error(exc.code, str(exc), event_id)
+            return
+        self._response = _Response(response_id, item, handle, audio, turn_ended_at)
+        self.transport.send(
+            p.ResponseCreated(response=p.Response(id=response_id, status="in_progress"))
+        )
+
+    def _cancel(self, event_id: str | None) -> None:
+        if self._response is None:
+            raise p.ProtocolError(
+                "response_cancel_not_active", "there is no response to cancel", event_id
+            )
+        self._response.handle.cancel()
+
+    def _sink(self, response_id: str) -> ChunkSink:
+        loop = self._loop
+        assert loop is not None, "start() the session first"
+
+        def deliver(chunk: Chunk) -> None:  # on the engine's worker thread
+            try:
+                loop.call_soon_threadsafe(self._on_chunk, response_id, chunk)
+            except RuntimeError:  # the event loop is gone: nobody is listening
+                if self._response is not None:
+                    self._response.handle.cancel()
+
+        return deliver
+
+    def _on_chunk(self, response_id: str, chunk: Chunk) -> None:
+        response = self._response
+        if response is None or response.id != response_id:
+            return
+        if not chunk.is_final:
+            if response.handle.cancelled or self.closed:
+                return  # already on its way out: no more words
+            now = time.perf_counter()
+            if response.first_delta_at is None:
+                response.first_delta_at = now
+            response.text.append(chunk.text)
+            self.transport.send(
+                p.TextDelta(
+                    response_id=response.id,
+                    item_id=response.item_id,
+                    delta=chunk.text,
+                    chunk_index=chunk.chunk_index,
+                    first_token_latency_ms=chunk.first_token_latency_ms,
+                    processing_time_ms=chunk.processing_time_ms,
+                )
+            )
+            return
+        self._finish(response, chunk)
+
+    def _finish(self, response: _Response, chunk: Chunk) -> None:
+        totals = chunk.totals
+        assert totals is not None
+        self._response = None
+        self.turns += 1
+        now = time.perf_counter()
+        text = "".join(response.text)
+        status: Literal["completed", "cancelled", "failed"] = (
+            "failed" if totals.status == "error" else totals.status
+        )
+        details: dict[str, Any] | None = None
+        if totals.status == "error":
+            details = {
+                "type": "failed",
+                "error": {"code": totals.error_code, "message": totals.error},
+            }
+        elif totals.status == "cancelled":
+            details = {"type": "cancelled", "reason": "client_cancelled"}
+        timings = p.Timings(
+            queue_wait_ms=totals.queue_wait_ms,
+            model_ttft_ms=totals.model_ttft_ms,
+            first_word_ms=(
+                ms(response.turn_ended_at, response.first_delta_at)
+                if response.first_delta_at is not None
+                else None
+            ),
+            total_ms=ms(response.turn_ended_at, now),
+            words=len(text.split()),
+            tokens=totals.tokens,
+            transport=self.transport.name,
+            cancel_latency_ms=totals.cancel_latency_ms,
+        )
+        if totals.status == "completed" and self.mode == "chat":
+            self.conversation.add(response.audio, text)
+        logger.info(
+            "session=%s turn=%d response=%s status=%s first_word_ms=%s model_ttft_ms=%s "
+            "queue_wait_ms=%.1f total_ms=%.1f words=%d tokens=%d",
+            self.id,
+            self.turns,
+            response.id,
+            status,
+            timings.first_word_ms,
+            timings.model_ttft_ms,
+            timings.queue_wait_ms,
+            timings.total_ms,
+            timings.words,
+            timings.tokens,
+        )
+        if self.closed:
+            return
+        self.transport.send(
+            p.TextDone(response_id=response.id, item_id=response.item_id, text=text)
+        )
+        output = [
+            {
+                "id": response.item_id,
+                "type": "message",
+                "role": "assistant",
+                "content": [{"type": "output_text", "text": text}],
+            }
+        ]
+        self.transport.send(
+            p.ResponseDone(
+                response=p.Response(
+                    id=response.id, status=status, status_details=details, output=output
+                ),
+                timings=timings,
+            )
+        )
+        if totals.status == "error":
+            self._error(totals.error_code or "generation_failed", totals.error or "failed")
+
+    # ----------------------------------------------------------------- session.update
+
+    async def _update(self, event: p.SessionUpdate) -> None:
+        cfg = event.session
+        if cfg.type is not None:
+            self.mode = "chat" if cfg.type == "realtime" else "transcribe"
+        if "instructions" in cfg.model_fields_set:
+            self.instructions = cfg.instructions or None
+        audio_in = cfg.audio.input if cfg.audio else None
+        if audio_in is not None:
+            if audio_in.transcription is not None and audio_in.transcription.language:
+                self.language = audio_in.transcription.language
+            if "turn_detection" in audio_in.model_fields_set:
+                td = audio_in.turn_detection
+                if td is None:
+                    self.turn_detection = None
+                else:
+                    v = self.settings.vad
+                    self.turn_detection = _TurnDetection(
+                        td.threshold if td.threshold is not None else v.threshold,
+                        td.prefix_padding_ms
+                        if td.prefix_padding_ms is not None
+                        else v.prefix_padding_ms,
+                        td.silence_duration_ms
+                        if td.silence_duration_ms is not None
+                        else v.min_silence_ms,
+                        td.create_response,
+                        td.interrupt_response,
+                    )
+                    await self._ensure_detector(rebuild=True)
+        self.transport.send(p.SessionUpdated(session=self._state()))
+
+    async def _ensure_detector(self, rebuild: bool = False) -> None:
+        td = self.turn_detection
+        if td is None or (self._detector is not None and not rebuild):
+            return
+        # Loading Silero takes ~50 ms of CPU: keep it off the event loop.
+        self._detector = await asyncio.to_thread(
+            vad.TurnDetector, td.threshold, td.silence_duration_ms
+        )
+
+    def _state(self) -> p.SessionState:
+        td = self.turn_detection
+        turn_detection: dict[str, Any] | None = None
+        if td is not None:
+            turn_detection = {
+                "type": "server_vad",
+                "threshold": td.threshold,
+                "prefix_padding_ms": td.prefix_padding_ms,
+                "silence_duration_ms": td.silence_duration_ms,
+                "create_response": td.create_response,
+                "interrupt_response": td.interrupt_response,
+            }
+        return p.SessionState(
+            id=self.id,
+            type="realtime" if self.mode == "chat" else "transcription",
+            model=self.settings.model.id,
+            instructions=self.instructions,
+            audio={
+                "input": {
+                    "format": {"type": "audio/pcm", "rate": SAMPLE_RATE},
+                    "turn_detection": turn_detection,
+                    "transcription": {"language": self.language},
+                }
+            },
+        )
+
+    def _error(self, code: str, message: str, event_id: str | None = None) -> None:
+        logger.warning("session=%s error code=%s: %s", self.id, code, message)
+        if not self.closed:
+            self.transport.send(p.error_event(code, message, event_id))

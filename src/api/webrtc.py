@@ -1,0 +1,261 @@
+"""WebRTC transport (aiortc): POST /v1/realtime/calls with an SDP offer returns the answer.
+
+Audio arrives on the track (Opus, decoded by aiortc to 48 kHz stereo s16, resampled here to
+16 kHz mono); events go both ways on the data channel named `oai-events`. One `PeerManager`
+owns every peer connection and its tasks, closes a connection that is not connected within
+`webrtc.connect_timeout_s`, and closes them all on shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any
+
+import av
+import numpy as np
+from aiortc import (
+    MediaStreamTrack,
+    RTCConfiguration,
+    RTCDataChannel,
+    RTCIceServer,
+    RTCPeerConnection,
+    RTCSessionDescription,
+)
+from aiortc.mediastreams import MediaStreamError
+from fastapi import APIRouter, Request
+from fastapi.responses import PlainTextResponse, Response
+
+from ..models.audio import PCM16_SCALE, SAMPLE_RATE
+from . import protocol as p
+from .session import Session
+
+if TYPE_CHECKING:
+    from .app import ServerState
+
+logger = logging.getLogger(__name__)
+router = APIRouter()
+
+EVENTS_CHANNEL = "oai-events"
+MAX_SDP_BYTES = 64 * 1024
+
+
+class DataChannelTransport:
+    """Sends on the data channel once it is open; events before that wait in order."""
+
+    name = "webrtc"
+
+    def __init__(self) -> None:
+        self.channel: RTCDataChannel | None = None
+        self._early: list[str] = []
+
+    def attach(self, channel: RTCDataChannel) -> None:
+        self.channel = channel
+        early, self._early = self._early, []
+        for text in early:
+            channel.send(text)
+
+    def send(self, event: p.ServerEvent) -> None:
+        text = event.to_json()
+        channel = self.channel
+        if channel is None:
+            self._early.append(text)
+        elif channel.readyState == "open":
+            channel.send(text)
+
+
+class Call:
+    """One peer connection, its session and its tasks."""
+
+    def __init__(self, manager: PeerManager, pc: RTCPeerConnection, session: Session) -> None:
+        self.id = p.new_id("call")
+        self.manager = manager
+        self.pc = pc
+        self.session = session
+        self.transport: DataChannelTransport = session.transport  # type: ignore[assignment]
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.connected = asyncio.Event()
+        self.closed = False
+
+    def spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.create_task(coro, name=f"{name}-{self.id}")
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.manager.forget(self)
+        current = asyncio.current_task()
+        tasks = [t for t in self.tasks if t is not current]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.pc.close()
+        logger.info("session=%s call=%s closed", self.session.id, self.id)
+
+    async def watchdog(self, limit_s: float) -> None:
+        try:
+            async with asyncio.timeout(limit_s):
+                await self.connected.wait()
+        except TimeoutError:
+            logger.warning(
+                "session=%s call=%s not connected after %.0f s: closing",
+                self.session.id,
+                self.id,
+                limit_s,
+            )
+            await self.close()
+
+    async def read_audio(self, track: MediaStreamTrack) -> None:
+        resampler = av.AudioResampler(format="s16", layout="mono", rate=SAMPLE_RATE)
+        while True:
+            try:
+                frame = await track.recv()
+            except MediaStreamError:
+                return
+            frame.pts = None  # the resampler rejects aiortc's timestamps
+            for out in resampler.resample(frame):
+                pcm = out.to_ndarray().reshape(-1).astype(np.float32) / PCM16_SCALE
+                try:
+                    self.session.append_audio(pcm)
+                except p.ProtocolError as exc:
+                    self.session.transport.send(p.error_event(exc.code, str(exc)))
+
+    async def on_message(self, message: str | bytes) -> None:
+        if isinstance(message, bytes):
+            self.transport.send(
+                p.error_event("binary_not_supported", "send events as JSON text messages")
+            )
+            return
+        await self.session.handle_text(message)
+
+
+class PeerManager:
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+        self.calls: set[Call] = set()
+
+    def _configuration(self) -> RTCConfiguration:
+        # Always explicit: aiortc's default configuration uses a public STUN server.
+        servers = [
+            RTCIceServer(urls=list(s.urls), username=s.username, credential=s.credential)
+            for s in self.state.settings.webrtc.ice_servers
+        ]
+        return RTCConfiguration(iceServers=servers)
+
+    async def answer(self, offer_sdp: str) -> tuple[Call, str]:
+        state = self.state
+        assert state.engine is not None
+        pc = RTCPeerConnection(self._configuration())
+        session = Session(state.engine, state.settings, DataChannelTransport())
+        state.open_session(session)  # raises TooManySessions
+        call = Call(self, pc, session)
+        self.calls.add(call)
+
+        def on_datachannel(channel: RTCDataChannel) -> None:
+            if channel.label != EVENTS_CHANNEL:
+                logger.warning("session=%s ignores data channel %r", session.id, channel.label)
+                return
+
+            def on_message(message: str | bytes) -> None:
+                call.spawn(call.on_message(message), "dc-message")
+
+            channel.on("message", on_message)
+
+            def opened() -> None:
+                call.transport.attach(channel)
+
+            if channel.readyState == "open":
+                opened()
+            else:
+                channel.on("open", opened)
+
+        def on_track(track: MediaStreamTrack) -> None:
+            if track.kind == "audio":
+                call.spawn(call.read_audio(track), "audio-in")
+
+        async def on_state() -> None:
+            logger.info("session=%s call=%s state=%s", session.id, call.id, pc.connectionState)
+            if pc.connectionState == "connected":
+                call.connected.set()
+            elif pc.connectionState in ("failed", "closed"):
+                call.spawn(call.close(), "close")
+
+        pc.on("datachannel", on_datachannel)
+        pc.on("track", on_track)
+        pc.on("connectionstatechange", on_state)
+
+        try:
+            await session.start()
+            await pc.setRemoteDescription(RTCSessionDescription(offer_sdp, "offer"))
+            # Browsers leave end-of-candidates out of the SDP; without it ICE keeps waiting.
+            await pc.addIceCandidate(None)
+            await pc.setLocalDescription(await pc.createAnswer())
+        except Exception:
+            await call.close()
+            raise
+        call.spawn(call.watchdog(state.settings.webrtc.connect_timeout_s), "watchdog")
+        return call, pc.localDescription.sdp
+
+    def forget(self, call: Call) -> None:
+        self.calls.discard(call)
+        self.state.close_session(call.session)
+
+    async def close(self) -> None:
+        await asyncio.gather(*(call.close() for call in list(self.calls)), return_exceptions=True)
+
+
+def _bearer(request: Request) -> str | None:
+    auth = request.headers.get("authorization", "")
+    return auth[7:].strip() if auth.lower().startswith("bearer ") else None
+
+
+def _problem(status: int, code: str, message: str) -> Response:
+    logger.warning("webrtc offer refused status=%d code=%s: %s", status, code, message)
+    return PlainTextResponse(f"{code}: {message}\n", status_code=status)
+
+
+@router.post("/v1/realtime/calls")
+async def create_call(request: Request) -> Response:
+    from .app import TooManySessions
+
+    state: ServerState = request.app.state.server
+    if not state.settings.webrtc.enabled:
+        return _problem(
+            404, "webrtc_disabled", "WebRTC is disabled (webrtc.enabled); use the WebSocket"
+        )
+    if not state.check_token(_bearer(request)):
+        return _problem(401, "unauthorized", "missing or wrong auth token")
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != "application/sdp":
+        return _problem(
+            415,
+            "unsupported_media_type",
+            f"expected application/sdp, got {content_type or 'nothing'}",
+        )
+    body = await request.body()
+    if len(body) > MAX_SDP_BYTES:
+        return _problem(413, "offer_too_large", f"SDP offer over {MAX_SDP_BYTES} bytes")
+    try:
+        sdp = body.decode("utf-8")
+    except UnicodeDecodeError:
+        return _problem(400, "invalid_sdp", "the offer is not UTF-8 text")
+    if not sdp.startswith("v=0") or "m=" not in sdp:
+        return _problem(400, "invalid_sdp", "the body is not an SDP offer (no v=0 / m= lines)")
+    if state.engine is None:
+        return _problem(503, "not_ready", "the model is still loading; retry shortly")
+    try:
+        call, answer = await state.peers.answer(sdp)
+    except TooManySessions as exc:
+        return _problem(503, "too_many_sessions", str(exc))
+    except Exception as exc:  # aiortc's parse and negotiation errors
+        return _problem(400, "invalid_sdp", f"cannot negotiate this offer: {exc}")
+    logger.info("session=%s call=%s answered", call.session.id, call.id)
+    return Response(
+        content=answer,
+        status_code=201,
+        media_type="application/sdp",
+        headers={"Location": f"/v1/realtime/calls/{call.id}"},
+    )

@@ -1,0 +1,131 @@
+"""The /v1/realtime WebSocket transport: JSON text frames both ways, audio as base64 PCM16."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from urllib.parse import urlsplit
+
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+from starlette.websockets import WebSocketState
+
+from . import protocol as p
+from .app import ServerState, TooManySessions
+from .session import Session
+
+logger = logging.getLogger(__name__)
+router = APIRouter()
+
+KEY_SUBPROTOCOL = "openai-insecure-api-key."  # how browsers send a key (they cannot set headers)
+_OUTBOX = 1024  # events queued for a slow client before it is disconnected
+
+
+def presented_token(ws: WebSocket) -> str | None:
+    auth = ws.headers.get("authorization", "")
+    if auth.lower().startswith("bearer "):
+        return auth[7:].strip()
+    for proto in ws.scope.get("subprotocols", []):
+        if proto.startswith(KEY_SUBPROTOCOL):
+            return str(proto[len(KEY_SUBPROTOCOL) :])
+    return None
+
+
+def origin_allowed(ws: WebSocket, allowed: tuple[str, ...]) -> bool:
+    origin = ws.headers.get("origin")
+    if origin is None:
+        return True  # not a browser: Origin only protects browser pages
+    if origin in allowed:
+        return True
+    return urlsplit(origin).netloc == ws.headers.get("host", "")  # the page's own origin
+
+
+class WebSocketTransport:
+    name = "websocket"
+
+    def __init__(self, ws: WebSocket) -> None:
+        self.ws = ws
+        self._outbox: asyncio.Queue[str] = asyncio.Queue(_OUTBOX)
+        self.too_slow = asyncio.Event()
+
+    def send(self, event: p.ServerEvent) -> None:
+        try:
+            self._outbox.put_nowait(event.to_json())
+        except asyncio.QueueFull:
+            self.too_slow.set()
+
+    async def write_loop(self) -> None:
+        while True:
+            text = await self._outbox.get()
+            await self.ws.send_text(text)
+
+
+async def _refuse(ws: WebSocket, code: str, message: str, close_code: int) -> None:
+    """Accept only to say why (browsers cannot read a refused handshake), then close."""
+    await ws.accept(subprotocol=_subprotocol(ws))
+    await ws.send_text(p.error_event(code, message).to_json())
+    await ws.close(close_code, message[:120])
+    logger.warning("websocket refused code=%s: %s", code, message)
+
+
+def _subprotocol(ws: WebSocket) -> str | None:
+    return "realtime" if "realtime" in ws.scope.get("subprotocols", []) else None
+
+
+@router.websocket("/v1/realtime")
+async def realtime_websocket(ws: WebSocket) -> None:
+    state: ServerState = ws.app.state.server
+    settings = state.settings
+    if not origin_allowed(ws, settings.server.allowed_origins):
+        origin = ws.headers.get("origin")
+        await _refuse(ws, "forbidden_origin", f"origin {origin} is not allowed", 1008)
+        return
+    if not state.check_token(presented_token(ws)):
+        await _refuse(ws, "unauthorized", "missing or wrong auth token", 1008)
+        return
+    if state.engine is None:
+        await _refuse(ws, "not_ready", "the model is still loading; retry shortly", 1013)
+        return
+    transport = WebSocketTransport(ws)
+    session = Session(state.engine, settings, transport)
+    try:
+        state.open_session(session)
+    except TooManySessions as exc:
+        await _refuse(ws, "too_many_sessions", str(exc), 1013)
+        return
+    await ws.accept(subprotocol=_subprotocol(ws))
+    writer = asyncio.create_task(transport.write_loop(), name=f"ws-writer-{session.id}")
+    reader = asyncio.create_task(_read_loop(ws, session), name=f"ws-reader-{session.id}")
+    slow = asyncio.create_task(transport.too_slow.wait(), name=f"ws-slow-{session.id}")
+    try:
+        await session.start()
+        done, _ = await asyncio.wait({writer, reader, slow}, return_when=asyncio.FIRST_COMPLETED)
+        if slow in done:
+            logger.warning("session=%s client too slow: %d events queued", session.id, _OUTBOX)
+    finally:
+        state.close_session(session)
+        for task in (writer, reader, slow):
+            task.cancel()
+        await asyncio.gather(writer, reader, slow, return_exceptions=True)
+        if ws.client_state == WebSocketState.CONNECTED:
+            with contextlib.suppress(Exception):
+                await ws.close()
+
+
+async def _read_loop(ws: WebSocket, session: Session) -> None:
+    try:
+        while True:
+            message = await ws.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            if message.get("text") is not None:
+                await session.handle_text(message["text"])
+            elif message.get("bytes") is not None:
+                session.transport.send(
+                    p.error_event(
+                        "binary_not_supported",
+                        "send events as JSON text frames; audio goes in input_audio_buffer.append",
+                    )
+                )
+    except WebSocketDisconnect:
+        return

@@ -1,0 +1,43 @@
+"""A transport that records what a client would receive, and waits for it without sleeping."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import numpy as np
+
+from voxtral_server.api import protocol as p
+from voxtral_server.models.audio import SAMPLE_RATE
+
+
+class FakeTransport:
+    name = "fake"
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+        self._changed = asyncio.Event()
+
+    def send(self, event: p.ServerEvent) -> None:
+        self.events.append(event.model_dump(exclude_none=True))
+        self._changed.set()
+
+    def types(self) -> list[str]:
+        return [e["type"] for e in self.events]
+
+    def of(self, type_: str) -> list[dict[str, Any]]:
+        return [e for e in self.events if e["type"] == type_]
+
+    async def wait_for(self, type_: str, count: int = 1, within_s: float = 60) -> dict[str, Any]:
+        async def until() -> dict[str, Any]:
+            while len(self.of(type_)) < count:
+                self._changed.clear()
+                await self._changed.wait()
+            return self.of(type_)[count - 1]
+
+        return await asyncio.wait_for(until(), within_s)
+
+
+def frames(audio: np.ndarray, ms: int = 20) -> list[np.ndarray]:
+    step = SAMPLE_RATE * ms // 1000
+    return [audio[i : i + step] for i in range(0, audio.size, step)]

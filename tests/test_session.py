@@ -1,0 +1,165 @@
+"""The session core through a fake transport: turns, cancel, barge-in, session.update."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import numpy as np
+import pytest
+from conftest import SAMPLE_WAV, SCRIPT
+from fakes import FakeTransport, frames
+
+from voxtral_server.api.session import Session
+from voxtral_server.config import Settings
+from voxtral_server.models.audio import SAMPLE_RATE, read_audio_file
+from voxtral_server.models.voxtral import VoxtralEngine
+
+SPEECH = read_audio_file(SAMPLE_WAV)  # speech 0.3-2.7 s, then 1.3 s of silence
+
+
+def append(audio: np.ndarray) -> str:
+    pcm = (np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes()
+    return json.dumps(
+        {"type": "input_audio_buffer.append", "audio": base64.b64encode(pcm).decode()}
+    )
+
+
+async def new_session(engine: VoxtralEngine, **update: object) -> tuple[Session, FakeTransport]:
+    transport = FakeTransport()
+    session = Session(engine, Settings(), transport)
+    await session.start()
+    if update:
+        await session.handle_text(json.dumps({"type": "session.update", "session": update}))
+    return session, transport
+
+
+def words(transport: FakeTransport) -> list[str]:
+    return [e["delta"].strip() for e in transport.of("response.output_text.delta")]
+
+
+@pytest.mark.asyncio
+async def test_server_vad_turn_answers_by_itself(scripted_engine: VoxtralEngine) -> None:
+    session, t = await new_session(scripted_engine)
+    for frame in frames(SPEECH):
+        session.append_audio(frame)
+    done = await t.wait_for("response.done")
+    assert t.types()[:5] == [
+        "session.created",
+        "input_audio_buffer.speech_started",
+        "input_audio_buffer.speech_stopped",
+        "input_audio_buffer.committed",
+        "response.created",
+    ]
+    assert words(t) == SCRIPT.split()
+    assert t.of("response.output_text.done")[0]["text"] == SCRIPT
+    assert done["response"]["status"] == "completed"
+    timings = done["timings"]
+    assert timings["first_word_ms"] > 0 and timings["transport"] == "fake"
+    assert timings["words"] == len(SCRIPT.split())
+    started = t.of("input_audio_buffer.speech_started")[0]["audio_start_ms"]
+    stopped = t.of("input_audio_buffer.speech_stopped")[0]["audio_end_ms"]
+    assert 150 <= started <= 450 and 2400 <= stopped <= 3000  # where the speech is
+    session.close()
+
+
+@pytest.mark.asyncio
+async def test_push_to_talk_waits_for_response_create(scripted_engine: VoxtralEngine) -> None:
+    session, t = await new_session(scripted_engine, audio={"input": {"turn_detection": None}})
+    assert t.of("session.updated")[0]["session"]["audio"]["input"]["turn_detection"] is None
+    for frame in frames(SPEECH, ms=100):
+        await session.handle_text(append(frame))
+    assert "input_audio_buffer.speech_started" not in t.types()
+    await session.handle_text('{"type": "input_audio_buffer.commit"}')
+    assert t.types()[-1] == "input_audio_buffer.committed"
+    assert "response.created" not in t.types()
+    await session.handle_text('{"type": "response.create"}')
+    await t.wait_for("response.done")
+    assert words(t) == SCRIPT.split()
+    session.close()
+
+
+@pytest.mark.asyncio
+async def test_response_cancel_ends_cancelled(scripted_engine: VoxtralEngine) -> None:
+    session, t = await new_session(scripted_engine, audio={"input": {"turn_detection": None}})
+    await session.handle_text(append(SPEECH))
+    await session.handle_text('{"type": "input_audio_buffer.commit"}')
+    await session.handle_text('{"type": "response.create"}')
+    await t.wait_for("response.output_text.delta")
+    await session.handle_text('{"type": "response.cancel"}')
+    done = await t.wait_for("response.done")
+    assert done["response"]["status"] == "cancelled"
+    assert len(words(t)) < len(SCRIPT.split())
+    # The engine is free: the next turn completes.
+    await session.handle_text(append(SPEECH))
+    await session.handle_text('{"type": "input_audio_buffer.commit"}')
+    await session.handle_text('{"type": "response.create"}')
+    assert (await t.wait_for("response.done", 2))["response"]["status"] == "completed"
+    session.close()
+
+
+@pytest.mark.asyncio
+async def test_barge_in_cancels_the_answer(scripted_engine: VoxtralEngine) -> None:
+    session, t = await new_session(scripted_engine)
+    speech_only = SPEECH[: int(2.8 * SAMPLE_RATE)]
+    silence = np.zeros(int(0.6 * SAMPLE_RATE), np.float32)
+    for frame in frames(np.concatenate([speech_only, silence])):
+        session.append_audio(frame)
+    await t.wait_for("response.created")
+    await t.wait_for("response.output_text.delta")
+    for frame in frames(speech_only):  # the user talks over the answer
+        session.append_audio(frame)
+    done = await t.wait_for("response.done")
+    assert done["response"]["status"] == "cancelled"
+    assert t.types().count("input_audio_buffer.speech_started") == 2
+    session.close()
+
+
+@pytest.mark.asyncio
+async def test_session_update_switches_mode_language_and_instructions(
+    scripted_engine: VoxtralEngine,
+) -> None:
+    session, t = await new_session(
+        scripted_engine,
+        type="transcription",
+        instructions="Be brief.",
+        audio={"input": {"transcription": {"language": "fr"}, "turn_detection": None}},
+    )
+    state = t.of("session.updated")[0]["session"]
+    assert state["type"] == "transcription" and state["instructions"] == "Be brief."
+    assert state["audio"]["input"]["transcription"]["language"] == "fr"
+    assert (session.mode, session.language) == ("transcribe", "fr")
+    await session.handle_text(append(SPEECH))
+    await session.handle_text('{"type": "input_audio_buffer.commit"}')
+    await session.handle_text('{"type": "response.create"}')
+    await t.wait_for("response.done")
+    assert words(t) == SCRIPT.split()
+    await session.handle_text(
+        json.dumps(
+            {
+                "type": "session.update",
+                "session": {
+                    "audio": {
+                        "input": {
+                            "turn_detection": {"type": "server_vad", "silence_duration_ms": 800}
+                        }
+                    }
+                },
+            }
+        )
+    )
+    td = t.of("session.updated")[1]["session"]["audio"]["input"]["turn_detection"]
+    assert td["silence_duration_ms"] == 800 and td["type"] == "server_vad"
+    session.close()
+
+
+@pytest.mark.asyncio
+async def test_chat_keeps_the_conversation(scripted_engine: VoxtralEngine) -> None:
+    session, t = await new_session(scripted_engine, audio={"input": {"turn_detection": None}})
+    for i in range(2):
+        await session.handle_text(append(SPEECH))
+        await session.handle_text('{"type": "input_audio_buffer.commit"}')
+        await session.handle_text('{"type": "response.create"}')
+        await t.wait_for("response.done", i + 1)
+    assert [turn.answer for turn in session.conversation.history] == [SCRIPT, SCRIPT]
+    session.close()
