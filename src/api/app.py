@@ -39,6 +39,8 @@ class ServerState:
         self.engine: Engine | None = None
         self.load_error: str | None = None
         self.sessions: set[Session] = set()
+        self.idle = asyncio.Event()  # set while no session is open
+        self.idle.set()
         self._factory = engine_factory
         self._loader: asyncio.Task[None] | None = None
         from .webrtc import PeerManager  # aiortc is heavy: import with the server only
@@ -76,10 +78,13 @@ class ServerState:
         if len(self.sessions) >= limit:
             raise TooManySessions(f"server.max_sessions = {limit} conversations are open")
         self.sessions.add(session)
+        self.idle.clear()
 
     def close_session(self, session: Session) -> None:
         session.close()
         self.sessions.discard(session)
+        if not self.sessions:
+            self.idle.set()
 
     async def close(self) -> None:
         if self._loader is not None:
@@ -105,6 +110,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory = _default_engi
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state = ServerState(settings, engine_factory)
         app.state.server = state
+        app.state.server_loop = asyncio.get_running_loop()
         state.start()
         try:
             yield

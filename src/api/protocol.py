@@ -245,6 +245,11 @@ class Timings(BaseModel):
     words: int
     tokens: int
     transport: str
+    # Server-side overhead: model's first token -> first delta handed to the transport
+    # (includes waiting for the first word to complete), and the first chunk leaving the
+    # engine -> handed to the transport (the thread hop and serialisation alone).
+    first_token_to_delta_ms: float | None = None
+    delivery_ms: float | None = None
     cancel_latency_ms: float | None = None
 
 

@@ -50,6 +50,8 @@ class _Response:
     audio: np.ndarray
     turn_ended_at: float  # end of speech detected, or commit received
     first_delta_at: float | None = None
+    first_token_at: float | None = None  # engine clock (perf_counter, this process)
+    first_chunk_out_at: float | None = None
     text: list[str] = field(default_factory=list)
 
 
@@ -320,9 +322,6 @@ class Session:
         if not chunk.is_final:
             if response.handle.cancelled or self.closed:
                 return  # already on its way out: no more words
-            now = time.perf_counter()
-            if response.first_delta_at is None:
-                response.first_delta_at = now
             response.text.append(chunk.text)
             self.transport.send(
                 p.TextDelta(
@@ -334,6 +333,12 @@ class Session:
                     processing_time_ms=chunk.processing_time_ms,
                 )
             )
+            if response.first_delta_at is None:
+                response.first_delta_at = time.perf_counter()
+                submitted = response.handle.submitted_at
+                response.first_chunk_out_at = submitted + chunk.processing_time_ms / 1000
+                if chunk.first_token_latency_ms is not None:
+                    response.first_token_at = submitted + chunk.first_token_latency_ms / 1000
             return
         self._finish(response, chunk)
 
@@ -367,6 +372,16 @@ class Session:
             words=len(text.split()),
             tokens=totals.tokens,
             transport=self.transport.name,
+            first_token_to_delta_ms=(
+                ms(response.first_token_at, response.first_delta_at)
+                if response.first_token_at is not None and response.first_delta_at is not None
+                else None
+            ),
+            delivery_ms=(
+                ms(response.first_chunk_out_at, response.first_delta_at)
+                if response.first_chunk_out_at is not None and response.first_delta_at is not None
+                else None
+            ),
             cancel_latency_ms=totals.cancel_latency_ms,
         )
         if totals.status == "completed" and self.mode == "chat":

@@ -163,6 +163,8 @@ class PeerManager:
                 call.spawn(call.on_message(message), "dc-message")
 
             channel.on("message", on_message)
+            # Without its events channel the conversation cannot go on.
+            channel.on("close", lambda: call.spawn(call.close(), "close"))
 
             def opened() -> None:
                 call.transport.attach(channel)

@@ -1,0 +1,259 @@
+"""Start, readiness, disconnects, watchdog and shutdown: nothing left running, counted."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import threading
+from collections.abc import Coroutine, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import numpy as np
+import pytest
+import websockets
+from conftest import SAMPLE_WAV, engine_settings
+from servers import SharedEngine, running_server
+from test_cli import cli
+from test_webrtc import Client
+
+from voxtral_server.config import Settings
+from voxtral_server.models.audio import read_audio_file
+from voxtral_server.models.streamer import ChunkSink
+from voxtral_server.models.tiny import build_tiny
+from voxtral_server.models.types import Chunk, Request, RequestHandle
+from voxtral_server.models.voxtral import VoxtralEngine
+
+T = TypeVar("T")
+LONG = " ".join(f"word{i}" for i in range(150))  # an answer long enough to interrupt
+SPEECH = read_audio_file(SAMPLE_WAV)
+
+
+class RecordingEngine(SharedEngine):
+    """Keeps every handle and final chunk, to check what happened to generation."""
+
+    def __init__(self, engine: Any) -> None:
+        super().__init__(engine)
+        self.handles: list[RequestHandle] = []
+        self.finals: list[Chunk] = []
+        self.finished = threading.Condition()
+
+    def submit(self, request: Request, sink: ChunkSink) -> RequestHandle:
+        def record(chunk: Chunk) -> None:
+            if chunk.is_final:
+                with self.finished:
+                    self.finals.append(chunk)
+                    self.finished.notify_all()
+            sink(chunk)
+
+        handle = super().submit(request, record)
+        self.handles.append(handle)
+        return handle
+
+    def wait_finals(self, count: int) -> list[Chunk]:
+        with self.finished:
+            assert self.finished.wait_for(lambda: len(self.finals) >= count, 60)
+        return self.finals
+
+
+@pytest.fixture(scope="module")
+def long_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VoxtralEngine]:
+    model = build_tiny(tmp_path_factory.mktemp("tiny-long"), script=LONG)
+    engine = VoxtralEngine.load(engine_settings(model))
+    yield engine
+    engine.close()
+
+
+def on_server(app: Any, coro: Coroutine[Any, Any, T], within_s: float = 30) -> T:
+    loop = app.state.server_loop
+    return asyncio.run_coroutine_threadsafe(coro, loop).result(within_s)
+
+
+async def _idle(app: Any) -> dict[str, int]:
+    """Wait until the server holds no session or call; count its tasks."""
+    await app.state.server.idle.wait()
+    assert not app.state.server.peers.calls
+    current = asyncio.current_task()
+    return {"tasks": len([t for t in asyncio.all_tasks() if t is not current])}
+
+
+def ptt_events() -> list[str]:
+    pcm = (np.clip(SPEECH, -1, 1) * 32767).astype("<i2").tobytes()
+    return [
+        json.dumps(
+            {"type": "session.update", "session": {"audio": {"input": {"turn_detection": None}}}}
+        ),
+        json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(pcm).decode()}),
+        json.dumps({"type": "input_audio_buffer.commit"}),
+        json.dumps({"type": "response.create"}),
+    ]
+
+
+async def ws_until(ws: Any, type_: str) -> dict[str, Any]:
+    while True:
+        event = json.loads(await asyncio.wait_for(ws.recv(), 60))
+        if event["type"] == type_:
+            return event
+
+
+@pytest.fixture
+def server(long_engine: VoxtralEngine) -> Iterator[tuple[str, Any, RecordingEngine]]:
+    engine = RecordingEngine(long_engine)
+    with running_server(Settings(), engine) as (url, app):
+        yield url, app, engine
+
+
+@pytest.mark.asyncio
+async def test_websocket_disconnect_mid_response_stops_generation(
+    server: tuple[str, Any, RecordingEngine],
+) -> None:
+    url, app, engine = server
+    baseline = on_server(app, _idle(app))
+    threads = threading.active_count()
+    ws_url = url.replace("http", "ws") + "/v1/realtime"
+    async with websockets.connect(ws_url) as ws:
+        for event in ptt_events():
+            await ws.send(event)
+        await ws_until(ws, "response.output_text.delta")
+    final = engine.wait_finals(1)[0]
+    assert final.totals is not None and final.totals.status == "cancelled"
+    assert final.totals.tokens < 300  # stopped long before the end of the answer
+    assert on_server(app, _idle(app)) == baseline
+    assert threading.active_count() == threads
+    async with websockets.connect(ws_url) as ws:  # the next session's turn succeeds
+        for event in ptt_events():
+            await ws.send(event)
+        done = await ws_until(ws, "response.done")
+    assert done["response"]["status"] == "completed"
+
+
+@pytest.mark.asyncio
+async def test_webrtc_disconnect_mid_response_stops_generation(
+    server: tuple[str, Any, RecordingEngine],
+) -> None:
+    url, app, engine = server
+    baseline = on_server(app, _idle(app))
+    client = Client()
+    await client.connect(url, wav=None)
+    await client.wait_for("session.created")
+    for event in ptt_events():
+        client.channel.send(event)
+    await client.wait_for("response.output_text.delta")
+    await client.close()
+    final = engine.wait_finals(1)[0]
+    assert final.totals is not None and final.totals.status == "cancelled"
+    assert on_server(app, _idle(app)) == baseline
+    assert not app.state.server.peers.calls
+    again = Client()
+    try:
+        await again.connect(url, wav=None)
+        await again.wait_for("session.created")
+        for event in ptt_events():
+            again.channel.send(event)
+        assert (await again.wait_for("response.done"))["response"]["status"] == "completed"
+    finally:
+        await again.close()
+
+
+@pytest.mark.asyncio
+async def test_unconnected_peer_is_closed_by_the_watchdog(long_engine: VoxtralEngine) -> None:
+    settings = Settings.model_validate({"webrtc": {"connect_timeout_s": 0.5}})
+    with running_server(settings, SharedEngine(long_engine)) as (url, app):
+        client = Client()
+        await client.pc.setLocalDescription(await client.pc.createOffer())
+        async with httpx.AsyncClient() as http:
+            reply = await http.post(
+                f"{url}/v1/realtime/calls",
+                content=client.pc.localDescription.sdp,
+                headers={"content-type": "application/sdp"},
+            )
+        assert reply.status_code == 201
+        assert len(app.state.server.peers.calls) == 1
+        # The answer is never applied: ICE cannot complete, and the watchdog closes the call.
+        on_server(app, _idle(app), within_s=10)
+        assert not app.state.server.sessions
+        await client.close()
+
+
+def test_health_answers_while_loading_and_ready_after() -> None:
+    release = threading.Event()
+
+    class SlowEngine:
+        def submit(self, request: Request, sink: ChunkSink) -> RequestHandle:
+            raise AssertionError("not used")
+
+    def factory(settings: Settings) -> SlowEngine:
+        release.wait(30)
+        return SlowEngine()
+
+    import uvicorn
+    from servers import _Server, free_port
+
+    from voxtral_server.api.app import create_app
+
+    app = create_app(Settings(), engine_factory=factory)
+    port = free_port()
+    server = _Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        assert server.ready.wait(30)
+        base = f"http://127.0.0.1:{port}"
+        assert httpx.get(f"{base}/healthz").status_code == 200
+        loading = httpx.get(f"{base}/readyz")
+        assert loading.status_code == 503 and loading.json()["status"] == "loading"
+        release.set()
+        assert server.loop is not None
+        asyncio.run_coroutine_threadsafe(app.state.server.wait_loaded(), server.loop).result(30)
+        assert httpx.get(f"{base}/readyz").json()["status"] == "ready"
+    finally:
+        release.set()
+        server.should_exit = True
+        thread.join(30)
+
+
+def test_failed_load_is_reported_by_readyz(tmp_path: Path) -> None:
+    from voxtral_server.api.app import create_app
+
+    settings = engine_settings(tmp_path / "no-model")
+    app = create_app(settings)
+    from fastapi.testclient import TestClient
+
+    with TestClient(app) as client:
+        asyncio.run_coroutine_threadsafe(
+            app.state.server.wait_loaded(), app.state.server_loop
+        ).result(30)
+        reply = client.get("/readyz")
+    assert reply.status_code == 503
+    assert reply.json()["status"] == "failed" and "make-tiny" in reply.json()["error"]
+
+
+@pytest.mark.asyncio
+async def test_shutdown_closes_sessions_and_calls(long_engine: VoxtralEngine) -> None:
+    engine = RecordingEngine(long_engine)
+    threads = threading.active_count()
+    client = Client()
+    with running_server(Settings(), engine) as (url, app):
+        async with websockets.connect(url.replace("http", "ws") + "/v1/realtime") as ws:
+            await ws_until(ws, "session.created")
+            await client.connect(url, wav=None)
+            await client.wait_for("session.created")
+            for event in ptt_events():
+                await ws.send(event)
+            await ws_until(ws, "response.output_text.delta")
+            state = app.state.server
+            assert len(state.sessions) == 2 and len(state.peers.calls) == 1
+            # Leaving the block stops the server while the WebSocket answer is running.
+    await client.close()
+    assert not state.sessions and not state.peers.calls
+    final = engine.wait_finals(1)[0]
+    assert final.totals is not None and final.totals.status == "cancelled"
+    assert threading.active_count() == threads
+
+
+def test_serve_refuses_a_public_address_without_a_token() -> None:
+    run = cli("serve", "--host", "0.0.0.0", "--model", "unused")
+    assert run.returncode == 2
+    assert "auth_token" in run.stderr and "--insecure" in run.stderr
