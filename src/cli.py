@@ -204,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .models.types import EngineError
 
     try:
-        level = load_settings(args.config).logging.level if args.config else "INFO"
+        level = load_settings(args.config).logging.level
     except ConfigError as exc:
         print(f"error: invalid configuration: {exc}", file=sys.stderr)
         return 2

@@ -130,7 +130,8 @@ def test_scripted_words_arrive_one_per_chunk(scripted_engine: VoxtralEngine, mod
     totals = _final(chunks)
     assert totals.answer == SCRIPT and totals.words == len(SCRIPT.split())
     assert chunks[0].first_token_latency_ms is not None
-    assert totals.queue_wait_ms >= 0 and totals.model_ttft_ms is not None
+    assert totals.model_ttft_ms is not None
+    assert totals.model_ttft_ms <= chunks[0].first_token_latency_ms  # queue wait comes first
 
 
 def test_conversation_keeps_only_the_last_turns() -> None:
@@ -138,7 +139,9 @@ def test_conversation_keeps_only_the_last_turns() -> None:
     for i in range(3):
         conversation.add(np.zeros(10, np.float32), f"answer {i}")
     assert [t.answer for t in conversation.history] == ["answer 1", "answer 2"]
-    Conversation(max_turns=0).add(np.zeros(10, np.float32), "dropped")
+    alone = Conversation(max_turns=0)
+    alone.add(np.zeros(10, np.float32), "dropped")
+    assert alone.history == ()
 
 
 def test_cancel_after_first_chunk_stops_within_two_tokens(tiny_random: Path) -> None:
@@ -284,3 +287,64 @@ def test_processor_mel_switch_serves_the_same_answer(tiny_random: Path) -> None:
         assert list(_final(collect(engine, req)).token_ids) == reference_ids(tiny_random, req)
     finally:
         engine.close()
+
+
+def test_a_cancel_after_the_last_word_leaves_the_answer_completed(
+    scripted_engine: VoxtralEngine,
+) -> None:
+    stream = scripted_engine.stream(Request(speech_like(1.0), "chat"))
+    chunks = list(stream)
+    stream.cancel()  # too late: everything was already handed out
+    assert _final(chunks).status == "completed"
+    late: list[Chunk] = []
+
+    def cancel_at_final(chunk: Chunk) -> None:
+        late.append(chunk)
+        if len(late) == len(SCRIPT.split()):  # the last word: cancel before the final chunk
+            handle.cancel()
+
+    handle = scripted_engine.submit(Request(speech_like(1.0), "chat"), cancel_at_final)
+    gate = scripted_engine.stream(Request(speech_like(1.0), "chat"))  # queued behind it
+    list(gate)
+    assert late[-1].totals is not None and late[-1].totals.status == "completed"
+
+
+def test_an_error_mid_stream_keeps_what_was_sent(scripted_engine: VoxtralEngine) -> None:
+    received: list[Chunk] = []
+
+    def flaky(chunk: Chunk) -> None:
+        received.append(chunk)
+        if len(received) == 3:
+            raise ConnectionError("client went away")
+
+    scripted_engine.submit(Request(speech_like(1.0), "chat"), flaky)
+    after = scripted_engine.stream(Request(speech_like(1.0), "chat"))
+    assert _final(list(after)).answer == SCRIPT  # the worker survived
+    final = received[-1]
+    assert final.is_final and final.totals is not None
+    assert final.totals.status == "error" and "client went away" in (final.totals.error or "")
+    # Two chunks were delivered; the third's delivery failed, so it is not counted.
+    assert final.chunk_index == 2 and final.totals.answer == "".join(c.text for c in received[:2])
+
+
+@pytest.mark.slow
+def test_no_request_compiles_after_warm_up(compiled_engines: dict[str, Any]) -> None:
+    from torch._dynamo.utils import counters
+
+    engine: VoxtralEngine = compiled_engines["tiny_random"]
+    collect(engine, Request(speech_like(1.0), "transcribe", max_new_tokens=8))
+    compiled = dict(counters["stats"])
+    assert compiled.get("unique_graphs", 0) >= 1  # warm-up compiled, and it was counted
+    requests = [
+        Request(speech_like(9.0), "transcribe", max_new_tokens=16),
+        Request(speech_like(2.0), "chat", max_new_tokens=12, temperature=0.0),
+        Request(
+            speech_like(3.0),
+            "chat",
+            history=(Turn(speech_like(4.0), "before"), Turn(speech_like(1.0), "and again")),
+            max_new_tokens=20,
+        ),
+    ]
+    for request in requests:
+        assert _final(collect(engine, request)).status == "completed"
+    assert dict(counters["stats"]) == compiled  # same graphs: nothing compiled per request

@@ -136,3 +136,36 @@ def test_first_token_is_timestamped_at_the_token_not_the_word() -> None:
     assert chunks[0].first_token_latency_ms == pytest.approx(40.0)
     assert chunks[0].processing_time_ms == pytest.approx(540.0)
     assert chunks[0].tokens == 5
+
+
+def test_a_pause_between_tokens_loses_no_whitespace() -> None:
+    clock = _Clock()
+    streamer, chunks = _streamer(clock)
+    _put(streamer, "Hello.\n")
+    clock.now += 0.3  # longer than the timeout, with only whitespace held
+    _put(streamer, "\nWorld again")
+    clock.now += 0.3
+    _put(streamer, "!")  # a timeout with a word held releases it, keeps nothing back
+    streamer.end()
+    assert "".join(c.text for c in chunks) == "Hello.\n\nWorld again!"
+    assert streamer.text == "Hello.\n\nWorld again!"
+
+
+def test_timeout_release_keeps_trailing_space_for_the_next_word() -> None:
+    chunker = WordChunker(min_words=3, max_words=3)
+    assert chunker.feed("one two ") == []
+    assert chunker.flush(end=False) == ["one two"]
+    assert chunker.pending == " "
+    assert chunker.feed("three four") == []
+    assert chunker.flush() == [" three four"]
+
+
+def test_nothing_is_handed_out_after_cancel() -> None:
+    clock = _Clock()
+    streamer, chunks = _streamer(clock)
+    _put(streamer, "one two ")
+    streamer.handle.cancel()
+    _put(streamer, "three ")
+    streamer.end()
+    assert [c.text for c in chunks] == ["one", " two"]
+    assert streamer.cut_short

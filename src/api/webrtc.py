@@ -76,6 +76,9 @@ class Call:
         self.tasks: set[asyncio.Task[Any]] = set()
         self.connected = asyncio.Event()
         self.closed = False
+        # Data channel messages, handled one at a time in arrival order (handling one may
+        # await, e.g. loading the VAD model; a task per message could reorder them).
+        self.inbox: asyncio.Queue[str | bytes] = asyncio.Queue(1024)
 
     def spawn(self, coro: Any, name: str) -> None:
         task = asyncio.create_task(coro, name=f"{name}-{self.id}")
@@ -123,13 +126,22 @@ class Call:
                 except p.ProtocolError as exc:
                     self.session.transport.send(p.error_event(exc.code, str(exc)))
 
-    async def on_message(self, message: str | bytes) -> None:
-        if isinstance(message, bytes):
-            self.transport.send(
-                p.error_event("binary_not_supported", "send events as JSON text messages")
-            )
-            return
-        await self.session.handle_text(message)
+    def receive(self, message: str | bytes) -> None:
+        try:
+            self.inbox.put_nowait(message)
+        except asyncio.QueueFull:
+            logger.warning("session=%s sends events faster than they are handled", self.session.id)
+            self.spawn(self.close(), "close")
+
+    async def read_events(self) -> None:
+        while True:
+            message = await self.inbox.get()
+            if isinstance(message, bytes):
+                self.transport.send(
+                    p.error_event("binary_not_supported", "send events as JSON text messages")
+                )
+                continue
+            await self.session.handle_text(message)
 
 
 class PeerManager:
@@ -159,10 +171,7 @@ class PeerManager:
                 logger.warning("session=%s ignores data channel %r", session.id, channel.label)
                 return
 
-            def on_message(message: str | bytes) -> None:
-                call.spawn(call.on_message(message), "dc-message")
-
-            channel.on("message", on_message)
+            channel.on("message", call.receive)
             # Without its events channel the conversation cannot go on.
             channel.on("close", lambda: call.spawn(call.close(), "close"))
 
@@ -199,6 +208,7 @@ class PeerManager:
             await call.close()
             raise
         call.spawn(call.watchdog(state.settings.webrtc.connect_timeout_s), "watchdog")
+        call.spawn(call.read_events(), "events-in")
         return call, pc.localDescription.sdp
 
     def forget(self, call: Call) -> None:

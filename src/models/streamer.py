@@ -51,8 +51,8 @@ class WordStreamer(TextIteratorStreamer):  # type: ignore[misc]
         self.first_token_at: float | None = None
         self.tokens = 0
         self.chunks = 0
-        self.words = 0
-        self.text = ""
+        self.text = ""  # everything handed out
+        self.cut_short = False  # cancel stopped text from being handed out
         self.token_ids: list[int] = []
         self._pending_since: float | None = None
 
@@ -68,6 +68,7 @@ class WordStreamer(TextIteratorStreamer):  # type: ignore[misc]
         self.handle.tokens = self.tokens
         self.token_ids.extend(ids)
         if self.handle.cancelled:
+            self.cut_short = True
             return  # generation stops at the next step; nothing more is handed out
         self.token_cache.extend(ids)
         decoded = self.tokenizer.decode(self.token_cache, **self.decode_kwargs)
@@ -76,18 +77,20 @@ class WordStreamer(TextIteratorStreamer):  # type: ignore[misc]
         new_text = decoded[self.print_len :]
         self.print_len = len(decoded)
         chunks = self.chunker.feed(new_text)
-        if self.chunker.pending:
+        if self.chunker.pending.strip():
             if self._pending_since is None or chunks:
                 self._pending_since = now
             elif now - self._pending_since >= self.chunk_timeout_s:
-                chunks += self.chunker.flush()
+                chunks += self.chunker.flush(end=False)
                 self._pending_since = None
         else:
-            self._pending_since = None
+            self._pending_since = None  # only whitespace waits: nothing to show yet
         self._emit(chunks)
 
     def end(self) -> None:
-        if not self.handle.cancelled:
+        if self.handle.cancelled:
+            self.cut_short = True
+        else:
             self._emit(self.chunker.flush())
         self.token_cache = []
         self.print_len = 0
@@ -95,12 +98,14 @@ class WordStreamer(TextIteratorStreamer):  # type: ignore[misc]
 
     def _emit(self, texts: list[str]) -> None:
         for text in texts:
+            if self.handle.cancelled:  # cancel() returned: no delta may follow it
+                self.cut_short = True
+                return
             now = self.clock()
             submitted = self.handle.submitted_at
             first = None if self.first_token_at is None else _ms(submitted, self.first_token_at)
-            self.text += text
-            self.words += len(text.split())
             self.sink(Chunk(text, self.chunks, False, first, _ms(submitted, now), self.tokens))
+            self.text += text  # only what the sink accepted counts as handed out
             self.chunks += 1
 
 

@@ -23,6 +23,7 @@ import torch
 from transformers import (
     AutoProcessor,
     CompileConfig,
+    StaticCache,
     StoppingCriteriaList,
     VoxtralForConditionalGeneration,
 )
@@ -185,6 +186,14 @@ class VoxtralEngine:
         self._current: RequestHandle | None = None
         self._thread = threading.Thread(target=self._run, name="voxtral-engine", daemon=True)
         self._gen_defaults = self._generation_defaults()
+        self._static_cache: StaticCache | None = None
+        self._static_cache_len = 0
+        if runtime.compile:
+            self._static_cache_len = self._max_cache_len()
+            self._static_cache = StaticCache(
+                config=model.config.get_text_config(decoder=True),
+                max_cache_len=self._static_cache_len,
+            )
         self.warmup_ms: list[float] = []
 
     # ----------------------------------------------------------------- lifecycle
@@ -239,7 +248,7 @@ class VoxtralEngine:
                 break
             if isinstance(job, _Job):
                 job.handle.cancel()
-                self._finish(job, None, None, 0.0)
+                self._finish(job, None, None, None)
         if self._thread.is_alive():
             self._jobs.put(_Shutdown())
             self._thread.join(timeout)
@@ -296,6 +305,8 @@ class VoxtralEngine:
                 return
             with self._lock:
                 self._current = job.handle
+                if self._closed:  # close() ran between get() and here: it could not see us
+                    job.handle.cancel()
             try:
                 self._serve(job)
             finally:
@@ -310,8 +321,8 @@ class VoxtralEngine:
         for i in range(runs):
             for mode in ("transcribe", "chat"):
                 t0 = time.perf_counter()
-                request = Request(silence, mode, max_new_tokens=8, min_new_tokens=8)
-                self._generate(RequestHandle(request), lambda chunk: None)
+                handle = RequestHandle(Request(silence, mode, max_new_tokens=8, min_new_tokens=8))
+                self._generate(handle, self._streamer(handle, lambda chunk: None))
                 self._sync()
                 elapsed = (time.perf_counter() - t0) * 1000
                 self.warmup_ms.append(elapsed)
@@ -333,52 +344,62 @@ class VoxtralEngine:
         handle = job.handle
         started = time.perf_counter()
         if handle.cancelled:  # cancelled while it waited in the queue
-            self._finish(job, None, None, _ms(handle.submitted_at, started))
+            self._finish(job, None, None, None)
             return
-        streamer: WordStreamer | None = None
+        streamer = self._streamer(handle, job.sink)
         error: EngineError | None = None
         try:
-            streamer = self._generate(handle, job.sink)
+            self._generate(handle, streamer)
         except Exception as exc:  # one request's failure must not stop the worker
             logger.exception("generation failed")
-            code = (
-                "out_of_memory" if isinstance(exc, torch.OutOfMemoryError) else "generation_failed"
-            )
+            oom = isinstance(exc, torch.OutOfMemoryError)
+            code = "out_of_memory" if oom else "generation_failed"
             error = EngineError(code, f"generation failed: {type(exc).__name__}: {exc}")
-            if isinstance(exc, torch.OutOfMemoryError) and self.runtime.device.type == "cuda":
+            if oom and self.runtime.device.type == "cuda":
                 torch.cuda.empty_cache()
-        self._finish(job, streamer, error, _ms(handle.submitted_at, started))
+        self._finish(job, streamer, error, started)
 
     def _finish(
         self,
         job: _Job,
         streamer: WordStreamer | None,
         error: EngineError | None,
-        queue_wait_ms: float,
+        started: float | None,
     ) -> None:
+        """Hand out the final chunk. `streamer`/`started` are None if it never ran."""
         handle = job.handle
         now = time.perf_counter()
-        status: Status = "error" if error else "cancelled" if handle.cancelled else "completed"
+        status: Status
+        if error is not None:
+            status = "error"
+        elif streamer is None or streamer.cut_short:
+            status = "cancelled"
+        else:
+            status = "completed"  # a cancel that came after the last word changes nothing
         tokens = streamer.tokens if streamer else 0
         first = streamer.first_token_at if streamer else None
-        total_ms = _ms(handle.submitted_at, now)
+        answer = streamer.text if streamer else ""
+        queue_wait_ms = _ms(handle.submitted_at, started if started is not None else now)
         gen_s = (now - first) if first is not None else 0.0
+        cancel_ms = None
+        if status == "cancelled" and started is not None and handle.cancel_requested_at:
+            cancel_ms = _ms(max(handle.cancel_requested_at, started), now)
         totals = Totals(
             status=status,
-            answer=streamer.text if streamer else "",
+            answer=answer,
             tokens=tokens,
-            words=streamer.words if streamer else 0,
-            total_ms=total_ms,
+            words=len(answer.split()),
+            total_ms=_ms(handle.submitted_at, now),
             tokens_per_s=round((tokens - 1) / gen_s, 1) if tokens > 1 and gen_s > 0 else 0.0,
             queue_wait_ms=queue_wait_ms,
             model_ttft_ms=(
                 _ms(handle.submitted_at, first) - queue_wait_ms if first is not None else None
             ),
-            cancel_latency_ms=(
-                _ms(handle.cancel_requested_at, now) if handle.cancel_requested_at else None
-            ),
+            cancel_latency_ms=cancel_ms,
             tokens_after_cancel=(
-                tokens - handle.tokens_at_cancel if handle.tokens_at_cancel is not None else None
+                tokens - handle.tokens_at_cancel
+                if handle.tokens_at_cancel is not None and started is not None
+                else None
             ),
             error_code=error.code if error else None,
             error=str(error) if error else None,
@@ -389,7 +410,7 @@ class VoxtralEngine:
             chunk_index=streamer.chunks if streamer else 0,
             is_final=True,
             first_token_latency_ms=_ms(handle.submitted_at, first) if first is not None else None,
-            processing_time_ms=total_ms,
+            processing_time_ms=totals.total_ms,
             tokens=tokens,
             totals=totals,
         )
@@ -398,11 +419,8 @@ class VoxtralEngine:
         except Exception:  # the caller went away; nothing else to tell it
             logger.exception("could not hand out the final chunk")
         target = self.settings.streaming.latency_target_ms
-        if (
-            streamer is not None
-            and streamer.chunks
-            and (final.first_token_latency_ms or 0) > target
-        ):
+        first_ms = final.first_token_latency_ms or 0.0
+        if streamer is not None and streamer.chunks and first_ms > target:
             logger.warning(
                 "first token after %.1f ms, above streaming.latency_target_ms=%g "
                 "(queue_wait_ms=%.1f)",
@@ -413,26 +431,43 @@ class VoxtralEngine:
 
     # ----------------------------------------------------------------- model calls
 
-    def _generation_defaults(self) -> dict[str, Any]:
-        if not self.runtime.compile:
-            return {}
+    def _max_cache_len(self) -> int:
+        """Tokens of the longest prompt + answer the settings allow."""
         s = self.settings
         windows = -(-int(s.audio.max_utterance_s * SAMPLE_RATE) // N_SAMPLES)
         per_user = AUDIO_TOKENS_PER_WINDOW * windows + _PROMPT_TEXT_MARGIN
         if s.conversation.instructions:
             per_user += len(self.processor.tokenizer.encode(s.conversation.instructions))
-        turns = s.conversation.max_turns
-        # Size the static KV cache for the longest prompt the settings allow, so that warm-up
-        # compiles the decode step once and no later request changes its shapes.
-        max_cache_len = (turns + 1) * per_user + (turns + 1) * s.model.max_new_tokens
+        turns = s.conversation.max_turns + 1
+        return turns * (per_user + s.model.max_new_tokens)
+
+    def _generation_defaults(self) -> dict[str, Any]:
+        if not self.runtime.compile:
+            return {}
         config = CompileConfig(mode=self.runtime.compile_mode)
         if self.runtime.device.type != "cuda":
             config._compile_all_devices = True  # transformers compiles on CUDA only by default
-        return {
-            "cache_implementation": "static",
-            "compile_config": config,
-            "max_cache_len": max_cache_len,
-        }
+        return {"compile_config": config}
+
+    def _cache_kwargs(self, prompt_len: int, max_new_tokens: int) -> dict[str, Any]:
+        """With compile: our one static KV cache, emptied, if this request fits in it.
+
+        One cache for the engine's life keeps the compiled decode step's shapes and (under
+        CUDA graphs) its tensor addresses fixed, so no request recompiles or re-records;
+        transformers would otherwise build a new cache per `generate` call.
+        """
+        if self._static_cache is None:
+            return {}
+        if prompt_len + max_new_tokens > self._static_cache_len:
+            logger.warning(
+                "prompt of %d tokens + %d new exceeds the static cache (%d): running uncompiled",
+                prompt_len,
+                max_new_tokens,
+                self._static_cache_len,
+            )
+            return {"disable_compile": True}
+        self._static_cache.reset()
+        return {"past_key_values": self._static_cache, **self._gen_defaults}
 
     def _features(self, audio: np.ndarray) -> torch.Tensor:
         if self.settings.model.mel == "reduced":
@@ -466,25 +501,27 @@ class VoxtralEngine:
         top_p = request.top_p if request.top_p is not None else chat.top_p
         return {"do_sample": True, "temperature": temperature, "top_p": top_p}
 
-    def _generate(self, handle: RequestHandle, sink: ChunkSink) -> WordStreamer:
-        request = handle.request
+    def _streamer(self, handle: RequestHandle, sink: ChunkSink) -> WordStreamer:
         cr = self.settings.chunked_response
-        streamer = WordStreamer(
+        return WordStreamer(
             self.processor.tokenizer,
             handle,
             WordChunker(cr.min_words_per_chunk, cr.max_words_per_chunk),
             cr.chunk_timeout_ms / 1000.0,
             sink,
         )
+
+    def _generate(self, handle: RequestHandle, streamer: WordStreamer) -> None:
+        request = handle.request
+        max_new_tokens = request.max_new_tokens or self.settings.model.max_new_tokens
         with torch.inference_mode():
             inputs = self.model_inputs(request)
             self.model.generate(
                 **inputs,
-                **self._gen_defaults,
+                **self._cache_kwargs(inputs["input_ids"].shape[1], max_new_tokens),
                 **self._sampling(request),
-                max_new_tokens=request.max_new_tokens or self.settings.model.max_new_tokens,
+                max_new_tokens=max_new_tokens,
                 min_new_tokens=request.min_new_tokens,
                 streamer=streamer,
                 stopping_criteria=StoppingCriteriaList([CancelCriteria(handle)]),
             )
-        return streamer

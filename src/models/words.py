@@ -32,9 +32,20 @@ class WordChunker:
         self._pending += text
         return self._take(final=False)
 
-    def flush(self) -> list[str]:
-        """Release everything held, complete or not (trailing whitespace is dropped)."""
-        return self._take(final=True)
+    def flush(self, end: bool = True) -> list[str]:
+        """Release every word held, complete or not.
+
+        `end=True`: the text is over; trailing whitespace is dropped. `end=False` (a
+        timeout): trailing whitespace stays held, to lead the next word.
+        """
+        kept = ""
+        if not end:
+            body = self._pending.rstrip()
+            kept = self._pending[len(body) :]
+            self._pending = body
+        chunks = self._take(final=True)
+        self._pending = kept
+        return chunks
 
     def _take(self, final: bool) -> list[str]:
         # Matches are contiguous from offset 0 (`\s*` absorbs the gaps).
