@@ -119,6 +119,7 @@ class WebRTCSettings(_Section):
     ice_servers: tuple[IceServer, ...] = ()
     ice_transport_policy: Literal["all", "relay"] = "all"
     connect_timeout_s: float = Field(default=10.0, gt=0, le=300)
+    client_timeout_ms: int = Field(default=3000, ge=100, le=60_000)
 
 
 class LoggingSettings(_Section):

@@ -240,15 +240,18 @@ def test_any_rate_and_channels_become_16k_mono(tmp_path: Path) -> None:
 
 def test_full_queue_answers_busy_and_recovers(tiny_scripted: Path) -> None:
     engine = VoxtralEngine.load(engine_settings(tiny_scripted, engine={"queue_size": 1}))
-    gate = threading.Event()
+    running, gate = threading.Event(), threading.Event()
+
+    def hold(chunk: Chunk) -> None:  # the worker is busy with this request until released
+        running.set()
+        gate.wait(10)
+
     try:
-        engine.submit(Request(speech_like(1.0), "chat"), lambda c: gate.wait(10))
-        waiting = engine.stream(Request(speech_like(1.0), "chat"))
-        # The worker may not have taken the first request off the queue yet; one of the
-        # next two submissions must find the queue full.
+        engine.submit(Request(speech_like(1.0), "chat"), hold)
+        assert running.wait(30)
+        waiting = engine.stream(Request(speech_like(1.0), "chat"))  # fills the queue
         with pytest.raises(EngineError, match="queue_size") as info:
-            for _ in range(2):
-                engine.submit(Request(speech_like(1.0), "chat"), lambda c: None)
+            engine.submit(Request(speech_like(1.0), "chat"), lambda c: None)
         assert info.value.code == "engine_busy"
         gate.set()
         assert _final(list(waiting)).answer == SCRIPT

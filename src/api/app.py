@@ -132,6 +132,23 @@ def create_app(settings: Settings, engine_factory: EngineFactory = _default_engi
             return JSONResponse({"status": "failed", "error": state.load_error}, status_code=503)
         return JSONResponse({"status": "loading"}, status_code=503)
 
+    @app.get("/v1/client-config")
+    async def client_config() -> dict[str, object]:
+        """What the web page needs to connect: never hard-coded in the page."""
+        w = settings.webrtc
+        return {
+            "webrtc": {
+                "enabled": w.enabled,
+                "ice_servers": [s.model_dump(exclude_none=True) for s in w.ice_servers],
+                "ice_transport_policy": w.ice_transport_policy,
+                "client_timeout_ms": w.client_timeout_ms,
+            },
+            "auth_required": settings.server.auth_token is not None,
+            "mode": settings.mode,
+            "language": settings.transcribe.language,
+            "model": settings.model.id,
+        }
+
     from .webrtc import router as webrtc_router
     from .websocket import router as websocket_router
 

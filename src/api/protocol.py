@@ -119,7 +119,9 @@ def parse_client_event(raw: str | bytes) -> ClientEvent:
     """JSON text -> a typed client event, or `ProtocolError` naming what is wrong."""
     try:
         data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except RecursionError:
+        raise ProtocolError("invalid_json", "event is not valid JSON: nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, huge integers
         raise ProtocolError("invalid_json", f"event is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise ProtocolError("invalid_event", "event must be a JSON object")

@@ -121,10 +121,13 @@ class Session:
     async def handle_text(self, raw: str | bytes) -> None:
         """One client event as received (JSON text)."""
         limit = self.settings.server.max_event_bytes
-        if len(raw) > limit:
+        size = len(raw)
+        if isinstance(raw, str) and size * 4 > limit:  # a character is up to 4 UTF-8 bytes
+            size = len(raw.encode("utf-8", "surrogatepass"))
+        if size > limit:
             self._error(
                 "event_too_large",
-                f"event of {len(raw)} bytes exceeds server.max_event_bytes = {limit}",
+                f"event of {size} bytes exceeds server.max_event_bytes = {limit}",
             )
             return
         try:
@@ -144,12 +147,16 @@ class Session:
             elif isinstance(event, p.ResponseCreate):
                 self._create_response(event.event_id)
             elif isinstance(event, p.ResponseCancel):
-                self._cancel(event.event_id)
+                self._cancel(event.event_id, event.response_id)
         except p.ProtocolError as exc:
             self._error(exc.code, str(exc), exc.event_id or event.event_id)
 
-    def append_audio(self, audio: np.ndarray) -> None:
-        """16 kHz mono float32 audio from the client, in order."""
+    def append_audio(self, audio: np.ndarray, continuous: bool = False) -> None:
+        """16 kHz mono float32 audio from the client, in order.
+
+        `continuous`: a source that never stops (a WebRTC microphone track). In push-to-talk
+        its buffer keeps the last `audio.max_utterance_s` instead of overflowing.
+        """
         if self.closed or audio.size == 0:
             return
         if not np.isfinite(audio).all():
@@ -158,7 +165,9 @@ class Session:
         self._buffer = np.concatenate([self._buffer, audio])
         if self.turn_detection is None or self._detector is None:
             limit = int(self.settings.audio.max_utterance_s * SAMPLE_RATE)
-            if self._buffer.size > limit:
+            if self._buffer.size > limit and continuous:
+                self._cut_buffer_before(self._stream_samples - limit)
+            elif self._buffer.size > limit:
                 self._buffer = np.zeros(0, np.float32)
                 self._buffer_start = self._stream_samples
                 raise p.ProtocolError(
@@ -295,10 +304,16 @@ class Session:
             p.ResponseCreated(response=p.Response(id=response_id, status="in_progress"))
         )
 
-    def _cancel(self, event_id: str | None) -> None:
+    def _cancel(self, event_id: str | None, response_id: str | None) -> None:
         if self._response is None:
             raise p.ProtocolError(
                 "response_cancel_not_active", "there is no response to cancel", event_id
+            )
+        if response_id is not None and response_id != self._response.id:
+            raise p.ProtocolError(
+                "response_cancel_not_active",
+                f"response {response_id} is not running (running: {self._response.id})",
+                event_id,
             )
         self._response.handle.cancel()
 

@@ -122,7 +122,7 @@ class Call:
             for out in resampler.resample(frame):
                 pcm = out.to_ndarray().reshape(-1).astype(np.float32) / PCM16_SCALE
                 try:
-                    self.session.append_audio(pcm)
+                    self.session.append_audio(pcm, continuous=True)
                 except p.ProtocolError as exc:
                     self.session.transport.send(p.error_event(exc.code, str(exc)))
 
@@ -160,9 +160,9 @@ class PeerManager:
     async def answer(self, offer_sdp: str) -> tuple[Call, str]:
         state = self.state
         assert state.engine is not None
-        pc = RTCPeerConnection(self._configuration())
         session = Session(state.engine, state.settings, DataChannelTransport())
         state.open_session(session)  # raises TooManySessions
+        pc = RTCPeerConnection(self._configuration())
         call = Call(self, pc, session)
         self.calls.add(call)
 
@@ -247,6 +247,9 @@ async def create_call(request: Request) -> Response:
             "unsupported_media_type",
             f"expected application/sdp, got {content_type or 'nothing'}",
         )
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_SDP_BYTES:
+        return _problem(413, "offer_too_large", f"SDP offer over {MAX_SDP_BYTES} bytes")
     body = await request.body()
     if len(body) > MAX_SDP_BYTES:
         return _problem(413, "offer_too_large", f"SDP offer over {MAX_SDP_BYTES} bytes")
@@ -256,6 +259,8 @@ async def create_call(request: Request) -> Response:
         return _problem(400, "invalid_sdp", "the offer is not UTF-8 text")
     if not sdp.startswith("v=0") or "m=" not in sdp:
         return _problem(400, "invalid_sdp", "the body is not an SDP offer (no v=0 / m= lines)")
+    if "a=fingerprint:" not in sdp:
+        return _problem(400, "invalid_sdp", "the offer has no DTLS fingerprint (a=fingerprint)")
     if state.engine is None:
         return _problem(503, "not_ready", "the model is still loading; retry shortly")
     try:
@@ -263,7 +268,8 @@ async def create_call(request: Request) -> Response:
     except TooManySessions as exc:
         return _problem(503, "too_many_sessions", str(exc))
     except Exception as exc:  # aiortc's parse and negotiation errors
-        return _problem(400, "invalid_sdp", f"cannot negotiate this offer: {exc}")
+        detail = f"{type(exc).__name__}: {exc}".rstrip(": ")
+        return _problem(400, "invalid_sdp", f"cannot negotiate this offer ({detail})")
     logger.info("session=%s call=%s answered", call.session.id, call.id)
     return Response(
         content=answer,

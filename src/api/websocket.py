@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from starlette.websockets import WebSocketState
 
+from ..config import Settings
 from . import protocol as p
 from .app import ServerState, TooManySessions
 from .session import Session
@@ -31,13 +32,27 @@ def presented_token(ws: WebSocket) -> str | None:
     return None
 
 
-def origin_allowed(ws: WebSocket, allowed: tuple[str, ...]) -> bool:
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+def origin_allowed(ws: WebSocket, settings: Settings) -> bool:
+    """Browsers only: the page's own origin, or one listed in server.allowed_origins.
+
+    Without a token, "own origin" also requires a loopback Host: otherwise a page whose
+    name was rebound to 127.0.0.1 (DNS rebinding) would pass as same-origin.
+    """
     origin = ws.headers.get("origin")
     if origin is None:
         return True  # not a browser: Origin only protects browser pages
-    if origin in allowed:
+    if origin in settings.server.allowed_origins:
         return True
-    return urlsplit(origin).netloc == ws.headers.get("host", "")  # the page's own origin
+    host = ws.headers.get("host", "")
+    if urlsplit(origin).netloc != host:
+        return False
+    if settings.server.auth_token is not None:
+        return True
+    hostname = urlsplit(f"//{host}").hostname or ""
+    return hostname in LOOPBACK_NAMES or hostname == settings.server.host
 
 
 class WebSocketTransport:
@@ -76,7 +91,7 @@ def _subprotocol(ws: WebSocket) -> str | None:
 async def realtime_websocket(ws: WebSocket) -> None:
     state: ServerState = ws.app.state.server
     settings = state.settings
-    if not origin_allowed(ws, settings.server.allowed_origins):
+    if not origin_allowed(ws, settings):
         origin = ws.headers.get("origin")
         await _refuse(ws, "forbidden_origin", f"origin {origin} is not allowed", 1008)
         return
