@@ -7,7 +7,19 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell (cat pyproject.toml; echo '$(CURDIR)') | cksum | cut -d' ' -f1)
 
-.PHONY: setup demo test lint unit bench clean
+.PHONY: setup system-deps demo test lint unit bench clean
+
+# Browser tests drive Debian's Chromium (never a downloaded browser); the SSH-tunnel test
+# needs coturn. Installed when missing (as root, or with passwordless sudo); otherwise
+# those tests are skipped with a message saying what to install.
+SYSTEM_PACKAGES := chromium chromium-driver coturn
+system-deps:
+	@if command -v chromium >/dev/null && command -v turnserver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null; \
+	elif sudo -n true 2>/dev/null; then \
+	  sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null; \
+	else echo "note: install $(SYSTEM_PACKAGES) (apt) to run the browser tests; skipping them"; fi
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -27,7 +39,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check src tests benchmarks
 	$(VENV)/bin/mypy src
 
-unit: $(STAMP)
+unit: $(STAMP) system-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test: lint unit

@@ -1,0 +1,327 @@
+// The page: microphone, connection (WebRTC, else WebSocket), turns, words, latency.
+import { connect, TransportError } from "./transport.js";
+
+const $ = (id) => document.getElementById(id);
+const ui = {
+  badge: $("badge"), notice: $("notice"), transcript: $("transcript"), connect: $("connect"),
+  mode: $("mode"), language: $("language"), talk: $("talk"), cancel: $("cancel"),
+  level: $("level"), speaking: $("speaking"), tokenField: $("token-field"), token: $("token"),
+};
+
+const state = {
+  config: null,
+  stream: null,
+  transport: null,
+  turnMode: "vad", // "vad" | "ptt"
+  wanted: false, // the user pressed Start: keep reconnecting after drops
+  retries: 0,
+  responding: null, // {id, bubble, turnEndedAt, firstWordAt}
+  lastTurnEnd: null, // browser clock: end of speech (estimated) or push-to-talk release
+  held: false,
+};
+
+// ------------------------------------------------------------------ messages
+
+function notice(text, kind = "info") {
+  ui.notice.textContent = text;
+  ui.notice.className = `notice ${kind === "error" ? "error" : ""}`;
+  ui.notice.hidden = !text;
+}
+
+function badge(text, kind) {
+  ui.badge.textContent = text;
+  ui.badge.className = `badge ${kind || ""}`;
+}
+
+function micError(err) {
+  if (err.name === "NotAllowedError" || err.name === "SecurityError") {
+    return "Microphone permission was denied. Allow the microphone for this page (address bar) and press Start again.";
+  }
+  if (err.name === "NotFoundError" || err.name === "OverconstrainedError") {
+    return "No microphone was found. Connect one and press Start again.";
+  }
+  if (err.name === "NotReadableError") {
+    return "The microphone is in use by another application.";
+  }
+  return `The microphone could not be opened: ${err.message}`;
+}
+
+// ------------------------------------------------------------------ transcript
+
+function addTurn(role, text) {
+  const turn = document.createElement("div");
+  turn.className = `turn ${role}`;
+  const bubble = document.createElement("div");
+  bubble.className = "bubble";
+  bubble.textContent = text;
+  turn.append(bubble);
+  ui.transcript.append(turn);
+  ui.transcript.scrollTop = ui.transcript.scrollHeight;
+  return turn;
+}
+
+function latencyStrip(turn, timings, browserFirstWordMs) {
+  const strip = document.createElement("div");
+  strip.className = "latency";
+  const part = (label, value) => (value == null ? "" : ` · ${label} <b>${Math.round(value)} ms</b>`);
+  strip.innerHTML =
+    `you saw the first word after <b data-metric="browser_first_word_ms">${browserFirstWordMs == null ? "–" : Math.round(browserFirstWordMs)} ms</b>` +
+    part("server first word", timings.first_word_ms) +
+    part("model TTFT", timings.model_ttft_ms) +
+    part("queue", timings.queue_wait_ms) +
+    ` · ${timings.transport}`;
+  turn.append(strip);
+}
+
+// ------------------------------------------------------------------ server events
+
+function onEvent(event) {
+  switch (event.type) {
+    case "session.created":
+      state.retries = 0;
+      sendSettings();
+      break;
+    case "input_audio_buffer.speech_started":
+      ui.speaking.classList.add("on");
+      break;
+    case "input_audio_buffer.speech_stopped": {
+      ui.speaking.classList.remove("on");
+      // The server heard silence_duration_ms of quiet before saying so: speech ended then.
+      const td = state.sessionTurnDetection;
+      state.lastTurnEnd = performance.now() - (td ? td.silence_duration_ms : 0);
+      break;
+    }
+    case "session.updated":
+      state.sessionTurnDetection = event.session.audio.input.turn_detection;
+      break;
+    case "input_audio_buffer.committed":
+      addTurn("user", ui.mode.value === "transcribe" ? "You spoke (transcribing)" : "You spoke");
+      break;
+    case "response.created": {
+      const turn = addTurn("bot", "");
+      state.responding = { id: event.response.id, turn, turnEndedAt: state.lastTurnEnd, firstWordAt: null };
+      ui.cancel.disabled = false;
+      break;
+    }
+    case "response.output_text.delta": {
+      const r = state.responding;
+      if (!r || r.id !== event.response_id) break;
+      if (r.firstWordAt == null) r.firstWordAt = performance.now();
+      r.turn.querySelector(".bubble").textContent += event.delta;
+      ui.transcript.scrollTop = ui.transcript.scrollHeight;
+      break;
+    }
+    case "response.done": {
+      const r = state.responding;
+      if (!r || r.id !== event.response.id) break;
+      const status = event.response.status;
+      if (status !== "completed") r.turn.classList.add(status);
+      const seen = r.firstWordAt != null && r.turnEndedAt != null ? r.firstWordAt - r.turnEndedAt : null;
+      latencyStrip(r.turn, event.timings, seen);
+      state.responding = null;
+      ui.cancel.disabled = true;
+      break;
+    }
+    case "error":
+      handleServerError(event.error);
+      break;
+    default:
+      break;
+  }
+}
+
+function handleServerError(error) {
+  if (error.code === "too_many_sessions") {
+    notice("The server is busy (too many conversations). Retrying shortly…", "error");
+  } else if (error.code === "unauthorized") {
+    ui.tokenField.hidden = false;
+    notice("The server needs an access token: enter it and press Start.", "error");
+  } else if (error.code !== "response_cancel_not_active") {
+    notice(`Server: ${error.message}`, "error");
+  }
+}
+
+function sendSettings() {
+  const t = state.transport;
+  if (!t) return;
+  t.send({
+    type: "session.update",
+    session: {
+      type: ui.mode.value === "transcribe" ? "transcription" : "realtime",
+      audio: {
+        input: {
+          transcription: { language: ui.language.value },
+          turn_detection: state.turnMode === "vad" ? { type: "server_vad" } : null,
+        },
+      },
+    },
+  });
+  t.setSending(state.turnMode === "vad" || state.held);
+  ui.talk.disabled = state.turnMode !== "ptt";
+}
+
+// ------------------------------------------------------------------ push-to-talk, cancel
+
+function press() {
+  const t = state.transport;
+  if (!t || state.turnMode !== "ptt" || state.held) return;
+  state.held = true;
+  ui.talk.classList.add("held");
+  ui.speaking.classList.add("on");
+  if (state.responding) t.send({ type: "response.cancel" });
+  t.send({ type: "input_audio_buffer.clear" });
+  t.setSending(true);
+}
+
+function release() {
+  const t = state.transport;
+  if (!t || !state.held) return;
+  state.held = false;
+  ui.talk.classList.remove("held");
+  ui.speaking.classList.remove("on");
+  // Let the last 40 ms block of audio out before the commit.
+  setTimeout(() => {
+    t.setSending(false);
+    state.lastTurnEnd = performance.now();
+    t.send({ type: "input_audio_buffer.commit" });
+    t.send({ type: "response.create" });
+  }, 60);
+}
+
+function cancelAnswer() {
+  if (state.transport && state.responding) state.transport.send({ type: "response.cancel" });
+}
+
+// ------------------------------------------------------------------ microphone level
+
+function meter(stream) {
+  const ctx = new AudioContext();
+  const analyser = ctx.createAnalyser();
+  analyser.fftSize = 1024;
+  ctx.createMediaStreamSource(stream).connect(analyser);
+  const data = new Float32Array(analyser.fftSize);
+  const draw = () => {
+    analyser.getFloatTimeDomainData(data);
+    let sum = 0;
+    for (const v of data) sum += v * v;
+    const rms = Math.sqrt(sum / data.length);
+    ui.level.style.width = `${Math.min(100, rms * 400)}%`;
+    requestAnimationFrame(draw);
+  };
+  draw();
+}
+
+// ------------------------------------------------------------------ connection
+
+async function start() {
+  state.wanted = true;
+  ui.connect.disabled = true;
+  notice("");
+  try {
+    const reply = await fetch("/v1/client-config");
+    if (!reply.ok) throw new Error(`HTTP ${reply.status}`);
+    state.config = await reply.json();
+  } catch (err) {
+    badge("Server unreachable", "down");
+    notice(`The server cannot be reached (${err.message}). Is it running, and is the SSH tunnel up?`, "error");
+    ui.connect.disabled = false;
+    return;
+  }
+  if (state.config.auth_required && !ui.token.value) {
+    ui.tokenField.hidden = false;
+    notice("This server needs an access token: enter it and press Start.");
+    ui.connect.disabled = false;
+    return;
+  }
+  if (!state.stream) {
+    try {
+      state.stream = await navigator.mediaDevices.getUserMedia({
+        // Faithful audio for the model: no browser processing.
+        audio: { echoCancellation: false, noiseSuppression: false, autoGainControl: false, channelCount: 1 },
+      });
+    } catch (err) {
+      notice(micError(err), "error");
+      badge("No microphone", "down");
+      ui.connect.disabled = false;
+      return;
+    }
+    meter(state.stream);
+  }
+  await open();
+}
+
+async function open() {
+  badge("Connecting…");
+  try {
+    state.transport = await connect({
+      config: state.config,
+      stream: state.stream,
+      token: ui.token.value || null,
+      onEvent,
+      onDrop: dropped,
+    });
+  } catch (err) {
+    const busy = err instanceof TransportError && err.code === "too_many_sessions";
+    badge(busy ? "Server busy" : "Disconnected", "down");
+    notice(busy ? "The server is busy (too many conversations). Retrying shortly…" : `Cannot connect: ${err.message}`, "error");
+    retry();
+    return;
+  }
+  const t = state.transport;
+  if (t.kind === "webrtc") badge("WebRTC", "webrtc");
+  else badge(`WebSocket (fallback: ${t.reason})`, "websocket");
+  ui.connect.textContent = "Connected";
+}
+
+function dropped(reason, code) {
+  state.transport = null;
+  state.responding = null;
+  ui.cancel.disabled = true;
+  if (code === "unauthorized" || code === "forbidden_origin") {
+    state.wanted = false;
+    badge("Refused", "down");
+    ui.connect.disabled = false;
+    ui.connect.textContent = "Start";
+    return;
+  }
+  badge(`Reconnecting… (${reason})`, "down");
+  retry();
+}
+
+function retry() {
+  if (!state.wanted) return;
+  const delay = Math.min(10000, 1000 * 2 ** state.retries++);
+  setTimeout(open, delay);
+}
+
+// ------------------------------------------------------------------ wiring
+
+ui.connect.addEventListener("click", start);
+ui.mode.addEventListener("change", sendSettings);
+ui.language.addEventListener("change", sendSettings);
+for (const radio of document.querySelectorAll('input[name="turns"]')) {
+  radio.addEventListener("change", () => {
+    state.turnMode = radio.value;
+    sendSettings();
+  });
+}
+ui.talk.addEventListener("pointerdown", press);
+ui.talk.addEventListener("pointerup", release);
+ui.talk.addEventListener("pointerleave", release);
+ui.cancel.addEventListener("click", cancelAnswer);
+const typing = (e) => ["INPUT", "SELECT", "TEXTAREA"].includes(e.target.tagName);
+document.addEventListener("keydown", (e) => {
+  if (e.code === "Space" && !e.repeat && !typing(e) && state.turnMode === "ptt") {
+    e.preventDefault();
+    press();
+  } else if (e.code === "Escape") {
+    cancelAnswer();
+  }
+});
+document.addEventListener("keyup", (e) => {
+  if (e.code === "Space" && !typing(e) && state.turnMode === "ptt") {
+    e.preventDefault();
+    release();
+  }
+});
+window.__voxtral = state; // for tests and curious users
