@@ -41,12 +41,28 @@ def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(args.config, overrides)
 
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    logging.basicConfig(level=level, stream=sys.stderr, format=LOG_FORMAT)
+
+
+def _log_to_file(settings: Settings) -> None:
+    """The server's rotating log file (what operators tail for TTFT lines)."""
+    from logging.handlers import RotatingFileHandler
+
+    cfg = settings.logging
+    if cfg.file is None:
+        return
+    path = Path(cfg.file)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = RotatingFileHandler(
+        path, maxBytes=cfg.max_bytes, backupCount=cfg.backups, encoding="utf-8"
     )
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    logging.getLogger().addHandler(handler)
+    logger.info("logging to %s (follow TTFT: voxtral-server ttft %s --follow)", path, path)
 
 
 def _print_chunks(engine: Any, request: Any) -> int:
@@ -109,6 +125,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    _log_to_file(settings)
     logger.info("serving on http://%s:%d/ (model %s)", host, port, settings.model.id)
     uvicorn.run(
         create_app(settings),
@@ -138,6 +155,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
         args.file = args.clip or str(SAMPLE_CLIP)
         return _run_file(args, _settings(args), "chat")
     return cmd_serve(args)
+
+
+def cmd_ttft(args: argparse.Namespace) -> int:
+    from . import ttft
+
+    try:
+        return ttft.run(Path(args.logfile), sys.stdout, follow=args.follow, last=args.last)
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -195,6 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="instead of serving, stream the answer to one audio file (default: the sample)",
     )
     p.set_defaults(func=cmd_demo, prompt=None)
+
+    p = sub.add_parser("ttft", help="p50/p95/p99 of the per-turn TTFT lines of a server log")
+    p.add_argument("logfile", help="the server's log file (logging.file)")
+    p.add_argument("--follow", action="store_true", help="keep the table live, like tail -f")
+    p.add_argument("--last", type=int, help="only the last N turns")
+    p.set_defaults(func=cmd_ttft, config=None)
     return parser
 
 

@@ -124,6 +124,10 @@ class WebRTCSettings(_Section):
 
 class LoggingSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    file: str | None = "logs/voxtral_streaming.log"
+    max_bytes: int = Field(default=10_000_000, ge=10_000)
+    backups: int = Field(default=5, ge=0, le=100)
+    client_report_wait_ms: int = Field(default=2000, ge=0, le=60_000)
 
 
 class Settings(_Section):

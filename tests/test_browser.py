@@ -94,6 +94,27 @@ def server(scripted_engine: VoxtralEngine) -> Iterator[str]:
 
 
 def test_webrtc_words_appear_in_order(browser: Any, server: str) -> None:
+    import logging
+
+    from test_metrics import TtftLines
+
+    from voxtral_server.api.metrics import TTFT_LOGGER
+
+    lines = TtftLines()
+    logging.getLogger(TTFT_LOGGER).addHandler(lines)
+    logging.getLogger(TTFT_LOGGER).setLevel(logging.INFO)
+    try:
+        _webrtc_words_appear_in_order(browser, server)
+        # The page reported what the user saw; it is in the turn's log line.
+        record = lines.wait_for(1)[0]
+        assert record.transport == "webrtc" and record.client_first_word_ms is not None
+        shown = browser.locator("[data-metric=browser_first_word_ms]").first.inner_text()
+        assert abs(record.client_first_word_ms - int(shown.removesuffix(" ms"))) <= 1
+    finally:
+        logging.getLogger(TTFT_LOGGER).removeHandler(lines)
+
+
+def _webrtc_words_appear_in_order(browser: Any, server: str) -> None:
     browser.goto(server)
     browser.click("#connect")
     browser.wait_for_function("document.getElementById('badge').textContent === 'WebRTC'")

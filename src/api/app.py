@@ -15,10 +15,12 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from ..config import Settings
+from .metrics import Metrics
 from .session import Engine, Session
 
 logger = logging.getLogger(__name__)
@@ -39,6 +41,10 @@ class ServerState:
         self.engine: Engine | None = None
         self.load_error: str | None = None
         self.sessions: set[Session] = set()
+        self.metrics = Metrics()
+        self.metrics.queue_depth.set_function(
+            lambda: float(getattr(self.engine, "queue_depth", 0) or 0)
+        )
         self.idle = asyncio.Event()  # set while no session is open
         self.idle.set()
         self._factory = engine_factory
@@ -78,11 +84,13 @@ class ServerState:
         if len(self.sessions) >= limit:
             raise TooManySessions(f"server.max_sessions = {limit} conversations are open")
         self.sessions.add(session)
+        self.metrics.sessions.set(len(self.sessions))
         self.idle.clear()
 
     def close_session(self, session: Session) -> None:
         session.close()
         self.sessions.discard(session)
+        self.metrics.sessions.set(len(self.sessions))
         if not self.sessions:
             self.idle.set()
 
@@ -131,6 +139,11 @@ def create_app(settings: Settings, engine_factory: EngineFactory = _default_engi
         if state.load_error:
             return JSONResponse({"status": "failed", "error": state.load_error}, status_code=503)
         return JSONResponse({"status": "loading"}, status_code=503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        state: ServerState = app.state.server
+        return Response(state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/client-config")
     async def client_config() -> dict[str, object]:

@@ -86,13 +86,30 @@ class ResponseCancel(_Event):
     response_id: str | None = None
 
 
+class ClientTiming(_Event):
+    """Extension: what the user saw, measured by the page (browser clock)."""
+
+    type: Literal["voxtral.client_timing"]
+    response_id: str = Field(max_length=64)
+    first_word_ms: float = Field(ge=0, le=600_000)
+
+
+class ClientFallback(_Event):
+    """Extension: the page fell back from WebRTC to this WebSocket, and why."""
+
+    type: Literal["voxtral.fallback"]
+    reason: str = Field(max_length=300)
+
+
 ClientEvent = Annotated[
     SessionUpdate
     | InputAudioBufferAppend
     | InputAudioBufferCommit
     | InputAudioBufferClear
     | ResponseCreate
-    | ResponseCancel,
+    | ResponseCancel
+    | ClientTiming
+    | ClientFallback,
     Field(discriminator="type"),
 ]
 CLIENT_EVENT_TYPES = (
@@ -102,6 +119,8 @@ CLIENT_EVENT_TYPES = (
     "input_audio_buffer.clear",
     "response.create",
     "response.cancel",
+    "voxtral.client_timing",
+    "voxtral.fallback",
 )
 _client_adapter: TypeAdapter[ClientEvent] = TypeAdapter(ClientEvent)
 

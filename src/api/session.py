@@ -13,7 +13,7 @@ import base64
 import binascii
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol
 
 import numpy as np
@@ -24,6 +24,7 @@ from ..models.audio import SAMPLE_RATE, AudioInputError, pcm16_to_float
 from ..models.streamer import ChunkSink
 from ..models.types import Chunk, Conversation, EngineError, Request, RequestHandle
 from . import protocol as p
+from .metrics import Metrics, TurnRecord
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +70,17 @@ def ms(start: float, end: float) -> float:
 
 
 class Session:
-    def __init__(self, engine: Engine, settings: Settings, transport: Transport) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        settings: Settings,
+        transport: Transport,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.id = p.new_id("sess")
+        self.metrics = metrics
+        # The last turn's record waits briefly for the browser's own measurement.
+        self._unlogged: tuple[str, TurnRecord, asyncio.TimerHandle] | None = None
         self.engine = engine
         self.settings = settings
         self.transport = transport
@@ -110,6 +120,7 @@ class Session:
         self.closed = True
         if self._response is not None:
             self._response.handle.cancel()
+        self._log_turn()
         logger.info("session=%s closed turns=%d", self.id, self.turns)
 
     @property
@@ -148,6 +159,12 @@ class Session:
                 self._create_response(event.event_id)
             elif isinstance(event, p.ResponseCancel):
                 self._cancel(event.event_id, event.response_id)
+            elif isinstance(event, p.ClientTiming):
+                self._client_timing(event)
+            elif isinstance(event, p.ClientFallback):
+                logger.info("session=%s client fell back: %s", self.id, event.reason)
+                if self.metrics is not None:
+                    self.metrics.fallback(self.id, event.reason)
         except p.ProtocolError as exc:
             self._error(exc.code, str(exc), exc.event_id or event.event_id)
 
@@ -401,20 +418,29 @@ class Session:
         )
         if totals.status == "completed" and self.mode == "chat":
             self.conversation.add(response.audio, text)
-        logger.info(
-            "session=%s turn=%d response=%s status=%s first_word_ms=%s model_ttft_ms=%s "
-            "queue_wait_ms=%.1f total_ms=%.1f words=%d tokens=%d",
-            self.id,
-            self.turns,
-            response.id,
-            status,
-            timings.first_word_ms,
-            timings.model_ttft_ms,
-            timings.queue_wait_ms,
-            timings.total_ms,
-            timings.words,
-            timings.tokens,
+        record = TurnRecord(
+            session=self.id,
+            turn=self.turns,
+            transport=self.transport.name,
+            mode=self.mode,
+            status=status,
+            model_ttft_ms=timings.model_ttft_ms,
+            first_word_ms=timings.first_word_ms,
+            client_first_word_ms=None,
+            queue_wait_ms=timings.queue_wait_ms,
+            total_ms=timings.total_ms,
+            words=timings.words,
+            tokens=timings.tokens,
+            tok_s=totals.tokens_per_s or None,
+            cancel_latency_ms=timings.cancel_latency_ms,
         )
+        self._log_turn()  # a previous turn still waiting for its report goes out first
+        if self.closed or self._loop is None:
+            self._log_turn(record)
+        else:
+            wait_s = self.settings.logging.client_report_wait_ms / 1000
+            timer = self._loop.call_later(wait_s, self._log_turn)
+            self._unlogged = (response.id, record, timer)
         if self.closed:
             return
         self.transport.send(
@@ -438,6 +464,22 @@ class Session:
         )
         if totals.status == "error":
             self._error(totals.error_code or "generation_failed", totals.error or "failed")
+
+    def _client_timing(self, event: p.ClientTiming) -> None:
+        if self._unlogged is None or self._unlogged[0] != event.response_id:
+            return  # too late (already logged) or not a response of this session
+        record = self._unlogged[1]
+        self._log_turn(replace(record, client_first_word_ms=round(event.first_word_ms, 3)))
+
+    def _log_turn(self, record: TurnRecord | None = None) -> None:
+        """Write the waiting turn's line (or `record`'s): exactly once per turn."""
+        if record is None and self._unlogged is not None:
+            record = self._unlogged[1]
+        if self._unlogged is not None:
+            self._unlogged[2].cancel()
+            self._unlogged = None
+        if record is not None and self.metrics is not None:
+            self.metrics.turn(record)
 
     # ----------------------------------------------------------------- session.update
 
@@ -507,6 +549,9 @@ class Session:
         )
 
     def _error(self, code: str, message: str, event_id: str | None = None) -> None:
-        logger.warning("session=%s error code=%s: %s", self.id, code, message)
+        if self.metrics is not None:
+            self.metrics.error(self.id, code, message)
+        else:
+            logger.warning("session=%s error code=%s: %s", self.id, code, message)
         if not self.closed:
             self.transport.send(p.error_event(code, message, event_id))

@@ -80,7 +80,8 @@ async def _refuse(ws: WebSocket, code: str, message: str, close_code: int) -> No
     await ws.accept(subprotocol=_subprotocol(ws))
     await ws.send_text(p.error_event(code, message).to_json())
     await ws.close(close_code, message[:120])
-    logger.warning("websocket refused code=%s: %s", code, message)
+    state: ServerState = ws.app.state.server
+    state.metrics.error("-", code, f"websocket refused: {message}")
 
 
 def _subprotocol(ws: WebSocket) -> str | None:
@@ -102,7 +103,7 @@ async def realtime_websocket(ws: WebSocket) -> None:
         await _refuse(ws, "not_ready", "the model is still loading; retry shortly", 1013)
         return
     transport = WebSocketTransport(ws)
-    session = Session(state.engine, settings, transport)
+    session = Session(state.engine, settings, transport, state.metrics)
     try:
         state.open_session(session)
     except TooManySessions as exc:

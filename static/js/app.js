@@ -118,6 +118,10 @@ function onEvent(event) {
       if (status !== "completed") r.turn.classList.add(status);
       const seen = r.firstWordAt != null && r.turnEndedAt != null ? r.firstWordAt - r.turnEndedAt : null;
       latencyStrip(r.turn, event.timings, seen);
+      if (seen != null && state.transport) {
+        // Lands in the server's per-turn log line and metrics, beside its own figures.
+        state.transport.send({ type: "voxtral.client_timing", response_id: r.id, first_word_ms: Math.max(0, seen) });
+      }
       state.responding = null;
       ui.cancel.disabled = true;
       break;
@@ -269,7 +273,10 @@ async function open() {
   }
   const t = state.transport;
   if (t.kind === "webrtc") badge("WebRTC", "webrtc");
-  else badge(`WebSocket (fallback: ${t.reason})`, "websocket");
+  else {
+    badge(`WebSocket (fallback: ${t.reason})`, "websocket");
+    t.send({ type: "voxtral.fallback", reason: t.reason }); // one FALLBACK line in the server log
+  }
   ui.connect.textContent = "Connected";
 }
 

@@ -1,0 +1,173 @@
+"""Per-turn timings -> one greppable log line and Prometheus samples.
+
+The log line is a stable format (documented in the README); `parse_line` reads it back and is
+what `voxtral-server ttft` uses:
+
+    TTFT session=sess_00000001 turn=1 transport=webrtc mode=chat status=completed
+    model_ttft_ms=31.2 first_word_ms=38.9 client_first_word_ms=41.0 queue_wait_ms=0.2
+    total_ms=140.3 words=11 tokens=27 tok_s=412.0
+
+(one line). A value not known is `-` (e.g. `client_first_word_ms=-` when the client sent no
+report). This module knows no tensors and no HTTP; the app owns one `Metrics` object.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, fields
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+TTFT_LOGGER = "voxtral_server.ttft"
+LINE_PREFIX = "TTFT "
+EVENTS_LOGGER = "voxtral_server.events"
+
+_log = logging.getLogger(TTFT_LOGGER)
+_events = logging.getLogger(EVENTS_LOGGER)
+
+# Latency buckets in seconds: 5 ms .. 10 s.
+_BUCKETS = (
+    0.005,
+    0.01,
+    0.02,
+    0.035,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.5,
+    0.75,
+    1,
+    1.5,
+    2,
+    3,
+    5,
+    10,
+)
+
+
+@dataclass(frozen=True)
+class TurnRecord:
+    session: str
+    turn: int
+    transport: str
+    mode: str
+    status: str  # completed | cancelled | failed
+    model_ttft_ms: float | None
+    first_word_ms: float | None  # server: end of speech / commit -> first delta handed out
+    client_first_word_ms: float | None  # browser: end of speech -> first word on screen
+    queue_wait_ms: float | None
+    total_ms: float | None
+    words: int
+    tokens: int
+    tok_s: float | None
+    cancel_latency_ms: float | None = None
+
+
+FIELDS = tuple(f.name for f in fields(TurnRecord))
+TIMING_FIELDS = (
+    "model_ttft_ms",
+    "first_word_ms",
+    "client_first_word_ms",
+    "queue_wait_ms",
+    "total_ms",
+    "cancel_latency_ms",
+    "tok_s",
+)
+_INTS = ("turn", "words", "tokens")
+
+
+def _fmt(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.1f}"
+    return str(value)
+
+
+def format_line(record: TurnRecord) -> str:
+    return LINE_PREFIX + " ".join(f"{k}={_fmt(v)}" for k, v in asdict(record).items())
+
+
+def parse_line(line: str) -> TurnRecord | None:
+    """A TurnRecord from a log line that contains a TTFT record, else None."""
+    start = line.find(LINE_PREFIX)
+    if start < 0:
+        return None
+    values: dict[str, object] = {}
+    for part in line[start + len(LINE_PREFIX) :].split():
+        key, sep, raw = part.partition("=")
+        if not sep or key not in FIELDS:
+            continue
+        if raw == "-":
+            values[key] = None
+        elif key in _INTS:
+            values[key] = int(raw)
+        elif key in TIMING_FIELDS:
+            values[key] = float(raw)
+        else:
+            values[key] = raw
+    try:
+        return TurnRecord(**values)  # type: ignore[arg-type]
+    except TypeError:
+        return None  # a line that only looks like ours
+
+
+class Metrics:
+    """Prometheus collectors for this server (one registry, no module globals)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+
+        def hist(name: str, doc: str) -> Histogram:
+            return Histogram(name, doc, ["transport"], registry=r, buckets=_BUCKETS)
+
+        self.model_ttft = hist("voxtral_model_ttft_seconds", "Worker start to first token")
+        self.first_word = hist(
+            "voxtral_first_word_seconds", "End of speech or commit to first delta handed out"
+        )
+        self.browser_first_word = hist(
+            "voxtral_browser_first_word_seconds", "End of speech to first word, browser clock"
+        )
+        self.queue_wait = hist("voxtral_queue_wait_seconds", "Waiting for the model worker")
+        self.total = hist("voxtral_turn_total_seconds", "End of speech or commit to response.done")
+        self.cancel_latency = hist("voxtral_cancel_latency_seconds", "Cancel to generation stopped")
+        self.turns = Counter("voxtral_turns", "Answered turns", ["status", "transport"], registry=r)
+        self.errors = Counter("voxtral_errors", "Error events sent, by code", ["code"], registry=r)
+        self.fallbacks = Counter(
+            "voxtral_transport_fallbacks", "Clients that fell back from WebRTC", registry=r
+        )
+        self.sessions = Gauge("voxtral_sessions", "Open conversations", registry=r)
+        self.queue_depth = Gauge(
+            "voxtral_queue_depth", "Requests waiting for the model", registry=r
+        )
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def turn(self, record: TurnRecord) -> None:
+        """Exactly once per answered turn: the log line and the samples."""
+        _log.info("%s", format_line(record))
+        t = record.transport
+        for hist, value in (
+            (self.model_ttft, record.model_ttft_ms),
+            (self.first_word, record.first_word_ms),
+            (self.browser_first_word, record.client_first_word_ms),
+            (self.queue_wait, record.queue_wait_ms),
+            (self.total, record.total_ms),
+            (self.cancel_latency, record.cancel_latency_ms),
+        ):
+            if value is not None:
+                hist.labels(transport=t).observe(value / 1000.0)
+        self.turns.labels(status=record.status, transport=t).inc()
+
+    def error(self, session: str, code: str, message: str) -> None:
+        _events.warning("ERROR session=%s code=%s message=%s", session, code, message)
+        self.errors.labels(code=code).inc()
+
+    def fallback(self, session: str, reason: str) -> None:
+        _events.warning("FALLBACK session=%s transport=websocket reason=%s", session, reason)
+        self.fallbacks.inc()

@@ -1,0 +1,84 @@
+"""`voxtral-server ttft LOGFILE [--follow] [--last N]`: percentiles from the TTFT log lines."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import TextIO
+
+from .api.metrics import TIMING_FIELDS, TurnRecord, parse_line
+
+_QUANTILES = (50, 95, 99)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default method)."""
+    data = sorted(values)
+    k = (len(data) - 1) * q / 100
+    lo = int(k)
+    hi = min(lo + 1, len(data) - 1)
+    return data[lo] + (data[hi] - data[lo]) * (k - lo)
+
+
+def summary(records: Iterable[TurnRecord]) -> str:
+    rows = list(records)
+    lines = [f"{len(rows)} turns"]
+    if not rows:
+        return lines[0] + " (no TTFT lines yet)"
+    header = f"{'metric':<22}{'n':>6}" + "".join(f"{'p' + str(q):>10}" for q in _QUANTILES)
+    lines += [header, "-" * len(header)]
+    for name in TIMING_FIELDS:
+        values = [v for r in rows if (v := getattr(r, name)) is not None]
+        if not values:
+            lines.append(f"{name:<22}{0:>6}" + "".join(f"{'-':>10}" for _ in _QUANTILES))
+            continue
+        cells = "".join(f"{percentile(values, q):>10.1f}" for q in _QUANTILES)
+        lines.append(f"{name:<22}{len(values):>6}{cells}")
+    statuses = Counter(r.status for r in rows)
+    transports = Counter(r.transport for r in rows)
+    lines.append("status: " + ", ".join(f"{k}={v}" for k, v in sorted(statuses.items())))
+    lines.append("transport: " + ", ".join(f"{k}={v}" for k, v in sorted(transports.items())))
+    return "\n".join(lines)
+
+
+def _records(lines: Iterable[str]) -> Iterator[TurnRecord]:
+    for line in lines:
+        record = parse_line(line)
+        if record is not None:
+            yield record
+
+
+def run(path: Path, out: TextIO, follow: bool = False, last: int | None = None) -> int:
+    """Print the table for the file; with `follow`, print it again whenever lines arrive."""
+    if not path.is_file() and not follow:
+        raise FileNotFoundError(f"{path}: no such log file")
+    window: deque[TurnRecord] = deque(maxlen=last)
+    if path.is_file():
+        with path.open(encoding="utf-8", errors="replace") as f:
+            window.extend(_records(f))
+    print(summary(window), file=out, flush=True)
+    if not follow:
+        return 0
+    position = path.stat().st_size if path.is_file() else 0
+    pending = ""
+    while True:  # like `tail -f`: poll the file, survive rotation
+        time.sleep(0.5)
+        if not path.is_file():
+            continue
+        size = path.stat().st_size
+        if size < position:  # rotated or truncated: start over on the new file
+            position, pending = 0, ""
+        if size == position:
+            continue
+        with path.open(encoding="utf-8", errors="replace") as f:
+            f.seek(position)
+            chunk = f.read()
+            position = f.tell()
+        pending += chunk
+        *complete, pending = pending.split("\n")
+        new = list(_records(complete))
+        if new:
+            window.extend(new)
+            print("\n" + time.strftime("%H:%M:%S ") + summary(window), file=out, flush=True)
