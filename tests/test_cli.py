@@ -100,3 +100,36 @@ def test_demo_streams_words_from_the_sample_clip(tmp_path: Path) -> None:
     chunks = [json.loads(line) for line in run.stdout.splitlines()]
     assert len(chunks) > 10 and chunks[-1]["status"] == "completed"
     assert all(len(c["text"].split()) == 1 for c in chunks[:-1])
+
+
+def test_demo_serves_the_page_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
+    import signal
+
+    import httpx
+    from servers import free_port
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "voxtral_server.cli", "demo", "--port", str(port)],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        cwd=tmp_path,  # logs/ lands here
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "XDG_CACHE_HOME": str(tmp_path)},
+    )
+    assert proc.stderr is not None
+    try:
+        for line in proc.stderr:  # the server's own word that the model is ready
+            if "engine ready" in line:
+                break
+        else:
+            raise AssertionError("demo exited before the engine was ready")
+        base = f"http://127.0.0.1:{port}"
+        assert httpx.get(f"{base}/readyz").json()["status"] == "ready"
+        assert "<title>voxtral-server</title>" in httpx.get(f"{base}/").text
+    finally:
+        proc.send_signal(signal.SIGINT)
+        rest = proc.communicate(timeout=30)[1]
+    assert proc.returncode == 0
+    assert "server stopped" in rest
+    assert (tmp_path / "logs" / "voxtral_streaming.log").is_file()
