@@ -55,14 +55,17 @@ def run(path: Path, out: TextIO, follow: bool = False, last: int | None = None) 
     if not path.is_file() and not follow:
         raise FileNotFoundError(f"{path}: no such log file")
     window: deque[TurnRecord] = deque(maxlen=last)
+    position = 0  # where reading stopped: lines appended after it are new
+    pending = ""
     if path.is_file():
         with path.open(encoding="utf-8", errors="replace") as f:
-            window.extend(_records(f))
+            text = f.read()
+            position = f.tell()
+        *complete, pending = text.split("\n")
+        window.extend(_records(complete))
     print(summary(window), file=out, flush=True)
     if not follow:
         return 0
-    position = path.stat().st_size if path.is_file() else 0
-    pending = ""
     while True:  # like `tail -f`: poll the file, survive rotation
         time.sleep(0.5)
         if not path.is_file():

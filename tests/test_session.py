@@ -163,3 +163,67 @@ async def test_chat_keeps_the_conversation(scripted_engine: VoxtralEngine) -> No
         await t.wait_for("response.done", i + 1)
     assert [turn.answer for turn in session.conversation.history] == [SCRIPT, SCRIPT]
     session.close()
+
+
+class _BusyOnce:
+    """An engine that refuses the first request (queue full), then serves normally."""
+
+    def __init__(self, engine: VoxtralEngine) -> None:
+        self.engine = engine
+        self.refused = False
+
+    def submit(self, request, sink):  # type: ignore[no-untyped-def]
+        from voxtral_server.models.types import EngineError
+
+        if not self.refused:
+            self.refused = True
+            raise EngineError("engine_busy", "16 requests are already waiting (engine.queue_size)")
+        return self.engine.submit(request, sink)
+
+
+@pytest.mark.asyncio
+async def test_a_busy_engine_keeps_the_turn_for_a_retry(scripted_engine: VoxtralEngine) -> None:
+    transport = FakeTransport()
+    session = Session(_BusyOnce(scripted_engine), Settings(), transport)  # type: ignore[arg-type]
+    await session.start()
+    await session.handle_text(
+        json.dumps(
+            {"type": "session.update", "session": {"audio": {"input": {"turn_detection": None}}}}
+        )
+    )
+    await session.handle_text(append(SPEECH))
+    await session.handle_text('{"type": "input_audio_buffer.commit"}')
+    await session.handle_text('{"type": "response.create"}')
+    assert transport.of("error")[-1]["error"]["code"] == "engine_busy"
+    await session.handle_text('{"type": "response.create"}')  # the same turn, retried
+    await transport.wait_for("response.done")
+    assert words(transport) == SCRIPT.split()
+    session.close()
+
+
+@pytest.mark.asyncio
+async def test_vad_offsets_survive_a_session_update_after_audio(
+    scripted_engine: VoxtralEngine,
+) -> None:
+    # The page sends session.update once audio already flows; the turn must keep its audio.
+    session, t = await new_session(scripted_engine)
+    lead = np.zeros(10 * SAMPLE_RATE, np.float32)  # 10 s of room noise before the update
+    for frame in frames(lead):
+        session.append_audio(frame)
+    await session.handle_text(
+        json.dumps(
+            {
+                "type": "session.update",
+                "session": {"audio": {"input": {"turn_detection": {"type": "server_vad"}}}},
+            }
+        )
+    )
+    for frame in frames(SPEECH):
+        session.append_audio(frame)
+    await t.wait_for("response.done")
+    started = t.of("input_audio_buffer.speech_started")[0]["audio_start_ms"]
+    stopped = t.of("input_audio_buffer.speech_stopped")[0]["audio_end_ms"]
+    assert 10_150 <= started <= 10_450 and 12_400 <= stopped <= 13_000  # stream offsets
+    turn_audio = session.conversation.history[0].audio
+    assert 2.3 <= turn_audio.size / SAMPLE_RATE <= 3.2  # the speech itself, not silence
+    session.close()

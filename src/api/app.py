@@ -10,9 +10,10 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
@@ -27,6 +28,29 @@ logger = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).resolve().parent.parent.parent / "static"
 EngineFactory = Callable[[Settings], Engine]
+
+
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+def origin_allowed(headers: Mapping[str, str], settings: Settings) -> bool:
+    """Browsers only: the page's own origin, or one listed in server.allowed_origins.
+
+    Without a token, "own origin" also requires a loopback Host: otherwise a page whose
+    name was rebound to 127.0.0.1 (DNS rebinding) would pass as same-origin.
+    """
+    origin = headers.get("origin")
+    if origin is None:
+        return True  # not a browser: Origin only protects browser pages
+    if origin in settings.server.allowed_origins:
+        return True
+    host = headers.get("host", "")
+    if urlsplit(origin).netloc != host:
+        return False
+    if settings.server.auth_token is not None:
+        return True
+    hostname = urlsplit(f"//{host}").hostname or ""
+    return hostname in LOOPBACK_NAMES or hostname == settings.server.host
 
 
 class TooManySessions(RuntimeError):

@@ -100,6 +100,7 @@ class Session:
         self._committed: tuple[str, np.ndarray, float] | None = None  # awaiting response.create
         self._last_item: str | None = None
         self._response: _Response | None = None
+        self._answer_next = False  # a VAD turn waits for the current response to end
         self._loop: asyncio.AbstractEventLoop | None = None
         self.closed = False
         self.turns = 0
@@ -238,7 +239,12 @@ class Session:
         self._buffer_start += audio.size
         self._committed_turn(item, audio, now)
         if self.turn_detection.create_response:
-            self._create_response(None)
+            if self._response is not None:
+                # The previous answer is still ending (cancelled by this very speech, or
+                # running on): this turn starts as soon as its response.done goes out.
+                self._answer_next = True
+            else:
+                self._create_response(None)
 
     def _commit(self, event_id: str | None) -> None:
         now = time.perf_counter()
@@ -263,6 +269,7 @@ class Session:
         self._committed = (item, audio, at)
 
     def _clear(self) -> None:
+        self._answer_next = False
         self._buffer_start = self._stream_samples
         self._buffer = np.zeros(0, np.float32)
         self._committed = None
@@ -282,9 +289,11 @@ class Session:
             keep = int((self.turn_detection.prefix_padding_ms / 1000 + 1.0) * SAMPLE_RATE)
             self._cut_buffer_before(self._stream_samples - keep)
         elif self._buffer.size >= self.settings.audio.max_utterance_s * SAMPLE_RATE:
-            # A monologue longer than the model takes: end the turn here, as if paused.
-            self._detector.reset()
+            # A monologue longer than the model takes: end the turn here, as if paused. The
+            # detector still hears speech, so going on talking is not a barge-in; the rest
+            # becomes the next turn when the speaker does pause.
             self._speech_stopped(self._stream_samples)
+            self._speech_item = p.new_id("item")
 
     # ----------------------------------------------------------------- responses
 
@@ -302,7 +311,6 @@ class Session:
                 event_id,
             )
         item, audio, turn_ended_at = self._committed
-        self._committed = None
         request = Request(
             audio,
             "chat" if self.mode == "chat" else "transcribe",
@@ -314,8 +322,10 @@ class Session:
         try:
             handle = self.engine.submit(request, self._sink(response_id))
         except (AudioInputError, EngineError) as exc:
+            # The turn stays committed: a client may retry response.create (e.g. engine_busy).
             self._error(exc.code, str(exc), event_id)
             return
+        self._committed = None
         self._response = _Response(response_id, item, handle, audio, turn_ended_at)
         self.transport.send(
             p.ResponseCreated(response=p.Response(id=response_id, status="in_progress"))
@@ -464,6 +474,10 @@ class Session:
         )
         if totals.status == "error":
             self._error(totals.error_code or "generation_failed", totals.error or "failed")
+        if self._answer_next:
+            self._answer_next = False
+            if self._committed is not None:
+                self._create_response(None)
 
     def _client_timing(self, event: p.ClientTiming) -> None:
         if self._unlogged is None or self._unlogged[0] != event.response_id:
@@ -518,9 +532,10 @@ class Session:
         if td is None or (self._detector is not None and not rebuild):
             return
         # Loading Silero takes ~50 ms of CPU: keep it off the event loop.
-        self._detector = await asyncio.to_thread(
-            vad.TurnDetector, td.threshold, td.silence_duration_ms
-        )
+        detector = await asyncio.to_thread(vad.TurnDetector, td.threshold, td.silence_duration_ms)
+        # Its offsets count from here: audio received so far (or meanwhile) is not re-fed.
+        detector.start_at(self._stream_samples)
+        self._detector = detector
 
     def _state(self) -> p.SessionState:
         td = self.turn_detection

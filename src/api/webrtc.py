@@ -75,6 +75,7 @@ class Call:
         self.transport: DataChannelTransport = session.transport  # type: ignore[assignment]
         self.tasks: set[asyncio.Task[Any]] = set()
         self.connected = asyncio.Event()
+        self.channel_open = asyncio.Event()
         self.closed = False
         # Data channel messages, handled one at a time in arrival order (handling one may
         # await, e.g. loading the VAD model; a task per message could reorder them).
@@ -83,7 +84,20 @@ class Call:
     def spawn(self, coro: Any, name: str) -> None:
         task = asyncio.create_task(coro, name=f"{name}-{self.id}")
         self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None and not self.closed:
+            # A dead audio or event task would leave the client talking to nobody.
+            logger.error(
+                "session=%s call=%s task %s failed: closing the call",
+                self.session.id,
+                self.id,
+                task.get_name(),
+                exc_info=task.exception(),
+            )
+            self.spawn(self.close(), "close")
 
     async def close(self) -> None:
         if self.closed:
@@ -99,12 +113,14 @@ class Call:
         logger.info("session=%s call=%s closed", self.session.id, self.id)
 
     async def watchdog(self, limit_s: float) -> None:
+        """Close a call that has not connected AND opened its events channel in time."""
         try:
             async with asyncio.timeout(limit_s):
                 await self.connected.wait()
+                await self.channel_open.wait()
         except TimeoutError:
             logger.warning(
-                "session=%s call=%s not connected after %.0f s: closing",
+                "session=%s call=%s not connected with an events channel after %.0f s: closing",
                 self.session.id,
                 self.id,
                 limit_s,
@@ -177,6 +193,7 @@ class PeerManager:
 
             def opened() -> None:
                 call.transport.attach(channel)
+                call.channel_open.set()
 
             if channel.readyState == "open":
                 opened()
@@ -231,13 +248,16 @@ def _problem(status: int, code: str, message: str) -> Response:
 
 @router.post("/v1/realtime/calls")
 async def create_call(request: Request) -> Response:
-    from .app import TooManySessions
+    from .app import TooManySessions, origin_allowed
 
     state: ServerState = request.app.state.server
     if not state.settings.webrtc.enabled:
         return _problem(
             404, "webrtc_disabled", "WebRTC is disabled (webrtc.enabled); use the WebSocket"
         )
+    if not origin_allowed(request.headers, state.settings):
+        origin = request.headers.get("origin")
+        return _problem(403, "forbidden_origin", f"origin {origin} is not allowed")
     if not state.check_token(_bearer(request)):
         return _problem(401, "unauthorized", "missing or wrong auth token")
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()

@@ -5,14 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from urllib.parse import urlsplit
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from starlette.websockets import WebSocketState
 
-from ..config import Settings
 from . import protocol as p
-from .app import ServerState, TooManySessions
+from .app import ServerState, TooManySessions, origin_allowed
 from .session import Session
 
 logger = logging.getLogger(__name__)
@@ -30,29 +28,6 @@ def presented_token(ws: WebSocket) -> str | None:
         if proto.startswith(KEY_SUBPROTOCOL):
             return str(proto[len(KEY_SUBPROTOCOL) :])
     return None
-
-
-LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
-
-
-def origin_allowed(ws: WebSocket, settings: Settings) -> bool:
-    """Browsers only: the page's own origin, or one listed in server.allowed_origins.
-
-    Without a token, "own origin" also requires a loopback Host: otherwise a page whose
-    name was rebound to 127.0.0.1 (DNS rebinding) would pass as same-origin.
-    """
-    origin = ws.headers.get("origin")
-    if origin is None:
-        return True  # not a browser: Origin only protects browser pages
-    if origin in settings.server.allowed_origins:
-        return True
-    host = ws.headers.get("host", "")
-    if urlsplit(origin).netloc != host:
-        return False
-    if settings.server.auth_token is not None:
-        return True
-    hostname = urlsplit(f"//{host}").hostname or ""
-    return hostname in LOOPBACK_NAMES or hostname == settings.server.host
 
 
 class WebSocketTransport:
@@ -92,7 +67,7 @@ def _subprotocol(ws: WebSocket) -> str | None:
 async def realtime_websocket(ws: WebSocket) -> None:
     state: ServerState = ws.app.state.server
     settings = state.settings
-    if not origin_allowed(ws, settings):
+    if not origin_allowed(ws.headers, settings):
         origin = ws.headers.get("origin")
         await _refuse(ws, "forbidden_origin", f"origin {origin} is not allowed", 1008)
         return
@@ -111,18 +86,20 @@ async def realtime_websocket(ws: WebSocket) -> None:
         return
     await ws.accept(subprotocol=_subprotocol(ws))
     writer = asyncio.create_task(transport.write_loop(), name=f"ws-writer-{session.id}")
-    reader = asyncio.create_task(_read_loop(ws, session), name=f"ws-reader-{session.id}")
     slow = asyncio.create_task(transport.too_slow.wait(), name=f"ws-slow-{session.id}")
+    reader: asyncio.Task[None] | None = None
     try:
-        await session.start()
+        await session.start()  # session.created goes out before any client event is handled
+        reader = asyncio.create_task(_read_loop(ws, session), name=f"ws-reader-{session.id}")
         done, _ = await asyncio.wait({writer, reader, slow}, return_when=asyncio.FIRST_COMPLETED)
         if slow in done:
             logger.warning("session=%s client too slow: %d events queued", session.id, _OUTBOX)
     finally:
         state.close_session(session)
-        for task in (writer, reader, slow):
+        tasks = [t for t in (writer, reader, slow) if t is not None]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(writer, reader, slow, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         if ws.client_state == WebSocketState.CONNECTED:
             with contextlib.suppress(Exception):
                 await ws.close()

@@ -37,7 +37,9 @@ VadEvent = SpeechStarted | SpeechStopped
 
 
 class TurnDetector:
-    def __init__(self, threshold: float = 0.5, min_silence_ms: int = 500) -> None:
+    def __init__(
+        self, threshold: float = 0.5, min_silence_ms: int = 500, start_sample: int = 0
+    ) -> None:
         if not 0 < threshold < 1:
             raise ValueError(f"threshold must be between 0 and 1, got {threshold}")
         self._model = silero_vad.load_silero_vad()
@@ -45,12 +47,19 @@ class TurnDetector:
         self._release = max(threshold - 0.15, 0.01)  # hysteresis, as Silero's own iterator
         self._min_silence = int(min_silence_ms * SAMPLE_RATE / 1000)
         self._pending = np.zeros(0, np.float32)
-        self._offset = 0  # samples consumed so far
+        self._offset = start_sample  # stream offset of the next sample fed
         self.speaking = False
         self._silence_from: int | None = None
 
+    def start_at(self, sample: int) -> None:
+        """Start afresh: the next audio fed begins at this stream offset."""
+        self.reset()
+        self._offset = sample
+
     def reset(self) -> None:
+        """Forget speech state; offsets keep counting (dropped samples included)."""
         self._model.reset_states()
+        self._offset += self._pending.size
         self._pending = np.zeros(0, np.float32)
         self.speaking = False
         self._silence_from = None

@@ -18,6 +18,7 @@ const state = {
   responding: null, // {id, bubble, turnEndedAt, firstWordAt}
   lastTurnEnd: null, // browser clock: end of speech (estimated) or push-to-talk release
   held: false,
+  commitTimer: 0,
 };
 
 // ------------------------------------------------------------------ messages
@@ -169,6 +170,7 @@ function sendSettings() {
 function press() {
   const t = state.transport;
   if (!t || state.turnMode !== "ptt" || state.held) return;
+  clearTimeout(state.commitTimer); // a quick re-press must not commit the new buffer
   state.held = true;
   ui.talk.classList.add("held");
   ui.speaking.classList.add("on");
@@ -183,13 +185,18 @@ function release() {
   state.held = false;
   ui.talk.classList.remove("held");
   ui.speaking.classList.remove("on");
-  // Let the last 40 ms block of audio out before the commit.
-  setTimeout(() => {
-    t.setSending(false);
-    state.lastTurnEnd = performance.now();
-    t.send({ type: "input_audio_buffer.commit" });
-    t.send({ type: "response.create" });
-  }, 60);
+  // Let the last audio reach the server before the commit: one 40 ms block on the
+  // WebSocket; on WebRTC also the server's jitter buffer (~80 ms).
+  const released = performance.now();
+  state.commitTimer = setTimeout(
+    () => {
+      t.setSending(false);
+      state.lastTurnEnd = released;
+      t.send({ type: "input_audio_buffer.commit" });
+      t.send({ type: "response.create" });
+    },
+    t.kind === "webrtc" ? 150 : 60,
+  );
 }
 
 function cancelAnswer() {
@@ -272,6 +279,7 @@ async function open() {
     return;
   }
   const t = state.transport;
+  sendSettings(); // the user's choices, whether or not session.created came first
   if (t.kind === "webrtc") badge("WebRTC", "webrtc");
   else {
     badge(`WebSocket (fallback: ${t.reason})`, "websocket");
@@ -315,8 +323,13 @@ for (const radio of document.querySelectorAll('input[name="turns"]')) {
 ui.talk.addEventListener("pointerdown", press);
 ui.talk.addEventListener("pointerup", release);
 ui.talk.addEventListener("pointerleave", release);
+ui.talk.addEventListener("pointercancel", release);
+window.addEventListener("blur", release); // Alt-Tab while holding must not leave it stuck
 ui.cancel.addEventListener("click", cancelAnswer);
-const typing = (e) => ["INPUT", "SELECT", "TEXTAREA"].includes(e.target.tagName);
+// Space types in text fields and opens selects; on buttons and radios it is push-to-talk.
+const typing = (e) =>
+  e.target.tagName === "SELECT" || e.target.tagName === "TEXTAREA" ||
+  (e.target.tagName === "INPUT" && !["radio", "checkbox"].includes(e.target.type));
 document.addEventListener("keydown", (e) => {
   if (e.code === "Space" && !e.repeat && !typing(e) && state.turnMode === "ptt") {
     e.preventDefault();

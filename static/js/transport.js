@@ -45,7 +45,9 @@ export async function connectWebRTC({ config, stream, token, onEvent, onDrop }) 
   });
   for (const track of stream.getAudioTracks()) pc.addTrack(track, stream);
   const channel = pc.createDataChannel(CHANNEL);
-  channel.onmessage = (m) => onEvent(JSON.parse(m.data));
+  const early = [];
+  let deliver = (event) => early.push(event);
+  channel.onmessage = (m) => deliver(JSON.parse(m.data));
 
   const opened = new Promise((resolve, reject) => {
     channel.onopen = resolve;
@@ -87,6 +89,11 @@ export async function connectWebRTC({ config, stream, token, onEvent, onDrop }) 
     if (["failed", "disconnected", "closed"].includes(pc.connectionState)) drop(`WebRTC ${pc.connectionState}`);
   });
   channel.onclose = () => drop("data channel closed");
+  // Hand over what arrived during setup once the caller holds this transport.
+  queueMicrotask(() => {
+    deliver = onEvent;
+    for (const event of early.splice(0)) onEvent(event);
+  });
   return {
     kind: "webrtc",
     send: (event) => channel.readyState === "open" && channel.send(JSON.stringify(event)),
@@ -103,43 +110,67 @@ export async function connectWebSocket({ stream, token, onEvent, onDrop }) {
   const protocols = ["realtime"];
   if (token) protocols.push(`openai-insecure-api-key.${token}`);
   const ws = new WebSocket(`${scheme}://${location.host}/v1/realtime`, protocols);
+  // Handlers from the first moment: events that arrive while the audio is being set up
+  // (session.created, or a refusal followed by a close) are kept, not lost.
+  const early = [];
+  let deliver = (event) => early.push(event);
   let refusal = null;
-  await new Promise((resolve, reject) => {
-    ws.onopen = resolve;
-    ws.onerror = () => reject(new TransportError("unreachable", "cannot reach the server's WebSocket"));
-  });
-  // 16 kHz context: the browser resamples the microphone for us.
-  const ctx = new AudioContext({ sampleRate: 16000 });
-  await ctx.audioWorklet.addModule(new URL("./pcm-worklet.js", import.meta.url));
-  const source = ctx.createMediaStreamSource(stream);
-  const sender = new AudioWorkletNode(ctx, "pcm16-sender");
-  let sending = true;
-  sender.port.onmessage = (m) => {
-    if (sending && ws.readyState === WebSocket.OPEN) {
-      ws.send(JSON.stringify({ type: "input_audio_buffer.append", audio: b64(m.data) }));
-    }
-  };
-  source.connect(sender);
-  let closed = false;
-  const stop = () => {
-    closed = true;
-    source.disconnect();
-    sender.port.onmessage = null;
-    ctx.close();
+  let closedEarly = false;
+  let dropped = () => {
+    closedEarly = true;
   };
   ws.onmessage = (m) => {
     const event = JSON.parse(m.data);
     if (event.type === "error" && ["too_many_sessions", "unauthorized", "forbidden_origin", "not_ready"].includes(event.error.code)) {
       refusal = event.error;
     }
-    onEvent(event);
+    deliver(event);
   };
-  ws.onclose = () => {
+  ws.onclose = () => dropped();
+  await new Promise((resolve, reject) => {
+    ws.onopen = resolve;
+    ws.onerror = () => reject(new TransportError("unreachable", "cannot reach the server's WebSocket"));
+  });
+  let ctx = null;
+  let source = null;
+  let sending = true;
+  const stop = () => {
+    if (source) source.disconnect();
+    if (ctx) ctx.close();
+    source = null;
+    ctx = null;
+  };
+  try {
+    // The device's own rate; the worklet resamples to 16 kHz.
+    ctx = new AudioContext();
+    await ctx.audioWorklet.addModule(new URL("./pcm-worklet.js", import.meta.url));
+    source = ctx.createMediaStreamSource(stream);
+    const sender = new AudioWorkletNode(ctx, "pcm16-sender");
+    sender.port.onmessage = (m) => {
+      if (sending && ws.readyState === WebSocket.OPEN) {
+        ws.send(JSON.stringify({ type: "input_audio_buffer.append", audio: b64(m.data) }));
+      }
+    };
+    source.connect(sender);
+  } catch (err) {
+    stop();
+    ws.close();
+    throw new TransportError("audio_setup", `cannot send microphone audio: ${err.message}`);
+  }
+  if (closedEarly || ws.readyState !== WebSocket.OPEN) {
+    stop();
+    throw new TransportError(refusal ? refusal.code : "closed", refusal ? refusal.message : "WebSocket closed");
+  }
+  let closed = false;
+  dropped = () => {
     if (!closed) {
+      closed = true;
       stop();
       onDrop(refusal ? refusal.message : "WebSocket closed", refusal && refusal.code);
     }
   };
+  deliver = onEvent;
+  for (const event of early.splice(0)) onEvent(event);
   return {
     kind: "websocket",
     send: (event) => ws.readyState === WebSocket.OPEN && ws.send(JSON.stringify(event)),
@@ -147,6 +178,7 @@ export async function connectWebSocket({ stream, token, onEvent, onDrop }) {
       sending = on;
     },
     close: () => {
+      closed = true;
       stop();
       ws.close();
     },

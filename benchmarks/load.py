@@ -1,0 +1,513 @@
+"""Load: first word, queue wait, errors and server memory at 1, 4, 16 and 32 concurrent sessions.
+
+    python benchmarks/load.py [--model DIR_OR_HUB_ID] [--config FILE] [--audio FILE]
+                              [--levels 1 4 16 32] [--turns N] [--queue-size N] [--pace]
+
+Starts the real app (`create_app` with the default engine factory: the server loads the model
+itself) once, under uvicorn on a free loopback port in this process, with `server.max_sessions`
+raised to fit the largest level. Then, for each concurrency level C, opens C WebSocket
+sessions at once; each does --turns push-to-talk turns in transcription mode (no
+conversation history grows the prompt): session.update (`"type": "transcription"`,
+turn_detection null); the clip as input_audio_buffer.append events of 40 ms (back to back, or
+at real-time pace with --pace); a no-op session.update round trip, so the server holds all the
+audio before the commit is timed; input_audio_buffer.commit and response.create back to back;
+read up to response.done. All sessions run their turns at the same time and the engine has
+one worker, so queue wait grows with C: that is what this benchmark shows. With no --model it
+builds a tiny scripted checkpoint (real architecture, random weights, a fixed 11-word
+answer), so it runs offline on a CPU.
+
+Per level:
+  client 1st word  commit sent -> first response.output_text.delta received (client clock)
+  server 1st word  commit received -> first delta handed to the transport (timings.first_word_ms)
+  queue wait       request queued -> engine worker picks it up (timings.queue_wait_ms)
+  turns            completed turns / turns attempted
+  errors           `error` events by code, failed connections, timeouts, responses that did
+                   not complete (an `engine_busy` turn gets an error and no response)
+  turns/s          completed turns / wall time of the level (connect -> last turn ends)
+  RSS              the server's resident memory (this process: server and clients share it)
+                   before the level and after it, once every session is closed
+The clients run in the server's process (their own event loop and thread, sharing the GIL),
+so at high C part of the client-side time is the clients' own work. engine.queue_size (16 by
+default) bounds the queue: a level above it shows `engine_busy` errors unless --queue-size
+raises it. Writes benchmarks/out/load.json and load.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import socket
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import uvicorn
+from _common import OUT, machine, pct, table, write_json
+
+from voxtral_server.api.app import create_app
+from voxtral_server.config import Settings, load_settings
+from voxtral_server.models.audio import read_audio_file
+
+ANSWER = "Hello world, the quick brown fox jumps over the lazy dog."
+CHUNK_MS = 40  # audio per append, what a real-time client sends at a time
+ENGINES = ("transformers",)  # the default engine factory of `create_app`
+RECV_TIMEOUT_S = 120.0  # longest wait for any one server event
+CONNECT_TIMEOUT_S = 30.0
+LEVEL_TIMEOUT_S = 600.0  # a whole level, after which its sessions are abandoned
+IDLE_TIMEOUT_S = 30.0  # for the server to close every session after a level
+SESSION = {
+    "type": "session.update",
+    "session": {"type": "transcription", "audio": {"input": {"turn_detection": None}}},
+}
+BARRIER = json.dumps({"type": "session.update", "session": {}})  # a no-op round trip
+METRICS = {  # per-turn key -> label
+    "client_ms": "client 1st word",
+    "first_word_ms": "server 1st word",
+    "queue_wait_ms": "queue wait",
+}
+
+
+# ----------------------------------------------------------------- server
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def rss_mb() -> float:
+    """Resident memory of this process (server + clients), from /proc; NaN elsewhere."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return float("nan")
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn in a thread; `ready` once it serves, with its event loop."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.ready = threading.Event()
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    async def startup(self, sockets: Any = None) -> None:
+        await super().startup(sockets)
+        self.loop = asyncio.get_running_loop()
+        self.ready.set()
+
+
+@dataclass
+class RunningServer:
+    engine: str
+    base_url: str
+    uvicorn: _Uvicorn
+    thread: threading.Thread
+    state: Any  # the app's ServerState
+
+    def open_sessions(self) -> int:
+        return len(self.state.sessions)
+
+    def stop(self) -> None:
+        self.uvicorn.should_exit = True
+        self.thread.join(60)
+        if self.thread.is_alive():
+            print("warning: the server thread did not stop within 60 s", file=sys.stderr)
+
+
+def start_server(settings: Settings, engine: str = "transformers") -> RunningServer:
+    """The real app for `settings` on a free loopback port, model loaded and warmed up.
+
+    `engine` picks how the model is served; only the app's own (transformers) engine exists
+    now. Another one plugs in here, as an `engine_factory` for `create_app`.
+    """
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; available: {', '.join(ENGINES)}")
+    port = free_port()
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_config=None, ws_max_size=16 * 1024 * 1024
+    )
+    server = _Uvicorn(config)
+    thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
+    thread.start()
+    if not server.ready.wait(60) or server.loop is None:
+        raise RuntimeError("server did not start")
+    state = app.state.server
+    running = RunningServer(engine, f"http://127.0.0.1:{port}", server, thread, state)
+    asyncio.run_coroutine_threadsafe(state.wait_loaded(), server.loop).result(1800)
+    if state.engine is None:
+        running.stop()
+        raise RuntimeError(f"model failed to load: {state.load_error}")
+    return running
+
+
+# ----------------------------------------------------------------- clients
+
+
+class TurnFailed(Exception):
+    """The turn ended without a completed response; `code` says why."""
+
+    def __init__(self, code: str) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+@dataclass
+class SessionResult:
+    turns: list[dict[str, Any]] = field(default_factory=list)
+    attempted: int = 0
+    errors: Counter[str] = field(default_factory=Counter)
+
+
+class Client:
+    """One WebSocket session; every `error` event it reads is counted by code."""
+
+    def __init__(self, result: SessionResult) -> None:
+        self.result = result
+
+    async def connect(self, base_url: str) -> None:
+        import websockets
+
+        url = base_url.replace("http", "ws", 1) + "/v1/realtime"
+        self.ws = await websockets.connect(
+            url, max_size=16 * 1024 * 1024, open_timeout=CONNECT_TIMEOUT_S, close_timeout=5
+        )
+
+    async def recv_until(self, *types: str, stop_on_error: bool = False) -> tuple[float, dict]:
+        while True:
+            text = await asyncio.wait_for(self.ws.recv(), RECV_TIMEOUT_S)
+            at = time.perf_counter()
+            event = json.loads(text)
+            if event["type"] == "error":
+                code = event["error"].get("code", "unknown")
+                self.result.errors[code] += 1
+                if stop_on_error:
+                    raise TurnFailed(code)
+            elif event["type"] in types:
+                return at, event
+
+    async def close(self) -> None:
+        await self.ws.close()
+
+
+def appends(audio: np.ndarray) -> list[str]:
+    pcm = (np.clip(audio, -1, 1) * 32767).astype("<i2")
+    step = 16 * CHUNK_MS
+    return [
+        json.dumps(
+            {
+                "type": "input_audio_buffer.append",
+                "audio": base64.b64encode(pcm[i : i + step].tobytes()).decode(),
+            }
+        )
+        for i in range(0, pcm.size, step)
+    ]
+
+
+async def run_turn(client: Client, audio_events: list[str], pace: bool) -> dict[str, Any]:
+    for text in audio_events:
+        await client.ws.send(text)
+        if pace:
+            await asyncio.sleep(CHUNK_MS / 1000)
+    await client.ws.send(BARRIER)  # every append is in the buffer once this is answered
+    await client.recv_until("session.updated")
+    sent = time.perf_counter()
+    await client.ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
+    await client.ws.send(json.dumps({"type": "response.create"}))
+    # engine_busy (queue full) is an error event with no response: the turn ends there.
+    at, event = await client.recv_until(
+        "response.output_text.delta", "response.done", stop_on_error=True
+    )
+    first_at = at if event["type"] == "response.output_text.delta" else None
+    if event["type"] != "response.done":
+        _, event = await client.recv_until("response.done")
+    status = event["response"]["status"]
+    if status == "failed":  # an error event follows: read it, which counts it
+        with contextlib.suppress(TurnFailed):
+            await client.recv_until("error", stop_on_error=True)
+        raise TurnFailed("generation_failed")
+    if status != "completed":
+        client.result.errors[f"response_{status}"] += 1
+        raise TurnFailed(f"response_{status}")
+    t = event["timings"]
+    return {
+        "client_ms": (first_at - sent) * 1000 if first_at is not None else None,
+        "first_word_ms": t.get("first_word_ms"),
+        "queue_wait_ms": t.get("queue_wait_ms"),
+        "model_ttft_ms": t.get("model_ttft_ms"),
+        "total_ms": t.get("total_ms"),
+        "words": t.get("words"),
+    }
+
+
+async def open_session(base_url: str, result: SessionResult) -> Client | None:
+    client = Client(result)
+    try:
+        await client.connect(base_url)
+    except Exception as exc:  # refused handshake, timeout, reset
+        result.errors[f"connect:{type(exc).__name__}"] += 1
+        return None
+    try:
+        # A refused session (too_many_sessions, not_ready) sends one error event, then closes.
+        await client.recv_until("session.created", stop_on_error=True)
+        await client.ws.send(json.dumps(SESSION))
+        await client.recv_until("session.updated", stop_on_error=True)
+    except TurnFailed:
+        await client.close()
+        return None
+    except Exception as exc:
+        result.errors[f"connect:{type(exc).__name__}"] += 1
+        await client.close()
+        return None
+    return client
+
+
+async def run_session(client: Client, audio_events: list[str], turns: int, pace: bool) -> None:
+    result = client.result
+    try:
+        for _ in range(turns):
+            result.attempted += 1
+            with contextlib.suppress(TurnFailed):  # counted where it was seen
+                result.turns.append(await run_turn(client, audio_events, pace))
+    except TimeoutError:
+        result.errors["timeout"] += 1
+    except Exception as exc:  # the connection dropped
+        result.errors[f"session:{type(exc).__name__}"] += 1
+    finally:
+        await client.close()
+
+
+async def run_level(
+    server: RunningServer, audio_events: list[str], sessions: int, turns: int, pace: bool
+) -> dict[str, Any]:
+    results = [SessionResult() for _ in range(sessions)]
+    t0 = time.perf_counter()
+    clients = await asyncio.gather(*(open_session(server.base_url, r) for r in results))
+    connected = [c for c in clients if c is not None]
+    tasks = [asyncio.create_task(run_session(c, audio_events, turns, pace)) for c in connected]
+    done, pending = await asyncio.wait(tasks, timeout=LEVEL_TIMEOUT_S) if tasks else ((), ())
+    wall_s = time.perf_counter() - t0
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    errors: Counter[str] = Counter()
+    for r in results:
+        errors.update({k: v for k, v in r.errors.items() if v})
+    if pending:
+        errors["level_timeout"] += len(pending)
+    return {
+        "sessions": sessions,
+        "connected": len(connected),
+        "attempted": sum(r.attempted for r in results) + (sessions - len(connected)) * turns,
+        "wall_s": wall_s,
+        "errors": dict(errors),
+        "turns": [t for r in results for t in r.turns],
+    }
+
+
+async def wait_idle(server: RunningServer) -> bool:
+    """Until the server has closed every session (its `idle` event, on its own loop)."""
+    assert server.uvicorn.loop is not None
+    idle = asyncio.wait_for(server.state.idle.wait(), IDLE_TIMEOUT_S)
+    future = asyncio.run_coroutine_threadsafe(idle, server.uvicorn.loop)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wrap_future(future)
+    return server.open_sessions() == 0
+
+
+async def run_all(
+    server: RunningServer, audio_events: list[str], levels: list[int], turns: int, pace: bool
+) -> list[dict[str, Any]]:
+    out = []
+    for sessions in levels:
+        await wait_idle(server)
+        before = rss_mb()
+        level = await run_level(server, audio_events, sessions, turns, pace)
+        if not await wait_idle(server):
+            level["errors"]["sessions_left_open"] = server.open_sessions()
+        level["rss_before_mb"], level["rss_after_mb"] = before, rss_mb()
+        done = len(level["turns"])
+        print(
+            f"{sessions:>3} sessions: {done}/{level['attempted']} turns in "
+            f"{level['wall_s']:.1f} s, errors {level['errors'] or 'none'}",
+            flush=True,
+        )
+        out.append(level)
+    return out
+
+
+# ----------------------------------------------------------------- report
+
+
+def summarise(level: dict[str, Any]) -> dict[str, Any]:
+    turns = level["turns"]
+    summary: dict[str, Any] = {}
+    for key in METRICS:
+        values = [t[key] for t in turns if t[key] is not None]
+        summary[key] = {"n": len(values), "p50": pct(values, 50), "p95": pct(values, 95)}
+    completed = len(turns)
+    return {
+        "sessions": level["sessions"],
+        "connected": level["connected"],
+        "turns_completed": completed,
+        "turns_attempted": level["attempted"],
+        "errors": level["errors"],
+        "wall_s": level["wall_s"],
+        "turns_per_s": completed / level["wall_s"] if level["wall_s"] > 0 else float("nan"),
+        "rss_before_mb": level["rss_before_mb"],
+        "rss_after_mb": level["rss_after_mb"],
+        **summary,
+    }
+
+
+def plot(results: list[dict[str, Any]], title: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot", file=sys.stderr)
+        return
+    x = [r["sessions"] for r in results]
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    lines = (
+        ("client_ms", "p50", "client 1st word p50", "C0", "-"),
+        ("client_ms", "p95", "client 1st word p95", "C0", "--"),
+        ("first_word_ms", "p50", "server 1st word p50", "C1", "-"),
+        ("first_word_ms", "p95", "server 1st word p95", "C1", "--"),
+        ("queue_wait_ms", "p95", "queue wait p95", "C2", ":"),
+    )
+    for key, q, label, color, style in lines:
+        ax.plot(x, [r[key][q] for r in results], style, color=color, marker="o", label=label)
+    for r in results:
+        n_err = sum(r["errors"].values())
+        if n_err:
+            ax.annotate(
+                f"{n_err} errors",
+                (r["sessions"], r["client_ms"]["p95"]),
+                xytext=(-40, 8),
+                textcoords="offset points",
+                fontsize=8,
+            )
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(x, [str(v) for v in x])
+    ax.set_xlabel("concurrent sessions")
+    ax.set_ylabel("ms")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(OUT / "load.png", dpi=110)
+    print(f"wrote {OUT / 'load.png'}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", help="hub id or folder (default: a tiny scripted checkpoint)")
+    parser.add_argument("--config", type=Path, help="config file (default: ./config.yaml)")
+    parser.add_argument(
+        "--audio", type=Path, default=Path(__file__).parent.parent / "static" / "sample.wav"
+    )
+    parser.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16, 32])
+    parser.add_argument("--turns", type=int, default=3, help="push-to-talk turns per session")
+    parser.add_argument("--queue-size", type=int, help="engine.queue_size (default: config)")
+    parser.add_argument("--pace", action="store_true", help="send the audio in real time")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show server warnings")
+    args = parser.parse_args()
+    if min(args.levels) < 1 or args.turns < 1:
+        parser.error("--levels and --turns must be at least 1")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:  # every slow turn and every engine_busy is logged: expected here
+        logging.getLogger("voxtral_server").setLevel(logging.ERROR)
+
+    if args.model is None:
+        from voxtral_server.models.tiny import build_tiny
+
+        args.model = str(build_tiny(Path(tempfile.mkdtemp()) / "tiny", script=ANSWER))
+    settings = load_settings(args.config, {("model", "id"): args.model})
+    overrides: dict[tuple[str, str], Any] = {
+        # the previous level's sessions may still be closing: room for both
+        ("server", "max_sessions"): max(settings.server.max_sessions, 2 * max(args.levels)),
+        ("engine", "queue_size"): args.queue_size,
+    }
+    settings = settings.with_overrides(overrides)
+    audio = read_audio_file(args.audio)
+    audio_events = appends(audio)
+
+    t_start = time.perf_counter()
+    server = start_server(settings)
+    print(f"server up at {server.base_url} in {time.perf_counter() - t_start:.1f} s")
+    rss_loaded = rss_mb()
+    try:
+        raw = asyncio.run(run_all(server, audio_events, args.levels, args.turns, args.pace))
+    finally:
+        server.stop()
+    run_s = time.perf_counter() - t_start
+    results = [summarise(level) for level in raw]
+
+    rows = []
+    for r in results:
+        errors = ", ".join(f"{k}={v}" for k, v in sorted(r["errors"].items())) or "0"
+        rows.append([
+            r["sessions"], f"{r['turns_completed']}/{r['turns_attempted']}",
+            r["client_ms"]["p50"], r["client_ms"]["p95"],
+            r["first_word_ms"]["p50"], r["first_word_ms"]["p95"],
+            r["queue_wait_ms"]["p50"], r["queue_wait_ms"]["p95"],
+            r["turns_per_s"], errors, r["rss_before_mb"], r["rss_after_mb"],
+        ])  # fmt: skip
+    seconds = len(audio) / 16000
+    print(f"machine: {machine()}")
+    print(
+        f"model: {args.model}  engine: {server.engine}  audio: {args.audio.name} "
+        f"({seconds:.1f} s{', real-time pace' if args.pace else ''})  "
+        f"queue_size: {settings.engine.queue_size}"
+    )
+    print(f"{args.turns} transcription turns per session; times in ms, RSS in MiB")
+    print(table(
+        ["sessions", "turns", "client p50", "client p95", "server p50", "server p95",
+         "queue p50", "queue p95", "turns/s", "errors", "RSS before", "RSS after"],
+        rows,
+    ))  # fmt: skip
+    print(f"RSS after load: {rss_loaded:.0f} MiB; total run {run_s:.1f} s")
+    path = write_json(
+        "load",
+        {
+            "model": args.model,
+            "engine": server.engine,
+            "audio": args.audio.name,
+            "audio_s": seconds,
+            "paced": args.pace,
+            "turns_per_session": args.turns,
+            "queue_size": settings.engine.queue_size,
+            "max_sessions": settings.server.max_sessions,
+            "definitions": METRICS,
+            "rss_after_load_mb": rss_loaded,
+            "run_s": run_s,
+            "results": results,
+            "raw": [level["turns"] for level in raw],
+        },
+    )
+    print(f"wrote {path}")
+    plot(results, f"{args.turns} push-to-talk turns per session, {server.engine} engine")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
