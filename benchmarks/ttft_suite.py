@@ -1,0 +1,642 @@
+"""TTFT suite: go/no-go lines for time to first word, cancel latency and queue wait.
+
+    python benchmarks/ttft_suite.py [--model DIR_OR_HUB_ID] [--config FILE] [--audio FILE]
+                                    [--turns N] [--cancels N] [--short] [--baseline seed]
+
+Starts the real app (`create_app`, the server loads the model itself) under uvicorn on a free
+loopback port in this process, runs hands-free (server VAD) turns over the WebSocket and over
+WebRTC (an aiortc client), then prints:
+  - the three go/no-go lines in the original system's format (TTFT p95 against
+    `performance_targets.ttft_ms`, cancel latency against 300 ms, queue wait p95);
+  - a table of p50/p95/p99 of every timing of `response.done` plus the client's own figures,
+    per transport;
+  - with `--baseline seed`: the whole suite again, in the same process, on a second server
+    with the original system's behaviour (6-word chunks, processor features, no warm-up), and
+    a side-by-side table with the ratio seed / ours;
+and writes benchmarks/out/ttft_suite.json and ttft_suite.png (CDF of the client TTFT per
+transport, and per variant with --baseline). With no --model it builds a tiny scripted
+checkpoint (real architecture, random weights, a fixed 64-word answer, so that a cancel has
+something to stop); it runs offline on a CPU. `--short` (3 turns and 2 cancels per
+transport) is what the test command runs. `main(argv)` returns the exit code: 0 when the
+suite ran (whatever the verdicts), 1 when it could not run (model failed to load, ...).
+
+How a turn runs. Every turn opens a fresh conversation (a new WebSocket, or a new peer
+connection), so no turn carries the previous turns' audio in its chat prompt (with history
+the prompt, and so the TTFT, grows turn after turn) and the VAD starts from the same state
+each time; connecting is not timed. The clip (static/sample.wav by default: 0.3 s silence,
+speech, 1.3 s silence) is sent as `input_audio_buffer.append` events of 40 ms PCM16 in
+base64. Before the measured turns one calibration conversation (turn_detection with
+create_response false, so no generation happens and the seed's cold first request stays in
+its counted turns) sends the chunks one at a time to find the chunk k whose VAD pass ends the
+turn (speech followed by vad.min_silence_ms of silence). A measured turn then sends chunks
+0..k-1 as fast as the client can write them, waits for a no-op `session.update` round trip (so
+the server has run the VAD over all of them), starts the client clock, sends chunk k, and
+reads the server's speech_stopped, committed, response.created, deltas and response.done. The
+tail of the clip after chunk k is silence that changes nothing and is not sent. On WebRTC the
+same events go on the `oai-events` data channel and no audio track is opened: the session
+handles an append there exactly as on the WebSocket, so both transports carry identical
+audio, and an Opus track would add codec loss and real-time pacing (4 s a turn) that make the
+two transports' figures incomparable. The client runs in the server's process (shares the
+GIL); with --mode the conversation is switched to chat or transcribe before the audio.
+
+Definitions (ms):
+  client TTFT        chunk k sent (the append that ends the turn) -> first
+                     response.output_text.delta received, client perf_counter. The TTFT
+                     go/no-go line is its p95 over the TTFT turns of both transports.
+  server first word  timings.first_word_ms: end of speech detected by the server's VAD (while
+                     handling chunk k) -> first delta handed to the transport.
+  model TTFT, queue wait, 1st token -> delta, delivery, server total: timings.model_ttft_ms,
+                     queue_wait_ms, first_token_to_delta_ms, delivery_ms, total_ms (README,
+                     "Wire protocol").
+  client total       chunk k sent -> response.done received.
+  client cancel      on separate turns, response.cancel sent the moment the first delta
+                     arrives -> response.done (status cancelled) received. The cancel line is
+                     its p95 over both transports (target < 300 ms); a cancel turn whose
+                     response completed anyway counts as a FAIL.
+  server cancel      timings.cancel_latency_ms: the engine's cancel() -> generation stopped.
+  queue wait line    p95 of timings.queue_wait_ms over the TTFT turns of both transports;
+                     ≤ 10 ms counts as ≈0 (OK, PASS), above as INVESTIGATE (FAIL).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import logging
+import socket
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import uvicorn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, also when imported
+from _common import OUT, machine, median, pct, table, write_json
+
+from voxtral_server.api.app import create_app
+from voxtral_server.config import Settings, load_settings
+from voxtral_server.models.audio import read_audio_file
+
+ANSWER = (
+    "Paris is mild today, with a light breeze from the west and a few clouds in the "
+    "afternoon. Expect around eighteen degrees, a little rain after sunset, and a clear, "
+    "cool morning tomorrow, so a light jacket should be enough if you go out early. The "
+    "weekend looks brighter, with sunshine on Saturday and warmer air moving in from the "
+    "south by Sunday afternoon."
+)  # 64 words
+CHUNK_MS = 40
+CANCEL_TARGET_MS = 300.0
+QUEUE_OK_MS = 10.0
+EVENT_TIMEOUT_S = 120.0
+VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
+    "ours": {},
+    "seed": {  # the original system's behaviour, as in benchmarks/engine.py
+        "chunked_response": {"min_words_per_chunk": 6, "max_words_per_chunk": 6},
+        "model": {"mel": "processor", "warmup_runs": 0},
+    },
+}
+TTFT_METRICS = {  # row label -> per-turn key, TTFT turns
+    "client TTFT: append that ends the turn -> 1st delta": "client_ttft_ms",
+    "server first word (timings.first_word_ms)": "first_word_ms",
+    "model TTFT (timings.model_ttft_ms)": "model_ttft_ms",
+    "queue wait (timings.queue_wait_ms)": "queue_wait_ms",
+    "1st token -> delta (first_token_to_delta_ms)": "first_token_to_delta_ms",
+    "delivery (timings.delivery_ms)": "delivery_ms",
+    "server total (timings.total_ms)": "total_ms",
+    "client total: append -> response.done": "client_total_ms",
+}
+CANCEL_METRICS = {  # cancel turns
+    "client cancel: cancel sent -> response.done": "client_cancel_ms",
+    "server cancel (timings.cancel_latency_ms)": "cancel_latency_ms",
+}
+BARRIER = json.dumps({"type": "session.update", "session": {}})  # changes nothing; round trip
+CALIBRATE = json.dumps(
+    {
+        "type": "session.update",
+        "session": {"audio": {"input": {"turn_detection": {"create_response": False}}}},
+    }
+)
+
+
+def settings_for(base: Settings, variant: str) -> Settings:
+    data = base.model_dump()
+    for section, values in VARIANTS[variant].items():
+        data[section].update(values)
+    return Settings.model_validate(data)
+
+
+# ----------------------------------------------------------------- server
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class Server(uvicorn.Server):
+    """uvicorn in a thread; `ready` once it serves, with its event loop."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.ready = threading.Event()
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    async def startup(self, sockets: Any = None) -> None:
+        await super().startup(sockets)
+        self.loop = asyncio.get_running_loop()
+        self.ready.set()
+
+
+def start_server(settings: Settings) -> tuple[Server, threading.Thread, str]:
+    port = free_port()
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_config=None, ws_max_size=16 * 1024 * 1024
+    )
+    server = Server(config)
+    thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
+    thread.start()
+    if not server.ready.wait(60) or server.loop is None:
+        stop_server(server, thread)
+        raise RuntimeError("server did not start")
+    state = app.state.server
+    asyncio.run_coroutine_threadsafe(state.wait_loaded(), server.loop).result(1800)
+    if state.engine is None:
+        stop_server(server, thread)
+        raise RuntimeError(f"model failed to load: {state.load_error}")
+    return server, thread, f"http://127.0.0.1:{port}"
+
+
+def stop_server(server: Server, thread: threading.Thread) -> None:
+    server.should_exit = True
+    thread.join(60)
+    if thread.is_alive():
+        print("warning: the server thread did not stop within 60 s", file=sys.stderr)
+
+
+# ----------------------------------------------------------------- clients
+
+
+class WebSocketClient:
+    name = "websocket"
+
+    async def connect(self, base_url: str) -> None:
+        import websockets
+
+        url = base_url.replace("http", "ws", 1) + "/v1/realtime"
+        self.ws = await websockets.connect(url, max_size=16 * 1024 * 1024)
+
+    async def send(self, text: str) -> None:
+        await self.ws.send(text)
+
+    async def recv(self) -> tuple[float, dict[str, Any]]:
+        text = await self.ws.recv()
+        return time.perf_counter(), json.loads(text)
+
+    async def close(self) -> None:
+        await self.ws.close()
+
+
+class WebRTCClient:
+    """aiortc peer with only the `oai-events` data channel: events both ways, no track."""
+
+    name = "webrtc"
+
+    async def connect(self, base_url: str) -> None:
+        import httpx
+        from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+
+        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        self.channel = self.pc.createDataChannel("oai-events")
+        self.inbox: asyncio.Queue[tuple[float, str]] = asyncio.Queue()
+        self.channel.on("message", lambda m: self.inbox.put_nowait((time.perf_counter(), m)))
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        async with httpx.AsyncClient() as http:
+            reply = await http.post(
+                f"{base_url}/v1/realtime/calls",
+                content=self.pc.localDescription.sdp,
+                headers={"content-type": "application/sdp"},
+            )
+        if reply.status_code != 201:
+            await self.pc.close()
+            raise RuntimeError(f"offer refused: {reply.status_code} {reply.text}")
+        await self.pc.setRemoteDescription(RTCSessionDescription(reply.text, "answer"))
+
+    async def send(self, text: str) -> None:
+        self.channel.send(text)
+
+    async def recv(self) -> tuple[float, dict[str, Any]]:
+        at, text = await self.inbox.get()
+        return at, json.loads(text)
+
+    async def close(self) -> None:
+        await self.pc.close()
+
+
+Client = WebSocketClient | WebRTCClient
+CLIENTS: tuple[type[WebSocketClient] | type[WebRTCClient], ...] = (WebSocketClient, WebRTCClient)
+
+
+async def recv_until(
+    client: Client, type_: str, forbid: str | None = None
+) -> tuple[float, dict[str, Any]]:
+    while True:
+        at, event = await asyncio.wait_for(client.recv(), EVENT_TIMEOUT_S)
+        if event["type"] == "error":
+            raise RuntimeError(f"{client.name}: server error {event['error']}")
+        if forbid is not None and event["type"] == forbid:
+            raise RuntimeError(
+                f"{client.name}: {forbid} arrived before the calibrated chunk was sent "
+                "(the VAD ended the turn earlier than in the calibration run)"
+            )
+        if event["type"] == type_:
+            return at, event
+
+
+def appends(audio: np.ndarray) -> list[str]:
+    pcm = (np.clip(audio, -1, 1) * 32767).astype("<i2")
+    step = 16 * CHUNK_MS
+    return [
+        json.dumps(
+            {
+                "type": "input_audio_buffer.append",
+                "audio": base64.b64encode(pcm[i : i + step].tobytes()).decode(),
+            }
+        )
+        for i in range(0, pcm.size, step)
+    ]
+
+
+async def calibrate(base_url: str, audio_events: list[str]) -> tuple[int, dict[str, Any]]:
+    """Index of the append whose VAD pass ends the turn (fresh conversation, no answer)."""
+    client = WebSocketClient()
+    await client.connect(base_url)
+    try:
+        await recv_until(client, "session.created")
+        await client.send(CALIBRATE)
+        await recv_until(client, "session.updated")
+        for i, text in enumerate(audio_events):
+            await client.send(text)
+            await client.send(BARRIER)
+            stopped = None
+            while True:
+                _, event = await asyncio.wait_for(client.recv(), EVENT_TIMEOUT_S)
+                if event["type"] == "error":
+                    raise RuntimeError(f"calibration: server error {event['error']}")
+                if event["type"] == "input_audio_buffer.speech_stopped":
+                    stopped = event
+                if event["type"] == "session.updated":
+                    break
+            if stopped is not None:
+                return i, stopped
+    finally:
+        await client.close()
+    raise RuntimeError(
+        "the server's VAD never ended the turn on this clip: it needs speech followed by at "
+        "least vad.min_silence_ms of silence"
+    )
+
+
+async def run_turn(
+    client_cls: type[WebSocketClient] | type[WebRTCClient],
+    base_url: str,
+    audio_events: list[str],
+    k: int,
+    mode: str | None,
+    cancel: bool,
+) -> dict[str, Any]:
+    client = client_cls()
+    await client.connect(base_url)
+    try:
+        await recv_until(client, "session.created")
+        if mode is not None:
+            kind = "realtime" if mode == "chat" else "transcription"
+            await client.send(json.dumps({"type": "session.update", "session": {"type": kind}}))
+            await recv_until(client, "session.updated")
+        for text in audio_events[:k]:
+            await client.send(text)
+        await client.send(BARRIER)
+        await recv_until(client, "session.updated", forbid="input_audio_buffer.speech_stopped")
+        sent = time.perf_counter()
+        await client.send(audio_events[k])
+        first_at, first = await recv_until(client, "response.output_text.delta")
+        cancel_sent = None
+        if cancel:
+            cancel_sent = time.perf_counter()
+            await client.send(json.dumps({"type": "response.cancel"}))
+        done_at, done = await recv_until(client, "response.done")
+    finally:
+        await client.close()
+    t = done["timings"]
+    if t.get("transport") != client.name:
+        raise RuntimeError(f"{client.name}: timings say transport {t.get('transport')!r}")
+    status = done["response"]["status"]
+    if status == "failed" or (not cancel and status != "completed"):
+        raise RuntimeError(f"{client.name}: response {done['response']}")
+    row: dict[str, Any] = {key: t.get(key) for key in TTFT_METRICS.values()}
+    row.update(
+        client_ttft_ms=(first_at - sent) * 1000,
+        client_total_ms=(done_at - sent) * 1000,
+        status=status,
+        words=t.get("words"),
+        tokens=t.get("tokens"),
+        first_delta=first["delta"],
+    )
+    if cancel_sent is not None:
+        cancelled = status == "cancelled"
+        row["client_cancel_ms"] = (done_at - cancel_sent) * 1000 if cancelled else None
+        row["cancel_latency_ms"] = t.get("cancel_latency_ms") if cancelled else None
+    return row
+
+
+async def run_variant(
+    base_url: str, audio_events: list[str], k: int, turns: int, cancels: int, mode: str | None
+) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    out: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for client_cls in CLIENTS:
+        t0 = time.perf_counter()
+        ttft = [
+            await run_turn(client_cls, base_url, audio_events, k, mode, False) for _ in range(turns)
+        ]
+        cancelled = [
+            await run_turn(client_cls, base_url, audio_events, k, mode, True)
+            for _ in range(cancels)
+        ]
+        out[client_cls.name] = {"ttft": ttft, "cancel": cancelled}
+        print(
+            f"  {client_cls.name}: {turns} turns + {cancels} cancels in "
+            f"{time.perf_counter() - t0:.1f} s"
+        )
+    return out
+
+
+# ----------------------------------------------------------------- report
+
+
+def stats(values: Sequence[float]) -> dict[str, float | int]:
+    return {
+        "n": len(values),
+        "p50": median(values),
+        "p95": pct(values, 95),
+        "p99": pct(values, 99),
+        "max": max(values, default=float("nan")),
+    }
+
+
+def column(rows: list[dict[str, Any]], key: str) -> list[float]:
+    return [float(r[key]) for r in rows if r.get(key) is not None]
+
+
+def summarise(raw: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, Any]:
+    """Per transport and pooled ("all"): stats of every metric."""
+    groups = dict(raw)
+    groups["all"] = {
+        kind: [r for t in raw.values() for r in t[kind]] for kind in ("ttft", "cancel")
+    }
+    out: dict[str, Any] = {}
+    for name, turns in groups.items():
+        summary = {key: stats(column(turns["ttft"], key)) for key in TTFT_METRICS.values()}
+        for key in CANCEL_METRICS.values():
+            summary[key] = stats(column(turns["cancel"], key))
+        summary["cancel_turns"] = len(turns["cancel"])
+        summary["not_cancelled"] = sum(r["status"] != "cancelled" for r in turns["cancel"])
+        out[name] = summary
+    return out
+
+
+def fmt_ms(value: float) -> str:
+    return "n/a" if value != value else f"{value:.0f}"
+
+
+def go_no_go(summary: dict[str, Any], ttft_target: float) -> tuple[list[str], dict[str, str]]:
+    pooled = summary["all"]
+    ttft = pooled["client_ttft_ms"]["p95"]
+    cancel = pooled["client_cancel_ms"]["p95"]
+    queue = pooled["queue_wait_ms"]["p95"]
+    verdicts = {
+        "ttft": "PASS" if ttft <= ttft_target else "FAIL",  # NaN fails
+        "cancel": (
+            "PASS" if cancel < CANCEL_TARGET_MS and pooled["not_cancelled"] == 0 else "FAIL"
+        ),
+        "queue_wait": "PASS" if queue <= QUEUE_OK_MS else "FAIL",
+    }
+    queue_word = "OK (≈0)" if verdicts["queue_wait"] == "PASS" else "INVESTIGATE"
+    lines = [
+        f"• TTFT (streaming) p95: {fmt_ms(ttft)} ms (target ≤ {ttft_target:,.0f} ms) — "
+        f"{verdicts['ttft']}",
+        f"• Cancel latency: {fmt_ms(cancel)} ms (target < {CANCEL_TARGET_MS:,.0f} ms) — "
+        f"{verdicts['cancel']}",
+        f"• Queue wait p95 (TTFT run): {fmt_ms(queue)} ms — {queue_word} — "
+        f"{verdicts['queue_wait']}",
+    ]
+    return lines, verdicts
+
+
+def timing_table(summary: dict[str, Any]) -> str:
+    rows = []
+    for label, key in {**TTFT_METRICS, **CANCEL_METRICS}.items():
+        for name in (c.name for c in CLIENTS):
+            s = summary[name][key]
+            rows.append([label, name, s["n"], s["p50"], s["p95"], s["p99"], s["max"]])
+    return table(["measure (ms)", "transport", "n", "p50", "p95", "p99", "max"], rows)
+
+
+def ratio_table(results: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    rows, ratios = [], {}
+    metrics = {"client TTFT": "client_ttft_ms", "server first word": "first_word_ms"}
+    for label, key in metrics.items():
+        for name in (*(c.name for c in CLIENTS), "all"):
+            seed, ours = (
+                results["seed"]["summary"][name][key],
+                results["ours"]["summary"][name][key],
+            )
+            r50, r95 = seed["p50"] / ours["p50"], seed["p95"] / ours["p95"]
+            ratios[f"{key}.{name}"] = {"p50": r50, "p95": r95}
+            rows.append([label, name, seed["p50"], ours["p50"], f"{r50:.2f}x"])
+            rows[-1] += [seed["p95"], ours["p95"], f"{r95:.2f}x"]
+    headers = ["measure (ms)", "transport", "seed p50", "ours p50", "seed/ours"]
+    headers += ["seed p95", "ours p95", "seed/ours"]
+    return table(headers, rows), ratios
+
+
+def plot(results: dict[str, Any], target: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for variant, result in results.items():
+        for name, turns in result["raw"].items():
+            values = np.sort(column(turns["ttft"], "client_ttft_ms"))
+            if values.size == 0:
+                continue
+            y = np.arange(1, values.size + 1) / values.size
+            style = "-" if variant == "ours" else "--"
+            label = name if len(results) == 1 else f"{variant} {name}"
+            ax.step(values, y, where="post", linestyle=style, label=label)
+    ax.axvline(target, color="grey", linestyle=":", label=f"target {target:g} ms")
+    ax.set_xlabel("append that ends the turn -> first delta received (ms, client clock)")
+    ax.set_ylabel("fraction of turns")
+    ax.set_title("client TTFT, server VAD turns")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------- main
+
+
+def measure_variant(
+    settings: Settings, audio_events: list[str], turns: int, cancels: int, mode: str | None
+) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    server, thread, base_url = start_server(settings)
+    load_s = time.perf_counter() - t0
+    print(f"  server up at {base_url} in {load_s:.1f} s (load + warm-up)")
+    try:
+        t1 = time.perf_counter()
+        k, stopped = asyncio.run(calibrate(base_url, audio_events))
+        print(
+            f"  VAD calibration: append #{k} of {len(audio_events)} ends the turn "
+            f"(speech ends at {stopped['audio_end_ms']} ms, detected at "
+            f"{(k + 1) * CHUNK_MS} ms of audio) in {time.perf_counter() - t1:.1f} s"
+        )
+        raw = asyncio.run(run_variant(base_url, audio_events, k, turns, cancels, mode))
+    finally:
+        stop_server(server, thread)
+    return {
+        "load_and_warmup_s": load_s,
+        "vad_end_append": k,
+        "speech_end_ms": stopped["audio_end_ms"],
+        "summary": summarise(raw),
+        "raw": raw,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--model", help="hub id or folder (default: a tiny scripted checkpoint)")
+    parser.add_argument("--config", type=Path, help="config file (default: ./config.yaml)")
+    parser.add_argument(
+        "--audio", type=Path, default=Path(__file__).parent.parent / "static" / "sample.wav"
+    )
+    parser.add_argument("--turns", type=int, help="TTFT turns per transport (default 20)")
+    parser.add_argument("--cancels", type=int, help="cancel turns per transport (default 5)")
+    parser.add_argument("--short", action="store_true", help="3 turns and 2 cancels per transport")
+    parser.add_argument(
+        "--mode", choices=["chat", "transcribe"], help="default: the config's `mode`"
+    )
+    parser.add_argument(
+        "--baseline", choices=["seed"], help="also run the original system's behaviour"
+    )
+    args = parser.parse_args(argv)
+    turns = args.turns if args.turns is not None else (3 if args.short else 20)
+    cancels = args.cancels if args.cancels is not None else (2 if args.short else 5)
+    if turns < 1 or cancels < 1:
+        parser.error("--turns and --cancels must be at least 1")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="ttft-suite-") as tmp:
+        model = args.model
+        if model is None:
+            from voxtral_server.models.tiny import build_tiny
+
+            model = str(build_tiny(Path(tmp) / "tiny", script=ANSWER))
+        try:
+            base = load_settings(args.config, {("model", "id"): model})
+            audio = read_audio_file(args.audio)
+        except Exception as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        audio_events = appends(audio)
+        variants = ["ours"] + ([args.baseline] if args.baseline else [])
+        results: dict[str, Any] = {}
+        try:
+            for variant in variants:
+                print(f"{variant}: {turns} TTFT turns and {cancels} cancel turns per transport")
+                settings = settings_for(base, variant)
+                results[variant] = measure_variant(
+                    settings, audio_events, turns, cancels, args.mode
+                )
+        except RuntimeError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    elapsed = time.perf_counter() - started
+
+    target = base.performance_targets.ttft_ms
+    mode = args.mode or base.mode
+    seconds = len(audio) / 16000
+    print(f"machine: {machine()}")
+    print(f"model: {args.model or 'tiny scripted checkpoint'}  mode: {mode}  ", end="")
+    print(f"audio: {args.audio.name} ({seconds:.1f} s)")
+    print(
+        f"per transport: {turns} TTFT turns, {cancels} cancel turns, one fresh conversation "
+        "each; server VAD; times in ms"
+    )
+    for variant in variants:
+        summary = results[variant]["summary"]
+        print(f"\n{variant}:")
+        print(timing_table(summary))
+        if summary["all"]["not_cancelled"]:
+            print(
+                f"note: {summary['all']['not_cancelled']} of {summary['all']['cancel_turns']} "
+                "cancel turns completed before the cancel took effect"
+            )
+    ratios = None
+    if args.baseline:
+        text, ratios = ratio_table(results)
+        print("\nseed vs ours (ratio seed / ours; > 1 means ours is faster):")
+        print(text)
+    print(f"\ngo/no-go (ours, both transports pooled; suite ran in {elapsed:.1f} s):")
+    lines, verdicts = go_no_go(results["ours"]["summary"], target)
+    for line in lines:
+        print(line)
+
+    path = write_json(
+        "ttft_suite",
+        {
+            "model": args.model or "tiny scripted checkpoint",
+            "mode": mode,
+            "audio": args.audio.name,
+            "turns_per_transport": turns,
+            "cancels_per_transport": cancels,
+            "targets": {
+                "ttft_ms": target,
+                "cancel_ms": CANCEL_TARGET_MS,
+                "queue_wait_ok_ms": QUEUE_OK_MS,
+            },
+            "definitions": {
+                key: label for label, key in {**TTFT_METRICS, **CANCEL_METRICS}.items()
+            },
+            "go_no_go": lines,
+            "verdicts": verdicts,
+            "variants": {v: VARIANTS[v] for v in variants},
+            "results": results,
+            "ratios_seed_over_ours": ratios,
+            "elapsed_s": elapsed,
+        },
+    )
+    print(f"wrote {path}")
+    try:
+        plot(results, target, OUT / "ttft_suite.png")
+        print(f"wrote {OUT / 'ttft_suite.png'}")
+    except ImportError:
+        print("matplotlib not installed: no plot", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
