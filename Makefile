@@ -47,6 +47,9 @@ test: lint unit
 bench: $(STAMP)
 	$(PY) benchmarks/mel.py
 	$(PY) benchmarks/engine.py
+	$(PY) benchmarks/transport.py
+	$(PY) benchmarks/ttft_suite.py --baseline seed
+	$(PY) benchmarks/load.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
