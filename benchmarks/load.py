@@ -40,10 +40,8 @@ import base64
 import contextlib
 import json
 import logging
-import socket
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -51,10 +49,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import uvicorn
 from _common import OUT, machine, pct, table, write_json
 
 from voxtral_server.api.app import create_app
+from voxtral_server.api.inprocess import InProcessServer
 from voxtral_server.config import Settings, load_settings
 from voxtral_server.models.audio import read_audio_file
 
@@ -80,13 +78,6 @@ METRICS = {  # per-turn key -> label
 # ----------------------------------------------------------------- server
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def rss_mb() -> float:
     """Resident memory of this process (server + clients), from /proc; NaN elsewhere."""
     try:
@@ -98,36 +89,24 @@ def rss_mb() -> float:
     return float("nan")
 
 
-class _Uvicorn(uvicorn.Server):
-    """uvicorn in a thread; `ready` once it serves, with its event loop."""
-
-    def __init__(self, config: uvicorn.Config) -> None:
-        super().__init__(config)
-        self.ready = threading.Event()
-        self.loop: asyncio.AbstractEventLoop | None = None
-
-    async def startup(self, sockets: Any = None) -> None:
-        await super().startup(sockets)
-        self.loop = asyncio.get_running_loop()
-        self.ready.set()
-
-
 @dataclass
 class RunningServer:
     engine: str
-    base_url: str
-    uvicorn: _Uvicorn
-    thread: threading.Thread
-    state: Any  # the app's ServerState
+    server: InProcessServer
+
+    @property
+    def base_url(self) -> str:
+        return self.server.base_url
+
+    @property
+    def state(self) -> Any:  # the app's ServerState
+        return self.server.state
 
     def open_sessions(self) -> int:
         return len(self.state.sessions)
 
     def stop(self) -> None:
-        self.uvicorn.should_exit = True
-        self.thread.join(60)
-        if self.thread.is_alive():
-            print("warning: the server thread did not stop within 60 s", file=sys.stderr)
+        self.server.stop()
 
 
 def start_server(settings: Settings, engine: str = "transformers") -> RunningServer:
@@ -138,23 +117,7 @@ def start_server(settings: Settings, engine: str = "transformers") -> RunningSer
     """
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; available: {', '.join(ENGINES)}")
-    port = free_port()
-    app = create_app(settings)
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, log_config=None, ws_max_size=16 * 1024 * 1024
-    )
-    server = _Uvicorn(config)
-    thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
-    thread.start()
-    if not server.ready.wait(60) or server.loop is None:
-        raise RuntimeError("server did not start")
-    state = app.state.server
-    running = RunningServer(engine, f"http://127.0.0.1:{port}", server, thread, state)
-    asyncio.run_coroutine_threadsafe(state.wait_loaded(), server.loop).result(1800)
-    if state.engine is None:
-        running.stop()
-        raise RuntimeError(f"model failed to load: {state.load_error}")
-    return running
+    return RunningServer(engine, InProcessServer(create_app(settings)).start())
 
 
 # ----------------------------------------------------------------- clients
@@ -323,9 +286,8 @@ async def run_level(
 
 async def wait_idle(server: RunningServer) -> bool:
     """Until the server has closed every session (its `idle` event, on its own loop)."""
-    assert server.uvicorn.loop is not None
     idle = asyncio.wait_for(server.state.idle.wait(), IDLE_TIMEOUT_S)
-    future = asyncio.run_coroutine_threadsafe(idle, server.uvicorn.loop)
+    future = asyncio.run_coroutine_threadsafe(idle, server.server.loop)
     with contextlib.suppress(TimeoutError):
         await asyncio.wrap_future(future)
     return server.open_sessions() == 0

@@ -40,19 +40,17 @@ import asyncio
 import base64
 import json
 import logging
-import socket
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import uvicorn
 from _common import OUT, machine, median, pct, table, write_json
 
 from voxtral_server.api.app import create_app
+from voxtral_server.api.inprocess import InProcessServer
 from voxtral_server.config import Settings, load_settings
 from voxtral_server.models.audio import read_audio_file
 
@@ -74,51 +72,9 @@ PTT = {"type": "session.update", "session": {"audio": {"input": {"turn_detection
 # ----------------------------------------------------------------- server
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-class Server(uvicorn.Server):
-    """uvicorn in a thread; `ready` once it serves, with its event loop."""
-
-    def __init__(self, config: uvicorn.Config) -> None:
-        super().__init__(config)
-        self.ready = threading.Event()
-        self.loop: asyncio.AbstractEventLoop | None = None
-
-    async def startup(self, sockets: Any = None) -> None:
-        await super().startup(sockets)
-        self.loop = asyncio.get_running_loop()
-        self.ready.set()
-
-
-def start_server(settings: Settings) -> tuple[Server, threading.Thread, str]:
-    port = free_port()
-    app = create_app(settings)
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, log_config=None, ws_max_size=16 * 1024 * 1024
-    )
-    server = Server(config)
-    thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
-    thread.start()
-    if not server.ready.wait(60) or server.loop is None:
-        raise RuntimeError("server did not start")
-    state = app.state.server
-    asyncio.run_coroutine_threadsafe(state.wait_loaded(), server.loop).result(1800)
-    if state.engine is None:
-        stop_server(server, thread)
-        raise RuntimeError(f"model failed to load: {state.load_error}")
-    return server, thread, f"http://127.0.0.1:{port}"
-
-
-def stop_server(server: Server, thread: threading.Thread) -> None:
-    server.should_exit = True
-    thread.join(60)
-    if thread.is_alive():
-        print("warning: the server thread did not stop within 60 s", file=sys.stderr)
+def start_server(settings: Settings) -> InProcessServer:
+    """The real app on a free loopback port, model loaded and warmed up."""
+    return InProcessServer(create_app(settings)).start()
 
 
 # ----------------------------------------------------------------- clients
@@ -298,12 +254,13 @@ def main() -> int:
     audio_events = appends(audio)
 
     t0 = time.perf_counter()
-    server, thread, base_url = start_server(settings)
+    server = start_server(settings)
+    base_url = server.base_url
     print(f"server up at {base_url} in {time.perf_counter() - t0:.1f} s (load + warm-up)")
     try:
         raw = asyncio.run(run_all(base_url, audio_events, args.turns, args.warmup))
     finally:
-        stop_server(server, thread)
+        server.stop()
     results = {name: summarise(rows) for name, rows in raw.items()}
 
     rows = []

@@ -65,22 +65,20 @@ import asyncio
 import base64
 import json
 import logging
-import socket
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import uvicorn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, also when imported
 from _common import OUT, machine, median, pct, table, write_json
 
 from voxtral_server.api.app import create_app
+from voxtral_server.api.inprocess import InProcessServer
 from voxtral_server.config import Settings, load_settings
 from voxtral_server.models.audio import read_audio_file
 
@@ -135,52 +133,9 @@ def settings_for(base: Settings, variant: str) -> Settings:
 # ----------------------------------------------------------------- server
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-class Server(uvicorn.Server):
-    """uvicorn in a thread; `ready` once it serves, with its event loop."""
-
-    def __init__(self, config: uvicorn.Config) -> None:
-        super().__init__(config)
-        self.ready = threading.Event()
-        self.loop: asyncio.AbstractEventLoop | None = None
-
-    async def startup(self, sockets: Any = None) -> None:
-        await super().startup(sockets)
-        self.loop = asyncio.get_running_loop()
-        self.ready.set()
-
-
-def start_server(settings: Settings) -> tuple[Server, threading.Thread, str]:
-    port = free_port()
-    app = create_app(settings)
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, log_config=None, ws_max_size=16 * 1024 * 1024
-    )
-    server = Server(config)
-    thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
-    thread.start()
-    if not server.ready.wait(60) or server.loop is None:
-        stop_server(server, thread)
-        raise RuntimeError("server did not start")
-    state = app.state.server
-    asyncio.run_coroutine_threadsafe(state.wait_loaded(), server.loop).result(1800)
-    if state.engine is None:
-        stop_server(server, thread)
-        raise RuntimeError(f"model failed to load: {state.load_error}")
-    return server, thread, f"http://127.0.0.1:{port}"
-
-
-def stop_server(server: Server, thread: threading.Thread) -> None:
-    server.should_exit = True
-    thread.join(60)
-    if thread.is_alive():
-        print("warning: the server thread did not stop within 60 s", file=sys.stderr)
+def start_server(settings: Settings) -> InProcessServer:
+    """The real app on a free loopback port, model loaded and warmed up."""
+    return InProcessServer(create_app(settings)).start()
 
 
 # ----------------------------------------------------------------- clients
@@ -502,7 +457,8 @@ def measure_variant(
     settings: Settings, audio_events: list[str], turns: int, cancels: int, mode: str | None
 ) -> dict[str, Any]:
     t0 = time.perf_counter()
-    server, thread, base_url = start_server(settings)
+    server = start_server(settings)
+    base_url = server.base_url
     load_s = time.perf_counter() - t0
     print(f"  server up at {base_url} in {load_s:.1f} s (load + warm-up)")
     try:
@@ -515,7 +471,7 @@ def measure_variant(
         )
         raw = asyncio.run(run_variant(base_url, audio_events, k, turns, cancels, mode))
     finally:
-        stop_server(server, thread)
+        server.stop()
     return {
         "load_and_warmup_s": load_s,
         "vad_end_append": k,

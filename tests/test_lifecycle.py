@@ -188,30 +188,21 @@ def test_health_answers_while_loading_and_ready_after() -> None:
         release.wait(30)
         return SlowEngine()
 
-    import uvicorn
-    from servers import _Server, free_port
-
     from voxtral_server.api.app import create_app
+    from voxtral_server.api.inprocess import InProcessServer
 
     app = create_app(Settings(), engine_factory=factory)
-    port = free_port()
-    server = _Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
+    server = InProcessServer(app).start(wait_loaded=False)
     try:
-        assert server.ready.wait(30)
-        base = f"http://127.0.0.1:{port}"
-        assert httpx.get(f"{base}/healthz").status_code == 200
-        loading = httpx.get(f"{base}/readyz")
+        assert httpx.get(f"{server.base_url}/healthz").status_code == 200
+        loading = httpx.get(f"{server.base_url}/readyz")
         assert loading.status_code == 503 and loading.json()["status"] == "loading"
         release.set()
-        assert server.loop is not None
-        asyncio.run_coroutine_threadsafe(app.state.server.wait_loaded(), server.loop).result(30)
-        assert httpx.get(f"{base}/readyz").json()["status"] == "ready"
+        server.run(app.state.server.wait_loaded(), 30)
+        assert httpx.get(f"{server.base_url}/readyz").json()["status"] == "ready"
     finally:
         release.set()
-        server.should_exit = True
-        thread.join(30)
+        server.stop()
 
 
 def test_failed_load_is_reported_by_readyz(tmp_path: Path) -> None:
