@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _clients import WebRTCClient, WebSocketClient
 from _common import OUT, machine, median, pct, table, write_json
 
 from voxtral_server.api.app import create_app
@@ -78,61 +79,6 @@ def start_server(settings: Settings) -> InProcessServer:
 
 
 # ----------------------------------------------------------------- clients
-
-
-class WebSocketClient:
-    name = "websocket"
-
-    async def connect(self, base_url: str) -> None:
-        import websockets
-
-        url = base_url.replace("http", "ws") + "/v1/realtime"
-        self.ws = await websockets.connect(url, max_size=16 * 1024 * 1024)
-
-    async def send(self, text: str) -> None:
-        await self.ws.send(text)
-
-    async def recv(self) -> tuple[float, dict[str, Any]]:
-        text = await self.ws.recv()
-        return time.perf_counter(), json.loads(text)
-
-    async def close(self) -> None:
-        await self.ws.close()
-
-
-class WebRTCClient:
-    """aiortc peer with only the `oai-events` data channel: events both ways, no track."""
-
-    name = "webrtc"
-
-    async def connect(self, base_url: str) -> None:
-        import httpx
-        from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
-
-        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-        self.channel = self.pc.createDataChannel("oai-events")
-        self.inbox: asyncio.Queue[tuple[float, str]] = asyncio.Queue()
-        self.channel.on("message", lambda m: self.inbox.put_nowait((time.perf_counter(), m)))
-        await self.pc.setLocalDescription(await self.pc.createOffer())
-        async with httpx.AsyncClient() as http:
-            reply = await http.post(
-                f"{base_url}/v1/realtime/calls",
-                content=self.pc.localDescription.sdp,
-                headers={"content-type": "application/sdp"},
-            )
-        if reply.status_code != 201:
-            raise RuntimeError(f"offer refused: {reply.status_code} {reply.text}")
-        await self.pc.setRemoteDescription(RTCSessionDescription(reply.text, "answer"))
-
-    async def send(self, text: str) -> None:
-        self.channel.send(text)
-
-    async def recv(self) -> tuple[float, dict[str, Any]]:
-        at, text = await self.inbox.get()
-        return at, json.loads(text)
-
-    async def close(self) -> None:
-        await self.pc.close()
 
 
 Client = WebSocketClient | WebRTCClient
