@@ -3,11 +3,30 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import time
 from typing import Any
 
+import numpy as np
 import websockets
+
+CHUNK_MS = 40  # audio per append: what a real-time client sends at a time
+
+
+def appends(audio: np.ndarray, chunk_ms: int = CHUNK_MS) -> list[str]:
+    """16 kHz float audio -> `input_audio_buffer.append` events of `chunk_ms` each."""
+    pcm = (np.clip(audio, -1, 1) * 32767).astype("<i2")
+    step = 16 * chunk_ms
+    return [
+        json.dumps(
+            {
+                "type": "input_audio_buffer.append",
+                "audio": base64.b64encode(pcm[i : i + step].tobytes()).decode(),
+            }
+        )
+        for i in range(0, pcm.size, step)
+    ]
 
 
 class WebSocketClient:

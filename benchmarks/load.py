@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import contextlib
 import json
 import logging
@@ -48,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from _clients import CHUNK_MS, appends
 from _common import OUT, machine, pct, table, write_json
 
 from voxtral_server.api.app import create_app
@@ -57,7 +56,6 @@ from voxtral_server.config import Settings, load_settings
 from voxtral_server.models.audio import read_audio_file
 
 ANSWER = "Hello world, the quick brown fox jumps over the lazy dog."
-CHUNK_MS = 40  # audio per append, what a real-time client sends at a time
 ENGINES = ("transformers",)  # the default engine factory of `create_app`
 RECV_TIMEOUT_S = 120.0  # longest wait for any one server event
 CONNECT_TIMEOUT_S = 30.0
@@ -167,20 +165,6 @@ class Client:
 
     async def close(self) -> None:
         await self.ws.close()
-
-
-def appends(audio: np.ndarray) -> list[str]:
-    pcm = (np.clip(audio, -1, 1) * 32767).astype("<i2")
-    step = 16 * CHUNK_MS
-    return [
-        json.dumps(
-            {
-                "type": "input_audio_buffer.append",
-                "audio": base64.b64encode(pcm[i : i + step].tobytes()).decode(),
-            }
-        )
-        for i in range(0, pcm.size, step)
-    ]
 
 
 async def run_turn(client: Client, audio_events: list[str], pace: bool) -> dict[str, Any]:

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import json
 import logging
 import sys
@@ -47,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _clients import WebRTCClient, WebSocketClient
+from _clients import WebRTCClient, WebSocketClient, appends
 from _common import OUT, machine, median, pct, table, write_json
 
 from voxtral_server.api.app import create_app
@@ -56,7 +55,6 @@ from voxtral_server.config import Settings, load_settings
 from voxtral_server.models.audio import read_audio_file
 
 ANSWER = "Hello world, the quick brown fox jumps over the lazy dog."
-CHUNK_MS = 40  # audio per append, what a real-time client sends at a time
 OVERHEAD_TARGET_MS = 3.0  # p95, first word chunk out of the engine -> handed to the transport
 METRICS = {  # row label -> per-turn key
     "client commit -> 1st delta": "client_ms",
@@ -91,20 +89,6 @@ async def recv_until(client: Client, type_: str) -> tuple[float, dict[str, Any]]
             raise RuntimeError(f"{client.name}: server error {event['error']}")
         if event["type"] == type_:
             return at, event
-
-
-def appends(audio: np.ndarray) -> list[str]:
-    pcm = (np.clip(audio, -1, 1) * 32767).astype("<i2")
-    step = 16 * CHUNK_MS
-    return [
-        json.dumps(
-            {
-                "type": "input_audio_buffer.append",
-                "audio": base64.b64encode(pcm[i : i + step].tobytes()).decode(),
-            }
-        )
-        for i in range(0, pcm.size, step)
-    ]
 
 
 async def run_turn(client: Client, audio_events: list[str]) -> dict[str, Any]:

@@ -62,7 +62,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import json
 import logging
 import sys
@@ -75,7 +74,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, also when imported
-from _clients import WebRTCClient, WebSocketClient
+from _clients import CHUNK_MS, WebRTCClient, WebSocketClient, appends
 from _common import OUT, machine, median, pct, table, write_json
 
 from voxtral_server.api.app import create_app
@@ -90,7 +89,6 @@ ANSWER = (
     "weekend looks brighter, with sunshine on Saturday and warmer air moving in from the "
     "south by Sunday afternoon."
 )  # 64 words
-CHUNK_MS = 40
 CANCEL_TARGET_MS = 300.0
 QUEUE_OK_MS = 10.0
 EVENT_TIMEOUT_S = 120.0
@@ -160,20 +158,6 @@ async def recv_until(
             )
         if event["type"] == type_:
             return at, event
-
-
-def appends(audio: np.ndarray) -> list[str]:
-    pcm = (np.clip(audio, -1, 1) * 32767).astype("<i2")
-    step = 16 * CHUNK_MS
-    return [
-        json.dumps(
-            {
-                "type": "input_audio_buffer.append",
-                "audio": base64.b64encode(pcm[i : i + step].tobytes()).decode(),
-            }
-        )
-        for i in range(0, pcm.size, step)
-    ]
 
 
 async def calibrate(base_url: str, audio_events: list[str]) -> tuple[int, dict[str, Any]]:

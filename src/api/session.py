@@ -22,7 +22,14 @@ from ..config import Settings
 from ..models import vad
 from ..models.audio import SAMPLE_RATE, AudioInputError, pcm16_to_float
 from ..models.streamer import ChunkSink
-from ..models.types import Chunk, Conversation, EngineError, Request, RequestHandle
+from ..models.types import (
+    Chunk,
+    Conversation,
+    EngineError,
+    Request,
+    RequestHandle,
+    ms_between,
+)
 from . import protocol as p
 from .metrics import Metrics, TurnRecord
 
@@ -63,10 +70,6 @@ class _TurnDetection:
     silence_duration_ms: int
     create_response: bool = True
     interrupt_response: bool = True
-
-
-def ms(start: float, end: float) -> float:
-    return round((end - start) * 1000.0, 3)
 
 
 class Session:
@@ -406,21 +409,21 @@ class Session:
             queue_wait_ms=totals.queue_wait_ms,
             model_ttft_ms=totals.model_ttft_ms,
             first_word_ms=(
-                ms(response.turn_ended_at, response.first_delta_at)
+                ms_between(response.turn_ended_at, response.first_delta_at)
                 if response.first_delta_at is not None
                 else None
             ),
-            total_ms=ms(response.turn_ended_at, now),
+            total_ms=ms_between(response.turn_ended_at, now),
             words=len(text.split()),
             tokens=totals.tokens,
             transport=self.transport.name,
             first_token_to_delta_ms=(
-                ms(response.first_token_at, response.first_delta_at)
+                ms_between(response.first_token_at, response.first_delta_at)
                 if response.first_token_at is not None and response.first_delta_at is not None
                 else None
             ),
             delivery_ms=(
-                ms(response.first_chunk_out_at, response.first_delta_at)
+                ms_between(response.first_chunk_out_at, response.first_delta_at)
                 if response.first_chunk_out_at is not None and response.first_delta_at is not None
                 else None
             ),

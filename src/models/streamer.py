@@ -18,14 +18,10 @@ from typing import Any
 import torch
 from transformers import StoppingCriteria, TextIteratorStreamer
 
-from .types import Chunk, RequestHandle
+from .types import Chunk, RequestHandle, ms_between
 from .words import WordChunker
 
 ChunkSink = Callable[[Chunk], None]
-
-
-def _ms(start: float, end: float) -> float:
-    return round((end - start) * 1000.0, 3)
 
 
 class WordStreamer(TextIteratorStreamer):  # type: ignore[misc]
@@ -103,8 +99,12 @@ class WordStreamer(TextIteratorStreamer):  # type: ignore[misc]
                 return
             now = self.clock()
             submitted = self.handle.submitted_at
-            first = None if self.first_token_at is None else _ms(submitted, self.first_token_at)
-            self.sink(Chunk(text, self.chunks, False, first, _ms(submitted, now), self.tokens))
+            first = (
+                None if self.first_token_at is None else ms_between(submitted, self.first_token_at)
+            )
+            self.sink(
+                Chunk(text, self.chunks, False, first, ms_between(submitted, now), self.tokens)
+            )
             self.text += text  # only what the sink accepted counts as handed out
             self.chunks += 1
 
@@ -114,10 +114,7 @@ class CancelCriteria(StoppingCriteria):  # type: ignore[misc]
 
     def __init__(self, handle: RequestHandle) -> None:
         self.handle = handle
-        self.stopped_at: float | None = None
 
     def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
         stop = self.handle.cancelled
-        if stop and self.stopped_at is None:
-            self.stopped_at = time.perf_counter()
         return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)

@@ -14,6 +14,11 @@ Mode = Literal["transcribe", "chat"]
 Status = Literal["completed", "cancelled", "error"]
 
 
+def ms_between(start: float, end: float) -> float:
+    """Milliseconds between two `time.perf_counter()` readings, to the microsecond."""
+    return round((end - start) * 1000.0, 3)
+
+
 class EngineError(RuntimeError):
     """A request could not be served; `code` is stable and machine-readable."""
 

@@ -41,6 +41,7 @@ from .types import (
     RequestHandle,
     Status,
     Totals,
+    ms_between,
 )
 from .words import WordChunker
 
@@ -159,10 +160,6 @@ class ChunkStream:
     def cancel(self) -> None:
         if self.handle is not None:
             self.handle.cancel()
-
-
-def _ms(start: float, end: float) -> float:
-    return round((end - start) * 1000.0, 3)
 
 
 class VoxtralEngine:
@@ -379,21 +376,23 @@ class VoxtralEngine:
         tokens = streamer.tokens if streamer else 0
         first = streamer.first_token_at if streamer else None
         answer = streamer.text if streamer else ""
-        queue_wait_ms = _ms(handle.submitted_at, started if started is not None else now)
+        queue_wait_ms = ms_between(handle.submitted_at, started if started is not None else now)
         gen_s = (now - first) if first is not None else 0.0
         cancel_ms = None
         if status == "cancelled" and started is not None and handle.cancel_requested_at:
-            cancel_ms = _ms(max(handle.cancel_requested_at, started), now)
+            cancel_ms = ms_between(max(handle.cancel_requested_at, started), now)
         totals = Totals(
             status=status,
             answer=answer,
             tokens=tokens,
             words=len(answer.split()),
-            total_ms=_ms(handle.submitted_at, now),
+            total_ms=ms_between(handle.submitted_at, now),
             tokens_per_s=round((tokens - 1) / gen_s, 1) if tokens > 1 and gen_s > 0 else 0.0,
             queue_wait_ms=queue_wait_ms,
             model_ttft_ms=(
-                _ms(handle.submitted_at, first) - queue_wait_ms if first is not None else None
+                ms_between(handle.submitted_at, first) - queue_wait_ms
+                if first is not None
+                else None
             ),
             cancel_latency_ms=cancel_ms,
             tokens_after_cancel=(
@@ -409,7 +408,9 @@ class VoxtralEngine:
             text="",
             chunk_index=streamer.chunks if streamer else 0,
             is_final=True,
-            first_token_latency_ms=_ms(handle.submitted_at, first) if first is not None else None,
+            first_token_latency_ms=ms_between(handle.submitted_at, first)
+            if first is not None
+            else None,
             processing_time_ms=totals.total_ms,
             tokens=tokens,
             totals=totals,
