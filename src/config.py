@@ -65,8 +65,41 @@ class AudioSettings(_Section):
     max_utterance_s: float = Field(default=30.0, gt=0, le=600)
 
 
+class VllmSettings(_Section):
+    endpoints: tuple[str, ...] = Field(
+        default=("http://127.0.0.1:8001",), min_length=1, max_length=64
+    )
+    model: str | None = None
+    api_key: str | None = None
+    connect_timeout_s: float = Field(default=5.0, gt=0, le=300)
+    delta_timeout_s: float = Field(default=30.0, gt=0, le=3600)
+    probe_interval_s: float = Field(default=1.0, gt=0, le=300)
+    probe_max_interval_s: float = Field(default=30.0, gt=0, le=3600)
+
+    @model_validator(mode="after")
+    def _urls(self) -> VllmSettings:
+        for url in self.endpoints:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"endpoints: {url!r} is not an http(s):// URL")
+        return self
+
+
 class EngineSettings(_Section):
+    kind: Literal["transformers", "vllm"] = "transformers"
     queue_size: int = Field(default=16, ge=1, le=1024)
+    vllm: VllmSettings = VllmSettings()
+
+
+class TtsSettings(_Section):
+    engine: Literal["none", "espeak", "kokoro"] = "none"
+    voice: str | None = None
+    speed: float = Field(default=1.0, ge=0.5, le=2.0)
+    sample_rate: int = Field(default=24_000, ge=8000, le=48_000)
+    model: str = "hexgrad/Kokoro-82M"
+    device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    first_phrase_min_words: int = Field(default=2, ge=1, le=64)
+    phrase_min_words: int = Field(default=4, ge=1, le=64)
+    phrase_timeout_ms: float = Field(default=300.0, gt=0, le=10_000)
 
 
 class ChunkedResponseSettings(_Section):
@@ -138,6 +171,7 @@ class Settings(_Section):
     conversation: ConversationSettings = ConversationSettings()
     audio: AudioSettings = AudioSettings()
     engine: EngineSettings = EngineSettings()
+    tts: TtsSettings = TtsSettings()
     chunked_response: ChunkedResponseSettings = ChunkedResponseSettings()
     streaming: StreamingSettings = StreamingSettings()
     performance_targets: PerformanceTargets = PerformanceTargets()
