@@ -56,6 +56,12 @@ Definitions (ms):
   server cancel      timings.cancel_latency_ms: the engine's cancel() -> generation stopped.
   queue wait line    p95 of timings.queue_wait_ms over the TTFT turns of both transports;
                      ≤ 10 ms counts as ≈0 (OK, PASS), above as INVESTIGATE (FAIL).
+  first word - model TTFT
+                     first_word_ms - model_ttft_ms per turn: queue wait + the decode steps
+                     until the first word is complete (a word is complete once the next token
+                     starts with whitespace; model time) + delivery. A fourth line after the
+                     go/no-go lines reports its p95 and checks the server's own share (queue
+                     wait + delivery) against ≤ 3 ms.
 """
 
 from __future__ import annotations
@@ -91,6 +97,7 @@ ANSWER = (
 )  # 64 words
 CANCEL_TARGET_MS = 300.0
 QUEUE_OK_MS = 10.0
+SERVER_OWN_MS = 3.0  # expected p95 of the server's own share of first word - model TTFT
 EVENT_TIMEOUT_S = 120.0
 VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     "ours": {},
@@ -106,6 +113,8 @@ TTFT_METRICS = {  # row label -> per-turn key, TTFT turns
     "queue wait (timings.queue_wait_ms)": "queue_wait_ms",
     "1st token -> delta (first_token_to_delta_ms)": "first_token_to_delta_ms",
     "delivery (timings.delivery_ms)": "delivery_ms",
+    "first word - model TTFT": "word_minus_ttft_ms",
+    "  of which the server's own: queue wait + delivery": "server_own_ms",
     "server total (timings.total_ms)": "total_ms",
     "client total: append -> response.done": "client_total_ms",
 }
@@ -227,6 +236,9 @@ async def run_turn(
     if status == "failed" or (not cancel and status != "completed"):
         raise RuntimeError(f"{client.name}: response {done['response']}")
     row: dict[str, Any] = {key: t.get(key) for key in TTFT_METRICS.values()}
+    if t.get("model_ttft_ms") is not None:
+        row["word_minus_ttft_ms"] = t["first_word_ms"] - t["model_ttft_ms"]
+        row["server_own_ms"] = t["queue_wait_ms"] + t["delivery_ms"]
     row.update(
         client_ttft_ms=(first_at - sent) * 1000,
         client_total_ms=(done_at - sent) * 1000,
@@ -322,6 +334,14 @@ def go_no_go(summary: dict[str, Any], ttft_target: float) -> tuple[list[str], di
         f"• Queue wait p95 (TTFT run): {fmt_ms(queue)} ms — {queue_word} — "
         f"{verdicts['queue_wait']}",
     ]
+    own = pooled["server_own_ms"]["p95"]
+    verdicts["server_own"] = "PASS" if own <= SERVER_OWN_MS else "FAIL"
+    lines.append(
+        f"• First word - model TTFT p95: {pooled['word_minus_ttft_ms']['p95']:.1f} ms (the "
+        "rest of the first word's decode steps, model time, plus the server's own); server's "
+        f"own (queue wait + delivery) p95: {own:.2f} ms (target ≤ {SERVER_OWN_MS:.0f} ms) — "
+        f"{verdicts['server_own']}"
+    )
     return lines, verdicts
 
 

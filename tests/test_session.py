@@ -227,3 +227,27 @@ async def test_vad_offsets_survive_a_session_update_after_audio(
     turn_audio = session.conversation.history[0].audio
     assert 2.3 <= turn_audio.size / SAMPLE_RATE <= 3.2  # the speech itself, not silence
     session.close()
+
+
+@pytest.mark.asyncio
+async def test_conversations_reuse_warm_vad_models(scripted_engine: VoxtralEngine) -> None:
+    """A closed conversation hands its VAD model to the next one, which detects turns as
+    well as the first did; a model is never freed while the server runs."""
+    from voxtral_server.models.vad import ModelPool
+
+    pool = ModelPool(max_idle=4)
+    pool.warm_up(1)
+    sessions = []
+    for _ in range(2):
+        t = FakeTransport()
+        session = Session(scripted_engine, Settings(), t, vad_models=pool)
+        await session.start()
+        assert pool.idle == 0  # the warm model is in use
+        for frame in frames(SPEECH):
+            session.append_audio(frame)
+        done = await t.wait_for("response.done")
+        assert done["response"]["status"] == "completed" and words(t) == SCRIPT.split()
+        sessions.append(session._detector.model if session._detector else None)
+        session.close()
+        assert pool.idle == 1  # given back
+    assert sessions[0] is not None and sessions[0] is sessions[1]

@@ -21,6 +21,7 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from ..config import Settings
+from ..models import vad
 from .metrics import Metrics
 from .session import Engine, Session
 
@@ -66,6 +67,7 @@ class ServerState:
         self.load_error: str | None = None
         self.sessions: set[Session] = set()
         self.metrics = Metrics()
+        self.vad_models = vad.ModelPool(max_idle=settings.server.max_sessions)
         self.metrics.queue_depth.set_function(
             lambda: float(getattr(self.engine, "queue_depth", 0) or 0)
         )
@@ -82,6 +84,8 @@ class ServerState:
 
     async def _load(self) -> None:
         try:
+            # One warm VAD model ready for the first conversation (more are made on demand).
+            await asyncio.to_thread(self.vad_models.warm_up, 1)
             self.engine = await asyncio.to_thread(self._factory, self.settings)
             logger.info("engine ready: /readyz answers 200")
         except Exception as exc:
@@ -132,6 +136,11 @@ class ServerState:
 
 
 def _default_engine(settings: Settings) -> Engine:
+    """The engine `engine.kind` names; both implement the same `submit` contract."""
+    if settings.engine.kind == "vllm":
+        from ..models.vllm import VllmEngine
+
+        return VllmEngine.load(settings)
     from ..models.voxtral import VoxtralEngine
 
     return VoxtralEngine.load(settings)
@@ -159,7 +168,14 @@ def create_app(settings: Settings, engine_factory: EngineFactory = _default_engi
     async def readyz() -> JSONResponse:
         state: ServerState = app.state.server
         if state.ready:
-            return JSONResponse({"status": "ready", "sessions": len(state.sessions)})
+            # An engine may report more (vLLM: which endpoints are up) and be down as a whole.
+            engine = state.engine
+            assert engine is not None
+            details = engine.describe() if hasattr(engine, "describe") else {}
+            body = {"status": "ready", "sessions": len(state.sessions), **details}
+            if not getattr(engine, "ready", True):
+                return JSONResponse({**body, "status": "engine_down"}, status_code=503)
+            return JSONResponse(body)
         if state.load_error:
             return JSONResponse({"status": "failed", "error": state.load_error}, status_code=503)
         return JSONResponse({"status": "loading"}, status_code=503)

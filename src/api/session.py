@@ -79,8 +79,10 @@ class Session:
         settings: Settings,
         transport: Transport,
         metrics: Metrics | None = None,
+        vad_models: vad.ModelPool | None = None,
     ) -> None:
         self.id = p.new_id("sess")
+        self._vad_models = vad_models
         self.metrics = metrics
         # The last turn's record waits briefly for the browser's own measurement.
         self._unlogged: tuple[str, TurnRecord, asyncio.TimerHandle] | None = None
@@ -124,6 +126,7 @@ class Session:
         self.closed = True
         if self._response is not None:
             self._response.handle.cancel()
+        self._release_detector()
         self._log_turn()
         logger.info("session=%s closed turns=%d", self.id, self.turns)
 
@@ -514,6 +517,7 @@ class Session:
                 td = audio_in.turn_detection
                 if td is None:
                     self.turn_detection = None
+                    self._release_detector()
                 else:
                     v = self.settings.vad
                     self.turn_detection = _TurnDetection(
@@ -534,11 +538,25 @@ class Session:
         td = self.turn_detection
         if td is None or (self._detector is not None and not rebuild):
             return
-        # Loading Silero takes ~50 ms of CPU: keep it off the event loop.
-        detector = await asyncio.to_thread(vad.TurnDetector, td.threshold, td.silence_duration_ms)
+        # A new Silero model takes ~50 ms of CPU to load and warm: keep it off the event loop.
+        pool = self._vad_models
+        model = await asyncio.to_thread(pool.acquire) if pool is not None else None
+        detector = await asyncio.to_thread(
+            vad.TurnDetector, td.threshold, td.silence_duration_ms, 0, model
+        )
+        if self.closed:  # closed while the model loaded
+            if pool is not None:
+                pool.release(detector.model)
+            return
+        self._release_detector()
         # Its offsets count from here: audio received so far (or meanwhile) is not re-fed.
         detector.start_at(self._stream_samples)
         self._detector = detector
+
+    def _release_detector(self) -> None:
+        if self._detector is not None and self._vad_models is not None:
+            self._vad_models.release(self._detector.model)
+        self._detector = None
 
     def _state(self) -> p.SessionState:
         td = self.turn_detection

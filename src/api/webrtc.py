@@ -176,7 +176,13 @@ class PeerManager:
     async def answer(self, offer_sdp: str) -> tuple[Call, str]:
         state = self.state
         assert state.engine is not None
-        session = Session(state.engine, state.settings, DataChannelTransport(), state.metrics)
+        session = Session(
+            state.engine,
+            state.settings,
+            DataChannelTransport(),
+            state.metrics,
+            state.vad_models,
+        )
         state.open_session(session)  # raises TooManySessions
         pc = RTCPeerConnection(self._configuration())
         call = Call(self, pc, session)

@@ -78,7 +78,7 @@ async def realtime_websocket(ws: WebSocket) -> None:
         await _refuse(ws, "not_ready", "the model is still loading; retry shortly", 1013)
         return
     transport = WebSocketTransport(ws)
-    session = Session(state.engine, settings, transport, state.metrics)
+    session = Session(state.engine, settings, transport, state.metrics, state.vad_models)
     try:
         state.open_session(session)
     except TooManySessions as exc:

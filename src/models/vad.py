@@ -7,7 +7,9 @@ has been followed by `min_silence_ms` of silence, as sample offsets in the strea
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,13 +38,69 @@ class SpeechStopped:
 VadEvent = SpeechStarted | SpeechStopped
 
 
+def _warm(model: Any) -> Any:
+    """Run a second of noise through a fresh model, then clear its state.
+
+    TorchScript profiles and re-optimises a module's graph over its first calls, so a new
+    model's first frames are far slower than the rest: pay that at start-up, not during
+    somebody's first utterance.
+    """
+    noise = np.random.default_rng(0).standard_normal(SAMPLE_RATE).astype(np.float32) * 0.1
+    with torch.inference_mode():
+        for start in range(0, noise.size - FRAME_SAMPLES + 1, FRAME_SAMPLES):
+            model(torch.from_numpy(noise[start : start + FRAME_SAMPLES]), SAMPLE_RATE)
+    model.reset_states()
+    return model
+
+
+class ModelPool:
+    """Silero models kept from one conversation to the next (thread-safe).
+
+    A model costs ~40 ms of CPU to load, its first frames run TorchScript's optimisation
+    passes, and freeing one holds the GIL for ~10 ms, which stalls the event loop and the
+    engine worker alike. Conversations take a warm model and give it back when they end.
+    """
+
+    def __init__(self, max_idle: int) -> None:
+        self._idle: list[Any] = []
+        self._max_idle = max_idle
+        self._lock = threading.Lock()
+
+    def warm_up(self, count: int = 1) -> None:
+        models = [_warm(silero_vad.load_silero_vad()) for _ in range(count)]
+        with self._lock:
+            self._idle.extend(models[: max(self._max_idle - len(self._idle), 0)])
+
+    def acquire(self) -> Any:
+        """A warm model with fresh state: an idle one, else a new one (blocks ~50 ms)."""
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+        return _warm(silero_vad.load_silero_vad())
+
+    def release(self, model: Any) -> None:
+        model.reset_states()
+        with self._lock:
+            if len(self._idle) < self._max_idle:
+                self._idle.append(model)
+
+    @property
+    def idle(self) -> int:
+        return len(self._idle)
+
+
 class TurnDetector:
     def __init__(
-        self, threshold: float = 0.5, min_silence_ms: int = 500, start_sample: int = 0
+        self,
+        threshold: float = 0.5,
+        min_silence_ms: int = 500,
+        start_sample: int = 0,
+        model: Any = None,
     ) -> None:
+        """`model`: a Silero model from a `ModelPool` (None: load one here)."""
         if not 0 < threshold < 1:
             raise ValueError(f"threshold must be between 0 and 1, got {threshold}")
-        self._model = silero_vad.load_silero_vad()
+        self.model = model if model is not None else _warm(silero_vad.load_silero_vad())
         self.threshold = threshold
         self._release = max(threshold - 0.15, 0.01)  # hysteresis, as Silero's own iterator
         self._min_silence = int(min_silence_ms * SAMPLE_RATE / 1000)
@@ -58,7 +116,7 @@ class TurnDetector:
 
     def reset(self) -> None:
         """Forget speech state; offsets keep counting (dropped samples included)."""
-        self._model.reset_states()
+        self.model.reset_states()
         self._offset += self._pending.size
         self._pending = np.zeros(0, np.float32)
         self.speaking = False
@@ -76,7 +134,7 @@ class TurnDetector:
             start = self._offset
             self._offset += FRAME_SAMPLES
             with torch.inference_mode():
-                prob = float(self._model(torch.from_numpy(frame.copy()), SAMPLE_RATE).item())
+                prob = float(self.model(torch.from_numpy(frame.copy()), SAMPLE_RATE).item())
             if prob >= self.threshold:
                 self._silence_from = None
                 if not self.speaking:

@@ -309,6 +309,10 @@ class VoxtralEngine:
             finally:
                 with self._lock:
                     self._current = None
+            # Let go of the request now, while idle: the sink may hold the last reference to
+            # a closed conversation, and freeing that (its VAD model, its audio) must not
+            # happen on the next request's clock, inside its queue wait.
+            del job
 
     def _warmup(self) -> None:
         runs = self.settings.model.warmup_runs
