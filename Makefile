@@ -10,11 +10,13 @@ STAMP := $(VENV)/.installed-$(shell (cat pyproject.toml; echo '$(CURDIR)') | cks
 .PHONY: setup system-deps demo test lint unit bench clean
 
 # Browser tests drive Debian's Chromium (never a downloaded browser); the SSH-tunnel test
-# needs coturn. Installed when missing (as root, or with passwordless sudo); otherwise
-# those tests are skipped with a message saying what to install.
-SYSTEM_PACKAGES := chromium chromium-driver coturn
+# needs coturn; speech tests need espeak-ng (GPL: run as a separate program, never imported).
+# Installed when missing (as root, or with passwordless sudo); otherwise those tests are
+# skipped with a message saying what to install.
+SYSTEM_PACKAGES := chromium chromium-driver coturn espeak-ng
 system-deps:
-	@if command -v chromium >/dev/null && command -v turnserver >/dev/null; then :; \
+	@if command -v chromium >/dev/null && command -v turnserver >/dev/null && \
+	    command -v espeak-ng >/dev/null; then :; \
 	elif [ "$$(id -u)" = 0 ]; then \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null; \
 	elif sudo -n true 2>/dev/null; then \

@@ -12,6 +12,7 @@ import numpy as np
 import websockets
 
 CHUNK_MS = 40  # audio per append: what a real-time client sends at a time
+SOUND_RMS = 0.01  # a received audio frame louder than this (-40 dBFS) is speech, not silence
 
 
 def appends(audio: np.ndarray, chunk_ms: int = CHUNK_MS) -> list[str]:
@@ -48,9 +49,17 @@ class WebSocketClient:
 
 
 class WebRTCClient:
-    """aiortc peer with only the `oai-events` data channel: events both ways, no track."""
+    """aiortc peer with the `oai-events` data channel: events both ways. No microphone
+    track; with `listen`, it receives the server's speech track and timestamps every frame's
+    loudness in `frames` (arrival time, RMS of 48 kHz PCM16 scaled to 0..1)."""
 
     name = "webrtc"
+
+    def __init__(self, listen: bool = False) -> None:
+        self.listen = listen
+        self.frames: list[tuple[float, float]] = []
+        self.sound = asyncio.Event()  # a frame louder than silence arrived
+        self._reader: asyncio.Task[None] | None = None
 
     async def connect(self, base_url: str) -> None:
         import httpx
@@ -60,6 +69,9 @@ class WebRTCClient:
         self.channel = self.pc.createDataChannel("oai-events")
         self.inbox: asyncio.Queue[tuple[float, str]] = asyncio.Queue()
         self.channel.on("message", lambda m: self.inbox.put_nowait((time.perf_counter(), m)))
+        if self.listen:
+            self.pc.addTransceiver("audio", direction="recvonly")
+            self.pc.on("track", self._on_track)
         await self.pc.setLocalDescription(await self.pc.createOffer())
         async with httpx.AsyncClient() as http:
             reply = await http.post(
@@ -79,5 +91,24 @@ class WebRTCClient:
         at, text = await self.inbox.get()
         return at, json.loads(text)
 
+    def _on_track(self, track: Any) -> None:
+        from aiortc.mediastreams import MediaStreamError
+
+        async def read() -> None:
+            while True:
+                try:
+                    frame = await track.recv()
+                except MediaStreamError:
+                    return
+                pcm = frame.to_ndarray().astype(np.float32) / 32768
+                level = float(np.sqrt(np.mean(pcm**2)))
+                self.frames.append((time.perf_counter(), level))
+                if level > SOUND_RMS:
+                    self.sound.set()
+
+        self._reader = asyncio.create_task(read())
+
     async def close(self) -> None:
         await self.pc.close()
+        if self._reader is not None:
+            await asyncio.gather(self._reader, return_exceptions=True)

@@ -13,6 +13,9 @@ WebRTC (an aiortc client), then prints:
   - with `--baseline seed`: the whole suite again, in the same process, on a second server
     with the original system's behaviour (6-word chunks, processor features, no warm-up), and
     a side-by-side table with the ratio seed / ours;
+  - with espeak-ng installed, a speech pass (`benchmarks/_speech.py`): TTFA p50/p95 per
+    transport with `tts.engine: espeak`, and on a long run-on answer the first audio with
+    phrase chunking against waiting for the sentence end (ratio, same run);
 and writes benchmarks/out/ttft_suite.json and ttft_suite.png (CDF of the client TTFT per
 transport, and per variant with --baseline). With no --model it builds a tiny scripted
 checkpoint (real architecture, random weights, a fixed 64-word answer, so that a cancel has
@@ -70,6 +73,7 @@ import argparse
 import asyncio
 import json
 import logging
+import shutil
 import sys
 import tempfile
 import time
@@ -82,6 +86,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, also when imported
 from _clients import CHUNK_MS, WebRTCClient, WebSocketClient, appends
 from _common import OUT, machine, median, pct, table, write_json
+from _speech import measure_speech
 
 from voxtral_server.api.app import create_app
 from voxtral_server.api.inprocess import InProcessServer
@@ -345,6 +350,41 @@ def go_no_go(summary: dict[str, Any], ttft_target: float) -> tuple[list[str], di
     return lines, verdicts
 
 
+def summarise_speech(speech: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    summary: dict[str, Any] = {}
+    rows = []
+    for name, turns in speech["ttfa"].items():
+        for key, label in (("ttfa_ms", "server TTFA"), ("client_ttfa_ms", "client TTFA")):
+            s = stats(column(turns, key))
+            summary[f"{name}_{key}"] = s
+            rows.append([label, name, s["n"], s["p50"], s["p95"], s["p99"], s["max"]])
+    pooled = [r for turns in speech["ttfa"].values() for r in turns]
+    summary["ttfa_ms"] = stats(column(pooled, "ttfa_ms"))
+    if "run_on_phrases" in speech:
+        for name in ("phrases", "sentence_end"):
+            s = stats(column(speech[f"run_on_{name}"], "ttfa_ms"))
+            summary[f"run_on_{name}"] = s
+            label = f"run-on answer, {name.replace('_', ' ')}: server TTFA"
+            rows.append([label, "websocket", s["n"], s["p50"], s["p95"], s["p99"], s["max"]])
+        summary["run_on_ratio_p50"] = (
+            summary["run_on_sentence_end"]["p50"] / summary["run_on_phrases"]["p50"]
+        )
+    headers = ["measure (ms)", "transport", "n", "p50", "p95", "p99", "max"]
+    return summary, table(headers, rows)
+
+
+def speech_line(summary: dict[str, Any]) -> str:
+    ttfa = summary["ttfa_ms"]
+    line = f"• Speech (espeak): TTFA p50 {ttfa['p50']:.0f} ms, p95 {ttfa['p95']:.0f} ms"
+    if "run_on_ratio_p50" in summary:
+        line += (
+            f"; run-on answer, first audio p50 {summary['run_on_phrases']['p50']:.0f} ms with "
+            f"phrase chunking vs {summary['run_on_sentence_end']['p50']:.0f} ms at the "
+            f"sentence end ({summary['run_on_ratio_p50']:.1f}x sooner)"
+        )
+    return line
+
+
 def timing_table(summary: dict[str, Any]) -> str:
     rows = []
     for label, key in {**TTFT_METRICS, **CANCEL_METRICS}.items():
@@ -446,11 +486,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--baseline", choices=["seed"], help="also run the original system's behaviour"
     )
+    parser.add_argument(
+        "--speech-turns",
+        type=int,
+        help="TTFA turns per transport with tts.engine espeak (default 10, --short 2; 0 = none)",
+    )
     args = parser.parse_args(argv)
     turns = args.turns if args.turns is not None else (3 if args.short else 20)
     cancels = args.cancels if args.cancels is not None else (2 if args.short else 5)
     if turns < 1 or cancels < 1:
         parser.error("--turns and --cancels must be at least 1")
+    speech_turns = args.speech_turns if args.speech_turns is not None else (2 if args.short else 10)
+    if speech_turns and shutil.which("espeak-ng") is None:
+        print("note: espeak-ng is not installed: no speech (TTFA) pass", file=sys.stderr)
+        speech_turns = 0
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     started = time.perf_counter()
@@ -475,6 +524,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 settings = settings_for(base, variant)
                 results[variant] = measure_variant(
                     settings, audio_events, turns, cancels, args.mode
+                )
+            speech = None
+            if speech_turns:
+                print(f"speech: {speech_turns} TTFA turns per transport (tts.engine espeak)")
+                k = results["ours"]["vad_end_append"]
+                speech = measure_speech(
+                    base, audio_events, k, speech_turns, Path(tmp), run_on=args.model is None
                 )
         except RuntimeError as exc:
             print(f"error: {exc}", file=sys.stderr)
@@ -505,8 +561,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         text, ratios = ratio_table(results)
         print("\nseed vs ours (ratio seed / ours; > 1 means ours is faster):")
         print(text)
+    speech_summary = None
+    if speech is not None:
+        speech_summary, speech_table = summarise_speech(speech)
+        print("\nspeech (tts.engine espeak; times in ms):")
+        print(speech_table)
     print(f"\ngo/no-go (ours, both transports pooled; suite ran in {elapsed:.1f} s):")
     lines, verdicts = go_no_go(results["ours"]["summary"], target)
+    if speech_summary is not None:
+        lines.append(speech_line(speech_summary))
     for line in lines:
         print(line)
 
@@ -531,6 +594,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "variants": {v: VARIANTS[v] for v in variants},
             "results": results,
             "ratios_seed_over_ours": ratios,
+            "speech": {"summary": speech_summary, "raw": speech},
             "elapsed_s": elapsed,
         },
     )

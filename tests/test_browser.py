@@ -194,6 +194,48 @@ def test_push_to_talk_from_the_keyboard_and_cancel_from_the_button(
         assert browser.console_errors == []
 
 
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="install espeak-ng")
+@pytest.mark.parametrize("transport", ["webrtc", "websocket"])
+def test_the_page_plays_the_spoken_answer(
+    browser: Any, scripted_engine: VoxtralEngine, transport: str
+) -> None:
+    import logging
+
+    from test_metrics import TtftLines
+
+    from voxtral_server.api.metrics import TTFT_LOGGER
+
+    sections: dict[str, Any] = {"tts": {"engine": "espeak"}}
+    if transport == "websocket":  # relay-only ICE with no TURN server: the page falls back
+        sections["webrtc"] = {"ice_transport_policy": "relay"}
+    lines = TtftLines()
+    logging.getLogger(TTFT_LOGGER).addHandler(lines)
+    logging.getLogger(TTFT_LOGGER).setLevel(logging.INFO)
+    try:
+        with running_server(Settings.model_validate(sections), scripted_engine) as (url, _app):
+            browser.goto(url)
+            browser.click("#connect")
+            browser.wait_for_function(
+                f"document.getElementById('badge').className.includes('{transport}')",
+                timeout=10_000,
+            )
+            # The playback analyser heard the answer, and the words being spoken are marked.
+            browser.wait_for_selector(".turn.bot .bubble .spoken", timeout=30_000)
+            first_answer(browser)
+            strip = browser.locator(".turn.bot .latency").first.inner_text()
+            # "you heard it after" appears once the playback's AnalyserNode measured sound.
+            assert "you heard it after" in strip and "server first audio" in strip
+            spoken = browser.locator(".turn.bot .bubble .spoken").first.inner_text()
+            assert SCRIPT.startswith(spoken) and spoken
+            record = lines.wait_for(1)[0]
+            assert record.transport == transport
+            assert record.ttfa_ms is not None and record.client_first_audio_ms is not None
+            snap(browser, f"speech-{transport}")
+    finally:
+        logging.getLogger(TTFT_LOGGER).removeHandler(lines)
+    assert browser.console_errors == []
+
+
 class Forwarder:
     """What `ssh -L PORT:localhost:TARGET` does: a local TCP port forwarded to another."""
 

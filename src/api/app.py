@@ -22,6 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from ..config import Settings
 from ..models import vad
+from ..models.tts import TtsEngine, load_tts
 from .metrics import Metrics
 from .session import Engine, Session
 
@@ -64,6 +65,7 @@ class ServerState:
     def __init__(self, settings: Settings, engine_factory: EngineFactory) -> None:
         self.settings = settings
         self.engine: Engine | None = None
+        self.tts: TtsEngine | None = None  # speech out (tts.engine); None = text only
         self.load_error: str | None = None
         self.sessions: set[Session] = set()
         self.metrics = Metrics()
@@ -86,6 +88,9 @@ class ServerState:
         try:
             # One warm VAD model ready for the first conversation (more are made on demand).
             await asyncio.to_thread(self.vad_models.warm_up, 1)
+            self.tts = await asyncio.to_thread(load_tts, self.settings)
+            if self.tts is not None:
+                logger.info("speech out: tts=%s rate=%d Hz", self.tts.name, self.tts.sample_rate)
             self.engine = await asyncio.to_thread(self._factory, self.settings)
             logger.info("engine ready: /readyz answers 200")
         except Exception as exc:
@@ -132,6 +137,8 @@ class ServerState:
         close = getattr(self.engine, "close", None)
         if close is not None:
             await asyncio.to_thread(close)
+        if self.tts is not None:
+            await asyncio.to_thread(self.tts.close)
         logger.info("server stopped")
 
 
@@ -200,6 +207,12 @@ def create_app(settings: Settings, engine_factory: EngineFactory = _default_engi
             "mode": settings.mode,
             "language": settings.transcribe.language,
             "model": settings.model.id,
+            # Speech out: what the page plays (null: the server answers in text only).
+            "speech": (
+                {"engine": settings.tts.engine, "sample_rate": settings.tts.sample_rate}
+                if settings.tts.engine != "none"
+                else None
+            ),
         }
 
     from .webrtc import router as webrtc_router

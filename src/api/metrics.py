@@ -5,10 +5,12 @@ what `voxtral-server ttft` uses:
 
     TTFT session=sess_00000001 turn=1 transport=webrtc mode=chat status=completed
     model_ttft_ms=31.2 first_word_ms=38.9 client_first_word_ms=41.0 queue_wait_ms=0.2
-    total_ms=140.3 words=11 tokens=27 tok_s=412.0
+    total_ms=140.3 words=11 tokens=27 tok_s=412.0 cancel_latency_ms=- ttfa_ms=95.1
+    client_first_audio_ms=160.4
 
-(one line). A value not known is `-` (e.g. `client_first_word_ms=-` when the client sent no
-report). This module knows no tensors and no HTTP; the app owns one `Metrics` object.
+(one line; fields are only ever added at the end). A value not known is `-` (e.g.
+`client_first_word_ms=-` when the client sent no report). This module knows no tensors and
+no HTTP; the app owns one `Metrics` object.
 """
 
 from __future__ import annotations
@@ -64,6 +66,8 @@ class TurnRecord:
     tokens: int
     tok_s: float | None
     cancel_latency_ms: float | None = None
+    ttfa_ms: float | None = None  # server: end of speech / commit -> first audio frame sent
+    client_first_audio_ms: float | None = None  # browser: end of speech -> first audio played
 
 
 FIELDS = tuple(f.name for f in fields(TurnRecord))
@@ -75,6 +79,8 @@ TIMING_FIELDS = (
     "total_ms",
     "cancel_latency_ms",
     "tok_s",
+    "ttfa_ms",
+    "client_first_audio_ms",
 )
 _INTS = ("turn", "words", "tokens")
 
@@ -135,6 +141,10 @@ class Metrics:
         self.queue_wait = hist("voxtral_queue_wait_seconds", "Waiting for the model worker")
         self.total = hist("voxtral_turn_total_seconds", "End of speech or commit to response.done")
         self.cancel_latency = hist("voxtral_cancel_latency_seconds", "Cancel to generation stopped")
+        self.ttfa = hist("voxtral_ttfa_seconds", "End of speech or commit to first audio sent")
+        self.browser_first_audio = hist(
+            "voxtral_browser_first_audio_seconds", "End of speech to first audio played, browser"
+        )
         self.turns = Counter("voxtral_turns", "Answered turns", ["status", "transport"], registry=r)
         self.errors = Counter("voxtral_errors", "Error events sent, by code", ["code"], registry=r)
         self.fallbacks = Counter(
@@ -159,6 +169,8 @@ class Metrics:
             (self.queue_wait, record.queue_wait_ms),
             (self.total, record.total_ms),
             (self.cancel_latency, record.cancel_latency_ms),
+            (self.ttfa, record.ttfa_ms),
+            (self.browser_first_audio, record.client_first_audio_ms),
         ):
             if value is not None:
                 hist.labels(transport=t).observe(value / 1000.0)

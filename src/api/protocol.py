@@ -91,7 +91,8 @@ class ClientTiming(_Event):
 
     type: Literal["voxtral.client_timing"]
     response_id: str = Field(max_length=64)
-    first_word_ms: float = Field(ge=0, le=600_000)
+    first_word_ms: float | None = Field(default=None, ge=0, le=600_000)
+    first_audio_ms: float | None = Field(default=None, ge=0, le=600_000)  # first audio played
 
 
 class ClientFallback(_Event):
@@ -258,6 +259,47 @@ class TextDone(ServerEvent):
     text: str
 
 
+class AudioDelta(ServerEvent):
+    """Speech for the WebSocket: base64 PCM16 mono at `tts.sample_rate` (24 kHz by default)."""
+
+    type: Literal["response.output_audio.delta"] = "response.output_audio.delta"
+    response_id: str
+    item_id: str
+    output_index: int = 0
+    content_index: int = 0
+    delta: str
+
+
+class AudioDone(ServerEvent):
+    type: Literal["response.output_audio.done"] = "response.output_audio.done"
+    response_id: str
+    item_id: str
+    output_index: int = 0
+    content_index: int = 0
+
+
+class TranscriptDelta(ServerEvent):
+    """A phrase whose audio has just started (both transports): the words being spoken."""
+
+    type: Literal["response.output_audio_transcript.delta"] = (
+        "response.output_audio_transcript.delta"
+    )
+    response_id: str
+    item_id: str
+    output_index: int = 0
+    content_index: int = 0
+    delta: str
+
+
+class TranscriptDone(ServerEvent):
+    type: Literal["response.output_audio_transcript.done"] = "response.output_audio_transcript.done"
+    response_id: str
+    item_id: str
+    output_index: int = 0
+    content_index: int = 0
+    transcript: str
+
+
 class Timings(BaseModel):
     queue_wait_ms: float
     model_ttft_ms: float | None
@@ -272,6 +314,8 @@ class Timings(BaseModel):
     first_token_to_delta_ms: float | None = None
     delivery_ms: float | None = None
     cancel_latency_ms: float | None = None
+    # Speech out: end of speech (or commit) -> first audio frame sent; None without speech.
+    ttfa_ms: float | None = None
 
 
 class ResponseDone(ServerEvent):

@@ -14,7 +14,7 @@ import binascii
 import logging
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 
@@ -32,6 +32,10 @@ from ..models.types import (
 )
 from . import protocol as p
 from .metrics import Metrics, TurnRecord
+
+if TYPE_CHECKING:
+    from ..models.tts import TtsEngine
+    from .speech import AudioOut, Speech
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +65,8 @@ class _Response:
     first_token_at: float | None = None  # engine clock (perf_counter, this process)
     first_chunk_out_at: float | None = None
     text: list[str] = field(default_factory=list)
+    speech: Speech | None = None  # the answer spoken (chat mode with tts on)
+    speaking_on: bool = False  # the text is complete; the speech still goes on
 
 
 @dataclass
@@ -80,9 +86,14 @@ class Session:
         transport: Transport,
         metrics: Metrics | None = None,
         vad_models: vad.ModelPool | None = None,
+        tts: TtsEngine | None = None,
     ) -> None:
         self.id = p.new_id("sess")
         self._vad_models = vad_models
+        self.tts = tts
+        # The transport's way out for speech (None: text only), set by the transport.
+        self.audio_out: AudioOut | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
         self.metrics = metrics
         # The last turn's record waits briefly for the browser's own measurement.
         self._unlogged: tuple[str, TurnRecord, asyncio.TimerHandle] | None = None
@@ -125,7 +136,9 @@ class Session:
             return
         self.closed = True
         if self._response is not None:
-            self._response.handle.cancel()
+            # Also ends a response that is being spoken: its finishing task runs on at once
+            # and logs the turn (nothing is sent any more).
+            self._stop_response(self._response)
         self._release_detector()
         self._log_turn()
         logger.info("session=%s closed turns=%d", self.id, self.turns)
@@ -230,7 +243,7 @@ class Session:
         )
         if self._response is not None and self.turn_detection.interrupt_response:
             logger.info("session=%s barge-in cancels response=%s", self.id, self._response.id)
-            self._response.handle.cancel()
+            self._stop_response(self._response)
 
     def _speech_stopped(self, sample: int) -> None:
         assert self.turn_detection is not None
@@ -333,6 +346,8 @@ class Session:
             return
         self._committed = None
         self._response = _Response(response_id, item, handle, audio, turn_ended_at)
+        if self.tts is not None and self.audio_out is not None and request.mode == "chat":
+            self._response.speech = self._speech(response_id, item)
         self.transport.send(
             p.ResponseCreated(response=p.Response(id=response_id, status="in_progress"))
         )
@@ -348,7 +363,39 @@ class Session:
                 f"response {response_id} is not running (running: {self._response.id})",
                 event_id,
             )
-        self._response.handle.cancel()
+        self._stop_response(self._response)
+
+    def _stop_response(self, response: _Response) -> None:
+        """Cancel generation and silence the speech; response.done follows."""
+        response.handle.cancel()
+        if response.speech is not None:
+            response.speech.cancel()
+
+    def _speech(self, response_id: str, item_id: str) -> Speech:
+        from .speech import Speech
+
+        assert self.tts is not None and self.audio_out is not None
+
+        def spoken(phrase: str) -> None:
+            self.transport.send(
+                p.TranscriptDelta(response_id=response_id, item_id=item_id, delta=phrase)
+            )
+
+        def failed(code: str, message: str) -> None:
+            self._error(code, f"speech stopped: {message}")
+
+        return Speech(
+            self.tts, self.audio_out, self.settings.tts, (response_id, item_id), spoken, failed
+        )
+
+    async def _finish_when_spoken(self, response: _Response, chunk: Chunk) -> None:
+        assert response.speech is not None and chunk.totals is not None
+        spoken = await response.speech.finished()
+        if self._response is not response:
+            return
+        if not spoken:  # cancelled (barge-in, response.cancel) while it was being spoken
+            chunk = replace(chunk, totals=replace(chunk.totals, status="cancelled"))
+        self._finish(response, chunk)
 
     def _sink(self, response_id: str) -> ChunkSink:
         loop = self._loop
@@ -371,6 +418,8 @@ class Session:
             if response.handle.cancelled or self.closed:
                 return  # already on its way out: no more words
             response.text.append(chunk.text)
+            if response.speech is not None:
+                response.speech.add(chunk.text)
             self.transport.send(
                 p.TextDelta(
                     response_id=response.id,
@@ -388,11 +437,27 @@ class Session:
                 if chunk.first_token_latency_ms is not None:
                     response.first_token_at = submitted + chunk.first_token_latency_ms / 1000
             return
+        speech = response.speech
+        if speech is not None and not speech.cancelled:
+            assert chunk.totals is not None
+            if chunk.totals.status == "completed" and not self.closed:
+                # The text is complete; response.done waits until it has been spoken.
+                speech.end()
+                response.speaking_on = True
+                self._spawn(self._finish_when_spoken(response, chunk), f"speech-{response.id}")
+                return
+            speech.cancel()
         self._finish(response, chunk)
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _finish(self, response: _Response, chunk: Chunk) -> None:
         totals = chunk.totals
         assert totals is not None
+        speech = response.speech
         self._response = None
         self.turns += 1
         now = time.perf_counter()
@@ -431,6 +496,11 @@ class Session:
                 else None
             ),
             cancel_latency_ms=totals.cancel_latency_ms,
+            ttfa_ms=(
+                ms_between(response.turn_ended_at, speech.first_audio_at)
+                if speech is not None and speech.first_audio_at is not None
+                else None
+            ),
         )
         if totals.status == "completed" and self.mode == "chat":
             self.conversation.add(response.audio, text)
@@ -449,6 +519,7 @@ class Session:
             tokens=timings.tokens,
             tok_s=totals.tokens_per_s or None,
             cancel_latency_ms=timings.cancel_latency_ms,
+            ttfa_ms=timings.ttfa_ms,
         )
         self._log_turn()  # a previous turn still waiting for its report goes out first
         if self.closed or self._loop is None:
@@ -462,6 +533,12 @@ class Session:
         self.transport.send(
             p.TextDone(response_id=response.id, item_id=response.item_id, text=text)
         )
+        if speech is not None and speech.first_audio_at is not None:
+            rid, iid = response.id, response.item_id
+            self.transport.send(p.AudioDone(response_id=rid, item_id=iid))
+            self.transport.send(
+                p.TranscriptDone(response_id=rid, item_id=iid, transcript="".join(speech.spoken))
+            )
         output = [
             {
                 "id": response.item_id,
@@ -489,7 +566,12 @@ class Session:
         if self._unlogged is None or self._unlogged[0] != event.response_id:
             return  # too late (already logged) or not a response of this session
         record = self._unlogged[1]
-        self._log_turn(replace(record, client_first_word_ms=round(event.first_word_ms, 3)))
+        seen = {
+            "client_first_word_ms": event.first_word_ms,
+            "client_first_audio_ms": event.first_audio_ms,
+        }
+        updates = {k: round(v, 3) for k, v in seen.items() if v is not None}
+        self._log_turn(replace(record, **updates))  # type: ignore[arg-type]
 
     def _log_turn(self, record: TurnRecord | None = None) -> None:
         """Write the waiting turn's line (or `record`'s): exactly once per turn."""

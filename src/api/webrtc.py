@@ -29,6 +29,7 @@ from fastapi.responses import PlainTextResponse, Response
 from ..models.audio import PCM16_SCALE, SAMPLE_RATE
 from . import protocol as p
 from .session import Session
+from .webrtc_audio import SpeechTrack
 
 if TYPE_CHECKING:
     from .app import ServerState
@@ -80,6 +81,7 @@ class Call:
         # Data channel messages, handled one at a time in arrival order (handling one may
         # await, e.g. loading the VAD model; a task per message could reorder them).
         self.inbox: asyncio.Queue[str | bytes] = asyncio.Queue(1024)
+        self.speech_track: SpeechTrack | None = None
 
     def spawn(self, coro: Any, name: str) -> None:
         task = asyncio.create_task(coro, name=f"{name}-{self.id}")
@@ -109,6 +111,8 @@ class Call:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self.speech_track is not None:
+            self.speech_track.stop()
         await self.pc.close()
         logger.info("session=%s call=%s closed", self.session.id, self.id)
 
@@ -182,6 +186,7 @@ class PeerManager:
             DataChannelTransport(),
             state.metrics,
             state.vad_models,
+            state.tts,
         )
         state.open_session(session)  # raises TooManySessions
         pc = RTCPeerConnection(self._configuration())
@@ -224,6 +229,15 @@ class PeerManager:
         try:
             await session.start()
             await pc.setRemoteDescription(RTCSessionDescription(offer_sdp, "offer"))
+            if state.tts is not None and any(
+                # aiortc keeps what the offer lets us do as the private `_offerDirection`.
+                t.kind == "audio" and getattr(t, "_offerDirection", "") in ("sendrecv", "sendonly")
+                for t in pc.getTransceivers()
+            ):
+                # The offer can receive audio: speak on it (an offer without audio gets text).
+                call.speech_track = SpeechTrack()
+                pc.addTrack(call.speech_track)
+                session.audio_out = call.speech_track
             # Browsers leave end-of-candidates out of the SDP; without it ICE keeps waiting.
             await pc.addIceCandidate(None)
             await pc.setLocalDescription(await pc.createAnswer())

@@ -12,6 +12,7 @@ from starlette.websockets import WebSocketState
 from . import protocol as p
 from .app import ServerState, TooManySessions, origin_allowed
 from .session import Session
+from .speech import WebSocketAudioOut
 
 logger = logging.getLogger(__name__)
 router = APIRouter()
@@ -78,7 +79,11 @@ async def realtime_websocket(ws: WebSocket) -> None:
         await _refuse(ws, "not_ready", "the model is still loading; retry shortly", 1013)
         return
     transport = WebSocketTransport(ws)
-    session = Session(state.engine, settings, transport, state.metrics, state.vad_models)
+    session = Session(state.engine, settings, transport, state.metrics, state.vad_models, state.tts)
+    audio_out = None
+    if state.tts is not None:
+        audio_out = WebSocketAudioOut(transport.send, settings.tts.sample_rate)
+        session.audio_out = audio_out
     try:
         state.open_session(session)
     except TooManySessions as exc:
@@ -100,6 +105,8 @@ async def realtime_websocket(ws: WebSocket) -> None:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if audio_out is not None:
+            await audio_out.close()
         if ws.client_state == WebSocketState.CONNECTED:
             with contextlib.suppress(Exception):
                 await ws.close()

@@ -1,4 +1,5 @@
 // The page: microphone, connection (WebRTC, else WebSocket), turns, words, latency.
+import { Player } from "./player.js";
 import { connect, TransportError } from "./transport.js";
 
 const $ = (id) => document.getElementById(id);
@@ -15,7 +16,8 @@ const state = {
   turnMode: "vad", // "vad" | "ptt"
   wanted: false, // the user pressed Start: keep reconnecting after drops
   retries: 0,
-  responding: null, // {id, bubble, turnEndedAt, firstWordAt}
+  responding: null, // {id, turn, turnEndedAt, firstWordAt, firstAudioAt, text, spokenLength}
+  player: null, // speech out (when the server speaks)
   lastTurnEnd: null, // browser clock: end of speech (estimated) or push-to-talk release
   held: false,
   commitTimer: 0,
@@ -61,7 +63,7 @@ function addTurn(role, text) {
   return turn;
 }
 
-function latencyStrip(turn, timings, browserFirstWordMs) {
+function latencyStrip(turn, timings, browserFirstWordMs, browserFirstAudioMs) {
   const strip = document.createElement("div");
   strip.className = "latency";
   const part = (label, value) => (value == null ? "" : ` · ${label} <b>${Math.round(value)} ms</b>`);
@@ -70,6 +72,8 @@ function latencyStrip(turn, timings, browserFirstWordMs) {
     part("server first word", timings.first_word_ms) +
     part("model TTFT", timings.model_ttft_ms) +
     part("queue", timings.queue_wait_ms) +
+    part("you heard it after", browserFirstAudioMs) +
+    part("server first audio", timings.ttfa_ms) +
     ` · ${timings.transport}`;
   turn.append(strip);
 }
@@ -84,6 +88,7 @@ function onEvent(event) {
       break;
     case "input_audio_buffer.speech_started":
       ui.speaking.classList.add("on");
+      if (state.player) state.player.flush(); // barge-in: stop talking over the user
       break;
     case "input_audio_buffer.speech_stopped": {
       ui.speaking.classList.remove("on");
@@ -100,7 +105,11 @@ function onEvent(event) {
       break;
     case "response.created": {
       const turn = addTurn("bot", "");
-      state.responding = { id: event.response.id, turn, turnEndedAt: state.lastTurnEnd, firstWordAt: null };
+      state.responding = {
+        id: event.response.id, turn, turnEndedAt: state.lastTurnEnd, firstWordAt: null,
+        firstAudioAt: null, text: "", spokenLength: 0,
+      };
+      watchFirstAudio(state.responding);
       ui.cancel.disabled = false;
       break;
     }
@@ -108,8 +117,23 @@ function onEvent(event) {
       const r = state.responding;
       if (!r || r.id !== event.response_id) break;
       if (r.firstWordAt == null) r.firstWordAt = performance.now();
-      r.turn.querySelector(".bubble").textContent += event.delta;
+      r.text += event.delta;
+      renderAnswer(r);
       ui.transcript.scrollTop = ui.transcript.scrollHeight;
+      break;
+    }
+    case "response.output_audio.delta": {
+      const r = state.responding;
+      if (!r || r.id !== event.response_id || !state.player) break;
+      state.player.playPcm16(event.delta, state.config.speech.sample_rate);
+      break;
+    }
+    case "response.output_audio_transcript.delta": {
+      // A phrase has started to sound: mark its words as spoken.
+      const r = state.responding;
+      if (!r || r.id !== event.response_id) break;
+      r.spokenLength += event.delta.length;
+      renderAnswer(r);
       break;
     }
     case "response.done": {
@@ -117,11 +141,17 @@ function onEvent(event) {
       if (!r || r.id !== event.response.id) break;
       const status = event.response.status;
       if (status !== "completed") r.turn.classList.add(status);
-      const seen = r.firstWordAt != null && r.turnEndedAt != null ? r.firstWordAt - r.turnEndedAt : null;
-      latencyStrip(r.turn, event.timings, seen);
-      if (seen != null && state.transport) {
+      if (status === "cancelled" && state.player) state.player.flush();
+      const since = (t) => (t != null && r.turnEndedAt != null ? Math.max(0, t - r.turnEndedAt) : null);
+      const seen = since(r.firstWordAt);
+      const heard = since(r.firstAudioAt);
+      latencyStrip(r.turn, event.timings, seen, heard);
+      if ((seen != null || heard != null) && state.transport) {
         // Lands in the server's per-turn log line and metrics, beside its own figures.
-        state.transport.send({ type: "voxtral.client_timing", response_id: r.id, first_word_ms: Math.max(0, seen) });
+        const report = { type: "voxtral.client_timing", response_id: r.id };
+        if (seen != null) report.first_word_ms = seen;
+        if (heard != null) report.first_audio_ms = heard;
+        state.transport.send(report);
       }
       state.responding = null;
       ui.cancel.disabled = true;
@@ -133,6 +163,33 @@ function onEvent(event) {
     default:
       break;
   }
+}
+
+function renderAnswer(r) {
+  const bubble = r.turn.querySelector(".bubble");
+  if (!r.spokenLength) {
+    bubble.textContent = r.text;
+    return;
+  }
+  const spoken = document.createElement("span");
+  spoken.className = "spoken";
+  spoken.textContent = r.text.slice(0, r.spokenLength);
+  bubble.replaceChildren(spoken, r.text.slice(r.spokenLength));
+}
+
+// When the answer is first heard: the playback analyser shows sound while it is on screen.
+function watchFirstAudio(r) {
+  if (!state.player) return;
+  const timer = setInterval(() => {
+    if (state.responding !== r && r.firstAudioAt == null && !state.player.playing) {
+      clearInterval(timer);
+      return;
+    }
+    if (state.player.level() > 0.01) {
+      r.firstAudioAt = performance.now();
+      clearInterval(timer);
+    }
+  }, 5);
 }
 
 function handleServerError(error) {
@@ -245,10 +302,13 @@ async function start() {
     return;
   }
   if (!state.stream) {
+    const speaks = Boolean(state.config.speech);
+    if (speaks && !state.player) state.player = new Player(); // created on the Start click
     try {
       state.stream = await navigator.mediaDevices.getUserMedia({
-        // Faithful audio for the model: no browser processing.
-        audio: { echoCancellation: false, noiseSuppression: false, autoGainControl: false, channelCount: 1 },
+        // Faithful audio for the model: no browser processing, except echo cancellation when
+        // the server speaks, so its own voice from the speakers does not barge in.
+        audio: { echoCancellation: speaks, noiseSuppression: false, autoGainControl: false, channelCount: 1 },
       });
     } catch (err) {
       notice(micError(err), "error");
@@ -270,6 +330,7 @@ async function open() {
       token: ui.token.value || null,
       onEvent,
       onDrop: dropped,
+      onAudio: (stream) => state.player && state.player.attachStream(stream),
     });
   } catch (err) {
     const busy = err instanceof TransportError && err.code === "too_many_sessions";

@@ -1,5 +1,6 @@
-// Transports: WebRTC first (audio on the track, events on the "oai-events" data channel),
-// the WebSocket as the fallback (audio as PCM16 16 kHz from an AudioWorklet). Both expose
+// Transports: WebRTC first (audio both ways on the track, events on the "oai-events" data
+// channel), the WebSocket as the fallback (audio as PCM16 16 kHz from an AudioWorklet; speech
+// back as response.output_audio.delta events). Both expose
 // the same small interface: {kind, reason, send(event), close()}, events to onEvent.
 
 const CHANNEL = "oai-events";
@@ -37,13 +38,15 @@ function waitGathering(pc, limitMs) {
   });
 }
 
-export async function connectWebRTC({ config, stream, token, onEvent, onDrop }) {
+export async function connectWebRTC({ config, stream, token, onEvent, onDrop, onAudio }) {
   const rtc = config.webrtc;
   const pc = new RTCPeerConnection({
     iceServers: rtc.ice_servers, // from the server's config: never a public STUN server
     iceTransportPolicy: rtc.ice_transport_policy,
   });
   for (const track of stream.getAudioTracks()) pc.addTrack(track, stream);
+  // The answer's speech, when the server speaks (tts.engine), comes back on the same m-line.
+  pc.ontrack = (e) => onAudio && onAudio(e.streams[0] || new MediaStream([e.track]));
   const channel = pc.createDataChannel(CHANNEL);
   const early = [];
   let deliver = (event) => early.push(event);

@@ -1,0 +1,285 @@
+"""Speech out for one answer: words -> phrases -> TTS on a worker thread -> the transport's audio.
+
+The session feeds `Speech` the answer's word chunks as they arrive. Phrases (see
+`models/phrases.py`) are synthesised one after the other, in order, while generation goes on;
+each chunk of PCM goes to the transport's `AudioOut` as soon as the engine yields it (the
+WebSocket sends it as `response.output_audio.delta`, WebRTC queues it on the call's audio
+track). When a phrase's first audio leaves, `on_phrase` gets its text (the page marks those
+words as spoken). `cancel()` (barge-in, response.cancel) drops all queued audio at once and
+stops synthesis at the engine's next chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from typing import Protocol
+
+import numpy as np
+
+from ..config import TtsSettings
+from ..models.phrases import PhraseChunker
+from ..models.tts import PcmResampler, TtsEngine, TtsError
+from . import protocol as p
+
+logger = logging.getLogger(__name__)
+
+OnStart = Callable[[], None]
+
+
+class AudioOut(Protocol):
+    """Where a conversation's speech goes; owned by its transport."""
+
+    rate: int  # sample rate `write` takes (Hz)
+
+    def write(self, pcm: np.ndarray, ids: tuple[str, str], on_start: OnStart | None) -> None:
+        """Queue int16 mono PCM of response/item `ids`; `on_start` runs when its first
+        sample is sent. Never blocks."""
+
+    def clear(self) -> None:
+        """Drop every sample not yet sent."""
+
+    async def drained(self) -> None:
+        """Until every sample written so far has been sent."""
+
+
+class SampleQueue:
+    """Speech waiting to be sent: PCM segments taken out in pieces of any size.
+
+    `on_start` of a segment runs when its first sample is taken; `drained` is set whenever
+    nothing waits. Used by both transports' audio outs, on the event loop.
+    """
+
+    def __init__(self) -> None:
+        self._segments: deque[tuple[np.ndarray, tuple[str, str], OnStart | None]] = deque()
+        self._offset = 0  # samples of _segments[0] already taken
+        self.drained = asyncio.Event()
+        self.drained.set()
+        self.ready = asyncio.Event()  # something waits
+
+    def write(self, pcm: np.ndarray, ids: tuple[str, str], on_start: OnStart | None) -> None:
+        if pcm.size:
+            self._segments.append((pcm.astype(np.int16, copy=False), ids, on_start))
+            self.drained.clear()
+            self.ready.set()
+
+    def clear(self) -> None:
+        self._segments.clear()
+        self._offset = 0
+        self._idle()
+
+    def take(self, count: int) -> tuple[np.ndarray, tuple[str, str] | None]:
+        """Up to `count` samples (fewer if fewer wait) and the ids of the first of them."""
+        pieces: list[np.ndarray] = []
+        ids: tuple[str, str] | None = None
+        wanted = count
+        while wanted and self._segments:
+            pcm, seg_ids, on_start = self._segments[0]
+            if ids is None:
+                ids = seg_ids
+            elif seg_ids != ids:
+                break  # one piece never mixes two responses
+            if self._offset == 0 and on_start is not None:
+                on_start()  # this segment's first sample goes out now
+            n = min(wanted, pcm.size - self._offset)
+            pieces.append(pcm[self._offset : self._offset + n])
+            wanted -= n
+            self._offset += n
+            if self._offset == pcm.size:
+                self._segments.popleft()
+                self._offset = 0
+        if not self._segments:
+            self._idle()
+        return (np.concatenate(pieces) if pieces else np.zeros(0, np.int16)), ids
+
+    def _idle(self) -> None:
+        self.ready.clear()
+        self.drained.set()
+
+
+class WebSocketAudioOut:
+    """`response.output_audio.delta` events, paced to playback with a short lead.
+
+    Sent no more than `lead_s` ahead of real time, so the page never holds more than that
+    and a barge-in stops the audio here, not only in the page: `clear()` drops the rest.
+    """
+
+    PIECE_S = 0.04
+
+    def __init__(
+        self, send: Callable[[p.ServerEvent], None], rate: int, lead_s: float = 0.25
+    ) -> None:
+        self._send = send
+        self.rate = rate
+        self.lead_s = lead_s
+        self._queue = SampleQueue()
+        self._task: asyncio.Task[None] | None = None
+
+    def write(self, pcm: np.ndarray, ids: tuple[str, str], on_start: OnStart | None) -> None:
+        self._queue.write(pcm, ids, on_start)
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._pump(), name="audio-out")
+
+    def clear(self) -> None:
+        self._queue.clear()
+
+    async def drained(self) -> None:
+        await self._queue.drained.wait()
+
+    async def close(self) -> None:
+        self._queue.clear()
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _pump(self) -> None:
+        loop = asyncio.get_running_loop()
+        played_until = loop.time()  # when the page will have played everything sent
+        piece = int(self.rate * self.PIECE_S)
+        while True:
+            await self._queue.ready.wait()
+            now = loop.time()
+            played_until = max(played_until, now)  # after a pause the page's buffer is empty
+            if played_until - now > self.lead_s:
+                await asyncio.sleep(played_until - now - self.lead_s)  # real-time pacing
+                continue
+            pcm, ids = self._queue.take(piece)
+            if ids is None:
+                continue
+            data = base64.b64encode(pcm.astype("<i2", copy=False).tobytes()).decode("ascii")
+            self._send(p.AudioDelta(response_id=ids[0], item_id=ids[1], delta=data))
+            played_until += pcm.size / self.rate
+
+
+class Speech:
+    def __init__(
+        self,
+        tts: TtsEngine,
+        out: AudioOut,
+        settings: TtsSettings,
+        ids: tuple[str, str],
+        on_phrase: Callable[[str], None],
+        on_error: Callable[[str, str], None],
+    ) -> None:
+        self.tts = tts
+        self.out = out
+        self.ids = ids
+        self.on_phrase = on_phrase
+        self.on_error = on_error
+        self.chunker = PhraseChunker(
+            settings.first_phrase_min_words,
+            settings.phrase_min_words,
+            settings.phrase_timeout_ms / 1000,
+        )
+        self.first_audio_at: float | None = None  # perf_counter of the first sample sent
+        self.spoken: list[str] = []  # phrases whose audio has started, in order
+        self.cancelled = False
+        self._loop = asyncio.get_running_loop()
+        self._phrases: asyncio.Queue[str | None] = asyncio.Queue()
+        self._timer: asyncio.TimerHandle | None = None
+        self._done: asyncio.Future[bool] = self._loop.create_future()
+        self._task = self._loop.create_task(self._speak(), name=f"speech-{ids[0]}")
+
+    # ----------------------------------------------------------------- from the session
+
+    def add(self, text: str) -> None:
+        """A word chunk of the answer."""
+        if not self.cancelled:
+            self._queue(self.chunker.feed(text, time.perf_counter()))
+
+    def end(self) -> None:
+        """The answer's text is complete: speak what is left."""
+        if not self.cancelled:
+            self._queue(self.chunker.flush())
+            self._phrases.put_nowait(None)
+
+    def cancel(self) -> None:
+        """Stop now: queued audio is dropped, synthesis stops at its next chunk."""
+        if self.cancelled:
+            return
+        self.cancelled = True
+        if self._timer is not None:
+            self._timer.cancel()
+        self.out.clear()
+        self._phrases.put_nowait(None)
+        if not self._done.done():
+            self._done.set_result(False)
+
+    async def finished(self) -> bool:
+        """True once everything was spoken (sent), False if cancelled first."""
+        return await asyncio.shield(self._done)
+
+    async def close(self) -> None:
+        """Cancel and wait for the synthesis task (and its engine stream) to end."""
+        self.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+    # ----------------------------------------------------------------- phrases
+
+    def _queue(self, phrases: list[str]) -> None:
+        for phrase in phrases:
+            self._phrases.put_nowait(phrase)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        due = self.chunker.due_at()
+        if due is not None:
+            delay = max(due - time.perf_counter(), 0.0)
+            self._timer = self._loop.call_later(delay, self._timeout)
+
+    def _timeout(self) -> None:
+        self._timer = None
+        if not self.cancelled:
+            self._queue(self.chunker.poll(time.perf_counter()))
+
+    async def _speak(self) -> None:
+        resampler = PcmResampler(self.tts.sample_rate, self.out.rate)
+        try:
+            while True:
+                phrase = await self._phrases.get()
+                if phrase is None or self.cancelled:
+                    break
+                if phrase.strip():
+                    await self._synthesise(phrase, resampler)
+            if not self.cancelled:
+                tail = resampler.flush()
+                if tail.size:
+                    self.out.write(tail, self.ids, None)
+                await self.out.drained()
+        except TtsError as exc:
+            logger.error("speech %s failed: %s", self.ids[0], exc)
+            self.on_error(exc.code, str(exc))
+        if not self._done.done():
+            self._done.set_result(not self.cancelled)
+
+    async def _synthesise(self, phrase: str, resampler: PcmResampler) -> None:
+        chunks: Iterator[np.ndarray] = self.tts.stream(phrase.strip())
+        on_start: OnStart | None = self._starter(phrase)
+        try:
+            while not self.cancelled:
+                chunk = await asyncio.to_thread(next, chunks, None)
+                if chunk is None or self.cancelled:
+                    break
+                pcm = resampler.feed(chunk)
+                if pcm.size:
+                    self.out.write(pcm, self.ids, on_start)
+                    on_start = None
+        finally:
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                await asyncio.to_thread(close)  # may stop a subprocess: not on the loop
+
+    def _starter(self, phrase: str) -> OnStart:
+        def started() -> None:
+            if self.cancelled:
+                return
+            if self.first_audio_at is None:
+                self.first_audio_at = time.perf_counter()
+            self.spoken.append(phrase)
+            self.on_phrase(phrase)
+
+        return started

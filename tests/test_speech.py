@@ -1,0 +1,264 @@
+"""Speech out against the real server: espeak-ng audio on the WebSocket and the WebRTC track,
+matching the words shown, and barge-in cutting it short."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import shutil
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import websockets
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc.contrib.media import MediaPlayer
+from aiortc.mediastreams import MediaStreamError
+from conftest import SAMPLE_WAV, SCRIPT
+from servers import running_server
+
+from voxtral_server.config import Settings
+from voxtral_server.models.audio import read_audio_file
+from voxtral_server.models.tts import PcmResampler, TtsEngine, load_tts
+from voxtral_server.models.voxtral import VoxtralEngine
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("espeak-ng") is None, reason="install the Debian package espeak-ng"
+)
+
+SPEECH = read_audio_file(SAMPLE_WAV)  # 0.3 s silence, speech to 2.7 s, then silence
+SETTINGS = Settings().with_overrides({("tts", "engine"): "espeak"})
+WS_RATE = SETTINGS.tts.sample_rate
+ENVELOPE_MS = 20
+
+
+def appends(audio: np.ndarray, chunk_ms: int = 40) -> Iterator[str]:
+    step = 16 * chunk_ms
+    for i in range(0, audio.size, step):
+        pcm = (np.clip(audio[i : i + step], -1, 1) * 32767).astype("<i2").tobytes()
+        yield json.dumps(
+            {"type": "input_audio_buffer.append", "audio": base64.b64encode(pcm).decode()}
+        )
+
+
+@pytest.fixture(scope="module")
+def server(scripted_engine: VoxtralEngine) -> Iterator[tuple[str, Any]]:
+    with running_server(SETTINGS, scripted_engine) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def espeak() -> Iterator[TtsEngine]:
+    tts = load_tts(SETTINGS)
+    assert tts is not None
+    yield tts
+    tts.close()
+
+
+def render(tts: TtsEngine, phrases: list[str], rate: int) -> np.ndarray:
+    """What the server should have said: each phrase through the same engine, in order."""
+    resampler = PcmResampler(tts.sample_rate, rate)
+    parts = [resampler.feed(chunk) for ph in phrases for chunk in tts.stream(ph.strip())]
+    return np.concatenate([*parts, resampler.flush()]).astype(np.float32) / 32768
+
+
+def envelope(audio: np.ndarray, rate: int) -> np.ndarray:
+    n = rate * ENVELOPE_MS // 1000
+    frames = audio[: audio.size // n * n].reshape(-1, n)
+    return np.sqrt((frames**2).mean(axis=1))
+
+
+def similarity(heard: np.ndarray, expected: np.ndarray, rate: int) -> float:
+    """Pearson correlation of the loudness envelopes, at the best alignment of the two."""
+    a, b = envelope(heard, rate), envelope(expected, rate)
+    a = np.pad(a, (0, max(b.size - a.size, 0)))
+    best = -1.0
+    for lag in range(a.size - b.size + 1):
+        window = a[lag : lag + b.size]
+        if window.std() > 0:
+            best = max(best, float(np.corrcoef(window, b)[0, 1]))
+    return best
+
+
+def rms(audio: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(audio.astype(np.float64) ** 2))) if audio.size else 0.0
+
+
+async def ws_turn(
+    url: str, barge_in: bool = False
+) -> tuple[list[tuple[float, dict[str, Any]]], float | None]:
+    """One hands-free turn; with `barge_in`, speech is sent once the answer is heard.
+    Returns every event with its arrival time, and when the barge-in speech was sent."""
+    events: list[tuple[float, dict[str, Any]]] = []
+    injected_at = None
+    async with websockets.connect(url) as ws:
+        for message in appends(SPEECH):
+            await ws.send(message)
+        while True:
+            event = json.loads(await asyncio.wait_for(ws.recv(), 60))
+            events.append((time.perf_counter(), event))
+            if event["type"] == "response.output_audio.delta" and barge_in and not injected_at:
+                injected_at = time.perf_counter()
+                for message in appends(SPEECH[int(0.3 * 16000) :]):  # straight into speech
+                    await ws.send(message)
+            if event["type"] == "response.done":
+                return events, injected_at
+
+
+def of(events: list[tuple[float, dict[str, Any]]], type_: str) -> list[dict[str, Any]]:
+    return [e for _, e in events if e["type"] == type_]
+
+
+def decode(deltas: list[dict[str, Any]]) -> np.ndarray:
+    pcm = b"".join(base64.b64decode(d["delta"]) for d in deltas)
+    return np.frombuffer(pcm, "<i2").astype(np.float32) / 32768
+
+
+@pytest.mark.asyncio
+async def test_websocket_audio_is_the_answer_spoken(
+    server: tuple[str, Any], espeak: TtsEngine
+) -> None:
+    base_url, _app = server
+    events, _ = await ws_turn(base_url.replace("http", "ws") + "/v1/realtime")
+    done = of(events, "response.done")[0]
+    assert done["response"]["status"] == "completed"
+    shown = "".join(e["delta"] for e in of(events, "response.output_text.delta"))
+    phrases = [e["delta"] for e in of(events, "response.output_audio_transcript.delta")]
+    assert shown == SCRIPT and "".join(phrases) == SCRIPT  # every word spoken is shown, in order
+    assert len(phrases) > 1  # spoken phrase by phrase, not at the end
+    assert of(events, "response.output_audio_transcript.done")[0]["transcript"] == SCRIPT
+    assert len(of(events, "response.output_audio.done")) == 1
+    heard = decode(of(events, "response.output_audio.delta"))
+    expected = render(espeak, phrases, WS_RATE)
+    assert heard.size == pytest.approx(expected.size, rel=0.02)
+    assert rms(heard) > 0.01  # speech, far above silence (-40 dBFS)
+    assert similarity(heard, expected, WS_RATE) > 0.95
+    t = done["timings"]
+    assert t["ttfa_ms"] is not None and t["ttfa_ms"] >= t["first_word_ms"] > 0
+
+
+class WebRTCClient:
+    """A browser stand-in that also listens: microphone from a wav, speech from the track."""
+
+    def __init__(self) -> None:
+        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        self.channel = self.pc.createDataChannel("oai-events")
+        self.events: list[tuple[float, dict[str, Any]]] = []
+        self.frames: list[tuple[float, np.ndarray]] = []  # arrival time, 48 kHz mono
+        self.changed = asyncio.Event()
+        self.channel.on("message", self._on_message)
+        self.player = MediaPlayer(str(SAMPLE_WAV))
+        self.pc.addTrack(self.player.audio)
+        self.pc.on("track", self._on_track)
+        self.reader: asyncio.Task[None] | None = None
+
+    def _on_message(self, message: str) -> None:
+        self.events.append((time.perf_counter(), json.loads(message)))
+        self.changed.set()
+
+    def _on_track(self, track: Any) -> None:
+        async def read() -> None:
+            while True:
+                try:
+                    frame = await track.recv()
+                except MediaStreamError:
+                    return
+                pcm = frame.to_ndarray().reshape(-1, len(frame.layout.channels))[:, 0]
+                self.frames.append((time.perf_counter(), pcm.astype(np.float32) / 32768))
+                self.changed.set()
+
+        self.reader = asyncio.create_task(read())
+
+    async def connect(self, base_url: str) -> None:
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        async with httpx.AsyncClient() as http:
+            reply = await http.post(
+                f"{base_url}/v1/realtime/calls",
+                content=self.pc.localDescription.sdp,
+                headers={"content-type": "application/sdp"},
+            )
+        assert reply.status_code == 201, reply.text
+        await self.pc.setRemoteDescription(RTCSessionDescription(reply.text, "answer"))
+
+    async def wait_for(self, type_: str, within_s: float = 60) -> dict[str, Any]:
+        async def until() -> dict[str, Any]:
+            while True:
+                for _, event in self.events:
+                    if event["type"] == type_:
+                        return event
+                self.changed.clear()
+                await self.changed.wait()
+
+        return await asyncio.wait_for(until(), within_s)
+
+    async def close(self) -> None:
+        self.player.audio.stop()
+        await self.pc.close()
+        if self.reader is not None:
+            await asyncio.gather(self.reader, return_exceptions=True)
+
+
+@pytest.mark.asyncio
+async def test_webrtc_track_carries_the_answer_spoken(
+    server: tuple[str, Any], espeak: TtsEngine
+) -> None:
+    base_url, _app = server
+    client = WebRTCClient()
+    try:
+        await client.connect(base_url)
+        done = await client.wait_for("response.done")
+        # The track goes on with silence after the answer: keep listening a moment longer
+        # than the jitter buffer holds, so the answer's tail has arrived.
+        ended = len(client.frames)
+        while len(client.frames) < ended + 20:  # 400 ms of track
+            client.changed.clear()
+            await asyncio.wait_for(client.changed.wait(), 10)
+    finally:
+        await client.close()
+    assert done["response"]["status"] == "completed"
+    shown = "".join(e["delta"] for _, e in client.events if e["type"].endswith("text.delta"))
+    phrases = [e["delta"] for _, e in client.events if e["type"].endswith("transcript.delta")]
+    assert shown == SCRIPT and "".join(phrases) == SCRIPT
+    heard = np.concatenate([pcm for _, pcm in client.frames])
+    expected = render(espeak, phrases, 48_000)
+    loud = envelope(heard, 48_000) > 0.01
+    assert loud.sum() * ENVELOPE_MS / 1000 > 0.5 * expected.size / 48_000  # speech, not silence
+    assert similarity(heard, expected, 48_000) > 0.8  # Opus-coded, so less than exact
+    assert done["timings"]["ttfa_ms"] >= done["timings"]["first_word_ms"] > 0
+
+
+@pytest.mark.asyncio
+async def test_barge_in_stops_the_audio_within_100_ms(server: tuple[str, Any]) -> None:
+    base_url, _app = server
+    events, injected_at = await ws_turn(base_url.replace("http", "ws") + "/v1/realtime", True)
+    assert injected_at is not None
+    done = of(events, "response.done")[0]
+    assert done["response"]["status"] == "cancelled"
+    audio_times = [t for t, e in events if e["type"] == "response.output_audio.delta"]
+    stopped_ms = (max(audio_times) - injected_at) * 1000
+    assert stopped_ms <= 100, f"audio went on for {stopped_ms:.0f} ms after the user spoke"
+    # Less was sent than the whole answer: the rest was dropped at the server.
+    phrases = [e["delta"] for e in of(events, "response.output_audio_transcript.delta")]
+    assert "".join(phrases) != SCRIPT
+
+
+@pytest.mark.asyncio
+async def test_the_webrtc_track_is_silent_from_the_frame_after_a_barge_in() -> None:
+    from voxtral_server.api.webrtc_audio import FRAME_SAMPLES, SpeechTrack
+
+    track = SpeechTrack()
+    started: list[int] = []
+    track.write(np.full(10 * FRAME_SAMPLES, 8000, np.int16), ("r", "i"), lambda: started.append(1))
+    try:
+        first = (await track.recv()).to_ndarray()
+        assert started == [1] and first.size == FRAME_SAMPLES and (first == 8000).all()
+        track.clear()  # barge-in: the 9 frames still queued are dropped
+        await asyncio.wait_for(track.drained(), 1)
+        for _ in range(3):
+            assert not (await track.recv()).to_ndarray().any()  # silence, as between answers
+    finally:
+        track.stop()
