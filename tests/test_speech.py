@@ -262,3 +262,24 @@ async def test_the_webrtc_track_is_silent_from_the_frame_after_a_barge_in() -> N
             assert not (await track.recv()).to_ndarray().any()  # silence, as between answers
     finally:
         track.stop()
+
+
+@pytest.mark.asyncio
+async def test_disconnect_while_speaking_leaves_nothing_running(
+    server: tuple[str, Any],
+) -> None:
+    from test_lifecycle import _idle, on_server
+
+    base_url, app = server
+    baseline = on_server(app, _idle(app))
+    async with websockets.connect(base_url.replace("http", "ws") + "/v1/realtime") as ws:
+        for message in appends(SPEECH):
+            await ws.send(message)
+        while json.loads(await asyncio.wait_for(ws.recv(), 60))["type"] != (
+            "response.output_audio.delta"
+        ):
+            pass
+    # The session closed mid-answer: its speech, audio pump and finishing task all ended.
+    assert on_server(app, _idle(app)) == baseline
+    events, _ = await ws_turn(base_url.replace("http", "ws") + "/v1/realtime")  # next one works
+    assert of(events, "response.done")[0]["response"]["status"] == "completed"

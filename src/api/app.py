@@ -73,8 +73,9 @@ class ServerState:
         self.metrics.queue_depth.set_function(
             lambda: float(getattr(self.engine, "queue_depth", 0) or 0)
         )
-        self.idle = asyncio.Event()  # set while no session is open
+        self.idle = asyncio.Event()  # set while no session is open or closing
         self.idle.set()
+        self._closing = 0
         self._factory = engine_factory
         self._loader: asyncio.Task[None] | None = None
         from .webrtc import PeerManager  # aiortc is heavy: import with the server only
@@ -120,11 +121,17 @@ class ServerState:
         self.metrics.sessions.set(len(self.sessions))
         self.idle.clear()
 
-    def close_session(self, session: Session) -> None:
+    async def close_session(self, session: Session) -> None:
+        """Close it and wait for what it stopped (speech) to end; idle once none is left."""
         session.close()
         self.sessions.discard(session)
         self.metrics.sessions.set(len(self.sessions))
-        if not self.sessions:
+        self._closing += 1
+        try:
+            await session.wait_closed()
+        finally:
+            self._closing -= 1
+        if not self.sessions and not self._closing:
             self.idle.set()
 
     async def close(self) -> None:
@@ -133,7 +140,7 @@ class ServerState:
             await asyncio.gather(self._loader, return_exceptions=True)
         await self.peers.close()
         for session in list(self.sessions):
-            self.close_session(session)
+            await self.close_session(session)
         close = getattr(self.engine, "close", None)
         if close is not None:
             await asyncio.to_thread(close)

@@ -143,6 +143,10 @@ class Session:
         self._log_turn()
         logger.info("session=%s closed turns=%d", self.id, self.turns)
 
+    async def wait_closed(self) -> None:
+        """After `close()`: until the tasks it stopped (speech, its finishing) have ended."""
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
     @property
     def responding(self) -> bool:
         return self._response is not None
@@ -384,9 +388,12 @@ class Session:
         def failed(code: str, message: str) -> None:
             self._error(code, f"speech stopped: {message}")
 
-        return Speech(
+        speech = Speech(
             self.tts, self.audio_out, self.settings.tts, (response_id, item_id), spoken, failed
         )
+        self._tasks.add(speech.task)  # so that wait_closed() covers its synthesis
+        speech.task.add_done_callback(self._tasks.discard)
+        return speech
 
     async def _finish_when_spoken(self, response: _Response, chunk: Chunk) -> None:
         assert response.speech is not None and chunk.totals is not None

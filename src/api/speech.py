@@ -213,10 +213,10 @@ class Speech:
         """True once everything was spoken (sent), False if cancelled first."""
         return await asyncio.shield(self._done)
 
-    async def close(self) -> None:
-        """Cancel and wait for the synthesis task (and its engine stream) to end."""
-        self.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
+    @property
+    def task(self) -> asyncio.Task[None]:
+        """Synthesis: ends by itself once the answer is spoken or `cancel()` was called."""
+        return self._task
 
     # ----------------------------------------------------------------- phrases
 

@@ -105,7 +105,7 @@ class Call:
         if self.closed:
             return
         self.closed = True
-        self.manager.forget(self)
+        self.session.close()  # generation and speech stop now
         current = asyncio.current_task()
         tasks = [t for t in self.tasks if t is not current]
         for task in tasks:
@@ -114,6 +114,7 @@ class Call:
         if self.speech_track is not None:
             self.speech_track.stop()
         await self.pc.close()
+        await self.manager.forget(self)  # last: the server is idle once no call is left
         logger.info("session=%s call=%s closed", self.session.id, self.id)
 
     async def watchdog(self, limit_s: float) -> None:
@@ -248,9 +249,9 @@ class PeerManager:
         call.spawn(call.read_events(), "events-in")
         return call, pc.localDescription.sdp
 
-    def forget(self, call: Call) -> None:
+    async def forget(self, call: Call) -> None:
         self.calls.discard(call)
-        self.state.close_session(call.session)
+        await self.state.close_session(call.session)
 
     async def close(self) -> None:
         await asyncio.gather(*(call.close() for call in list(self.calls)), return_exceptions=True)

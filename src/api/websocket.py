@@ -100,13 +100,13 @@ async def realtime_websocket(ws: WebSocket) -> None:
         if slow in done:
             logger.warning("session=%s client too slow: %d events queued", session.id, _OUTBOX)
     finally:
-        state.close_session(session)
         tasks = [t for t in (writer, reader, slow) if t is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         if audio_out is not None:
             await audio_out.close()
+        await state.close_session(session)  # last: the server is idle once it returns
         if ws.client_state == WebSocketState.CONNECTED:
             with contextlib.suppress(Exception):
                 await ws.close()
