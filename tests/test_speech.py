@@ -144,15 +144,19 @@ async def test_websocket_audio_is_the_answer_spoken(
 class WebRTCClient:
     """A browser stand-in that also listens: microphone from a wav, speech from the track."""
 
-    def __init__(self) -> None:
+    def __init__(self, mic: bool = True) -> None:
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         self.channel = self.pc.createDataChannel("oai-events")
         self.events: list[tuple[float, dict[str, Any]]] = []
         self.frames: list[tuple[float, np.ndarray]] = []  # arrival time, 48 kHz mono
         self.changed = asyncio.Event()
+        self.sound = asyncio.Event()  # a frame louder than silence arrived
         self.channel.on("message", self._on_message)
-        self.player = MediaPlayer(str(SAMPLE_WAV))
-        self.pc.addTrack(self.player.audio)
+        self.player = MediaPlayer(str(SAMPLE_WAV)) if mic else None
+        if self.player is not None:
+            self.pc.addTrack(self.player.audio)
+        else:  # audio goes as appends on the channel; the track only brings speech back
+            self.pc.addTransceiver("audio", direction="recvonly")
         self.pc.on("track", self._on_track)
         self.reader: asyncio.Task[None] | None = None
 
@@ -169,6 +173,8 @@ class WebRTCClient:
                     return
                 pcm = frame.to_ndarray().reshape(-1, len(frame.layout.channels))[:, 0]
                 self.frames.append((time.perf_counter(), pcm.astype(np.float32) / 32768))
+                if rms(self.frames[-1][1]) > 0.01:
+                    self.sound.set()
                 self.changed.set()
 
         self.reader = asyncio.create_task(read())
@@ -196,7 +202,8 @@ class WebRTCClient:
         return await asyncio.wait_for(until(), within_s)
 
     async def close(self) -> None:
-        self.player.audio.stop()
+        if self.player is not None:
+            self.player.audio.stop()
         await self.pc.close()
         if self.reader is not None:
             await asyncio.gather(self.reader, return_exceptions=True)
@@ -283,3 +290,43 @@ async def test_disconnect_while_speaking_leaves_nothing_running(
     assert on_server(app, _idle(app)) == baseline
     events, _ = await ws_turn(base_url.replace("http", "ws") + "/v1/realtime")  # next one works
     assert of(events, "response.done")[0]["response"]["status"] == "completed"
+
+
+@pytest.mark.asyncio
+async def test_webrtc_barge_in_stops_the_track_within_100_ms(server: tuple[str, Any]) -> None:
+    base_url, app = server
+    client = WebRTCClient(mic=False)
+    try:
+        await client.connect(base_url)
+        await client.wait_for("session.created")
+        for message in appends(SPEECH):
+            client.channel.send(message)
+        await asyncio.wait_for(client.sound.wait(), 30)  # the answer is heard
+        sent_before = len(client.events)
+        injected_at = time.perf_counter()
+        # The user talks over it (no pause after, so no new turn starts meanwhile).
+        for message in appends(SPEECH[int(0.3 * 16000) : int(2.7 * 16000)]):
+            client.channel.send(message)
+        done = await client.wait_for("response.done")
+        (call,) = app.state.server.peers.calls
+        track = call.speech_track
+        # Hear the track a little longer: nothing loud may come after the barge-in's frames.
+        ended = len(client.frames)
+        while len(client.frames) < ended + 10:
+            client.changed.clear()
+            await asyncio.wait_for(client.changed.wait(), 10)
+    finally:
+        await client.close()
+    assert done["response"]["status"] == "cancelled"
+    assert any(
+        e["type"] == "input_audio_buffer.speech_started" for _, e in client.events[sent_before:]
+    )
+    stopped_ms = (track.last_speech_at - injected_at) * 1000
+    assert stopped_ms <= 100, f"speech frames went on for {stopped_ms:.0f} ms"
+    # On the client: the last speech arrives within 100 ms of the barge-in plus the lag of
+    # this call's audio path (Opus, jitter buffer), measured on its first speech frame.
+    loud = [at for at, pcm in client.frames if rms(pcm) > 0.01]
+    assert loud and track.first_speech_at is not None
+    lag = loud[0] - track.first_speech_at
+    heard_ms = (loud[-1] - injected_at - lag) * 1000
+    assert heard_ms <= 100 + 20, f"the client heard speech {heard_ms:.0f} ms after barge-in"

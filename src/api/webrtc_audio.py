@@ -35,6 +35,9 @@ class SpeechTrack(MediaStreamTrack):  # type: ignore[misc]
         self._queue = SampleQueue()
         self._started_at: float | None = None
         self._pts = 0
+        # perf_counter when a frame with speech first / last left (for logs and tests)
+        self.first_speech_at: float | None = None
+        self.last_speech_at: float | None = None
 
     # ----------------------------------------------------------------- AudioOut
 
@@ -60,6 +63,10 @@ class SpeechTrack(MediaStreamTrack):  # type: ignore[misc]
             if wait > 0:
                 await asyncio.sleep(wait)  # real-time pacing, as aiortc's AudioStreamTrack
         speech, _ids = self._queue.take(FRAME_SAMPLES)
+        if speech.size:
+            self.last_speech_at = time.perf_counter()
+            if self.first_speech_at is None:
+                self.first_speech_at = self.last_speech_at
         samples = np.zeros(FRAME_SAMPLES, np.int16)  # silence between and after answers
         samples[: speech.size] = speech
         frame = av.AudioFrame.from_ndarray(samples.reshape(1, -1), format="s16", layout="mono")
