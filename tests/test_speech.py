@@ -11,15 +11,13 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import numpy as np
 import pytest
 import websockets
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
-from aiortc.contrib.media import MediaPlayer
 from aiortc.mediastreams import MediaStreamError
 from conftest import SAMPLE_WAV, SCRIPT
 from servers import running_server
+from test_webrtc import Client
 
 from voxtral_server.config import Settings
 from voxtral_server.models.audio import read_audio_file
@@ -141,28 +139,18 @@ async def test_websocket_audio_is_the_answer_spoken(
     assert t["ttfa_ms"] is not None and t["ttfa_ms"] >= t["first_word_ms"] > 0
 
 
-class WebRTCClient:
-    """A browser stand-in that also listens: microphone from a wav, speech from the track."""
+class ListeningClient(Client):
+    """test_webrtc's browser stand-in that also hears the server's speech track: every
+    frame's arrival time and 48 kHz mono samples in `frames`. Without `mic`, audio goes as
+    appends on the channel and the offer only receives audio."""
 
     def __init__(self, mic: bool = True) -> None:
-        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-        self.channel = self.pc.createDataChannel("oai-events")
-        self.events: list[tuple[float, dict[str, Any]]] = []
-        self.frames: list[tuple[float, np.ndarray]] = []  # arrival time, 48 kHz mono
-        self.changed = asyncio.Event()
+        super().__init__()
+        self.mic = mic
+        self.frames: list[tuple[float, np.ndarray]] = []
         self.sound = asyncio.Event()  # a frame louder than silence arrived
-        self.channel.on("message", self._on_message)
-        self.player = MediaPlayer(str(SAMPLE_WAV)) if mic else None
-        if self.player is not None:
-            self.pc.addTrack(self.player.audio)
-        else:  # audio goes as appends on the channel; the track only brings speech back
-            self.pc.addTransceiver("audio", direction="recvonly")
-        self.pc.on("track", self._on_track)
         self.reader: asyncio.Task[None] | None = None
-
-    def _on_message(self, message: str) -> None:
-        self.events.append((time.perf_counter(), json.loads(message)))
-        self.changed.set()
+        self.pc.on("track", self._on_track)
 
     def _on_track(self, track: Any) -> None:
         async def read() -> None:
@@ -179,32 +167,13 @@ class WebRTCClient:
 
         self.reader = asyncio.create_task(read())
 
-    async def connect(self, base_url: str) -> None:
-        await self.pc.setLocalDescription(await self.pc.createOffer())
-        async with httpx.AsyncClient() as http:
-            reply = await http.post(
-                f"{base_url}/v1/realtime/calls",
-                content=self.pc.localDescription.sdp,
-                headers={"content-type": "application/sdp"},
-            )
-        assert reply.status_code == 201, reply.text
-        await self.pc.setRemoteDescription(RTCSessionDescription(reply.text, "answer"))
-
-    async def wait_for(self, type_: str, within_s: float = 60) -> dict[str, Any]:
-        async def until() -> dict[str, Any]:
-            while True:
-                for _, event in self.events:
-                    if event["type"] == type_:
-                        return event
-                self.changed.clear()
-                await self.changed.wait()
-
-        return await asyncio.wait_for(until(), within_s)
+    async def connect(self, base_url: str, wav: str | None = str(SAMPLE_WAV)) -> None:
+        if not self.mic:
+            self.pc.addTransceiver("audio", direction="recvonly")
+        await super().connect(base_url, wav if self.mic else None)
 
     async def close(self) -> None:
-        if self.player is not None:
-            self.player.audio.stop()
-        await self.pc.close()
+        await super().close()
         if self.reader is not None:
             await asyncio.gather(self.reader, return_exceptions=True)
 
@@ -214,7 +183,7 @@ async def test_webrtc_track_carries_the_answer_spoken(
     server: tuple[str, Any], espeak: TtsEngine
 ) -> None:
     base_url, _app = server
-    client = WebRTCClient()
+    client = ListeningClient()
     try:
         await client.connect(base_url)
         done = await client.wait_for("response.done")
@@ -227,8 +196,8 @@ async def test_webrtc_track_carries_the_answer_spoken(
     finally:
         await client.close()
     assert done["response"]["status"] == "completed"
-    shown = "".join(e["delta"] for _, e in client.events if e["type"].endswith("text.delta"))
-    phrases = [e["delta"] for _, e in client.events if e["type"].endswith("transcript.delta")]
+    shown = "".join(e["delta"] for e in client.events if e["type"].endswith("text.delta"))
+    phrases = [e["delta"] for e in client.events if e["type"].endswith("transcript.delta")]
     assert shown == SCRIPT and "".join(phrases) == SCRIPT
     heard = np.concatenate([pcm for _, pcm in client.frames])
     expected = render(espeak, phrases, 48_000)
@@ -295,7 +264,7 @@ async def test_disconnect_while_speaking_leaves_nothing_running(
 @pytest.mark.asyncio
 async def test_webrtc_barge_in_stops_the_track_within_100_ms(server: tuple[str, Any]) -> None:
     base_url, app = server
-    client = WebRTCClient(mic=False)
+    client = ListeningClient(mic=False)
     try:
         await client.connect(base_url)
         await client.wait_for("session.created")
@@ -319,7 +288,7 @@ async def test_webrtc_barge_in_stops_the_track_within_100_ms(server: tuple[str, 
         await client.close()
     assert done["response"]["status"] == "cancelled"
     assert any(
-        e["type"] == "input_audio_buffer.speech_started" for _, e in client.events[sent_before:]
+        e["type"] == "input_audio_buffer.speech_started" for e in client.events[sent_before:]
     )
     stopped_ms = (track.last_speech_at - injected_at) * 1000
     assert stopped_ms <= 100, f"speech frames went on for {stopped_ms:.0f} ms"
