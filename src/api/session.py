@@ -66,7 +66,6 @@ class _Response:
     first_chunk_out_at: float | None = None
     text: list[str] = field(default_factory=list)
     speech: Speech | None = None  # the answer spoken (chat mode with tts on)
-    speaking_on: bool = False  # the text is complete; the speech still goes on
 
 
 @dataclass
@@ -450,7 +449,6 @@ class Session:
             if chunk.totals.status == "completed" and not self.closed:
                 # The text is complete; response.done waits until it has been spoken.
                 speech.end()
-                response.speaking_on = True
                 self._spawn(self._finish_when_spoken(response, chunk), f"speech-{response.id}")
                 return
             speech.cancel()
@@ -627,12 +625,14 @@ class Session:
         td = self.turn_detection
         if td is None or (self._detector is not None and not rebuild):
             return
-        # A new Silero model takes ~50 ms of CPU to load and warm: keep it off the event loop.
         pool = self._vad_models
-        model = await asyncio.to_thread(pool.acquire) if pool is not None else None
-        detector = await asyncio.to_thread(
-            vad.TurnDetector, td.threshold, td.silence_duration_ms, 0, model
-        )
+
+        def build() -> vad.TurnDetector:
+            model = pool.acquire() if pool is not None else None
+            return vad.TurnDetector(td.threshold, td.silence_duration_ms, 0, model)
+
+        # Without a warm model at hand, loading one takes ~50 ms of CPU: off the event loop.
+        detector = await asyncio.to_thread(build)
         if self.closed:  # closed while the model loaded
             if pool is not None:
                 pool.release(detector.model)
