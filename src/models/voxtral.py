@@ -32,16 +32,13 @@ from ..config import Settings
 from .audio import SAMPLE_RATE, validate
 from .mel import N_SAMPLES, LogMel, processor_features
 from .prompt import PromptBuilder
-from .streamer import CancelCriteria, ChunkSink, WordStreamer
+from .streamer import CancelCriteria, ChunkSink, WordStreamer, final_chunk
 from .types import (
     Chunk,
     EngineError,
     ModelLoadError,
     Request,
     RequestHandle,
-    Status,
-    Totals,
-    ms_between,
 )
 from .words import WordChunker
 
@@ -369,56 +366,8 @@ class VoxtralEngine:
     ) -> None:
         """Hand out the final chunk. `streamer`/`started` are None if it never ran."""
         handle = job.handle
-        now = time.perf_counter()
-        status: Status
-        if error is not None:
-            status = "error"
-        elif streamer is None or streamer.cut_short:
-            status = "cancelled"
-        else:
-            status = "completed"  # a cancel that came after the last word changes nothing
-        tokens = streamer.tokens if streamer else 0
-        first = streamer.first_token_at if streamer else None
-        answer = streamer.text if streamer else ""
-        queue_wait_ms = ms_between(handle.submitted_at, started if started is not None else now)
-        gen_s = (now - first) if first is not None else 0.0
-        cancel_ms = None
-        if status == "cancelled" and started is not None and handle.cancel_requested_at:
-            cancel_ms = ms_between(max(handle.cancel_requested_at, started), now)
-        totals = Totals(
-            status=status,
-            answer=answer,
-            tokens=tokens,
-            words=len(answer.split()),
-            total_ms=ms_between(handle.submitted_at, now),
-            tokens_per_s=round((tokens - 1) / gen_s, 1) if tokens > 1 and gen_s > 0 else 0.0,
-            queue_wait_ms=queue_wait_ms,
-            model_ttft_ms=(
-                ms_between(handle.submitted_at, first) - queue_wait_ms
-                if first is not None
-                else None
-            ),
-            cancel_latency_ms=cancel_ms,
-            tokens_after_cancel=(
-                tokens - handle.tokens_at_cancel
-                if handle.tokens_at_cancel is not None and started is not None
-                else None
-            ),
-            error_code=error.code if error else None,
-            error=str(error) if error else None,
-            token_ids=tuple(streamer.token_ids) if streamer else (),
-        )
-        final = Chunk(
-            text="",
-            chunk_index=streamer.chunks if streamer else 0,
-            is_final=True,
-            first_token_latency_ms=ms_between(handle.submitted_at, first)
-            if first is not None
-            else None,
-            processing_time_ms=totals.total_ms,
-            tokens=tokens,
-            totals=totals,
-        )
+        final = final_chunk(handle, streamer, error, started, time.perf_counter())
+        queue_wait_ms = final.totals.queue_wait_ms if final.totals else 0.0
         try:
             job.sink(final)
         except Exception:  # the caller went away; nothing else to tell it
