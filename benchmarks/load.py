@@ -2,6 +2,11 @@
 
     python benchmarks/load.py [--model DIR_OR_HUB_ID] [--config FILE] [--audio FILE]
                               [--levels 1 4 16 32] [--turns N] [--queue-size N] [--pace]
+                              [--engine transformers|vllm] [--vllm-endpoint URL ...]
+
+--engine vllm sends the turns to vLLM server(s) (engine.vllm.endpoints, or --vllm-endpoint)
+instead of loading the model here; queue wait is then ~0 and the first word includes vLLM's
+own scheduling.
 
 Starts the real app (`create_app` with the default engine factory: the server loads the model
 itself) once, under uvicorn on a free loopback port in this process, with `server.max_sessions`
@@ -56,7 +61,7 @@ from voxtral_server.config import Settings, load_settings
 from voxtral_server.models.audio import read_audio_file
 
 ANSWER = "Hello world, the quick brown fox jumps over the lazy dog."
-ENGINES = ("transformers",)  # the default engine factory of `create_app`
+ENGINES = ("transformers", "vllm")  # engine.kind: the model in this process, or vLLM servers
 RECV_TIMEOUT_S = 120.0  # longest wait for any one server event
 CONNECT_TIMEOUT_S = 30.0
 LEVEL_TIMEOUT_S = 600.0  # a whole level, after which its sessions are abandoned
@@ -110,11 +115,12 @@ class RunningServer:
 def start_server(settings: Settings, engine: str = "transformers") -> RunningServer:
     """The real app for `settings` on a free loopback port, model loaded and warmed up.
 
-    `engine` picks how the model is served; only the app's own (transformers) engine exists
-    now. Another one plugs in here, as an `engine_factory` for `create_app`.
+    `engine` picks how the model is served (`engine.kind`): transformers loads it in this
+    process, vllm streams from the servers in `engine.vllm.endpoints`.
     """
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; available: {', '.join(ENGINES)}")
+    settings = settings.with_overrides({("engine", "kind"): engine})
     return RunningServer(engine, InProcessServer(create_app(settings)).start())
 
 
@@ -375,6 +381,12 @@ def main() -> int:
     parser.add_argument("--turns", type=int, default=3, help="push-to-talk turns per session")
     parser.add_argument("--queue-size", type=int, help="engine.queue_size (default: config)")
     parser.add_argument("--pace", action="store_true", help="send the audio in real time")
+    parser.add_argument("--engine", choices=ENGINES, default="transformers")
+    parser.add_argument(
+        "--vllm-endpoint",
+        action="append",
+        help="vLLM base URL, repeatable (default: engine.vllm.endpoints); with --engine vllm",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="show server warnings")
     args = parser.parse_args()
     if min(args.levels) < 1 or args.turns < 1:
@@ -383,7 +395,7 @@ def main() -> int:
     if not args.verbose:  # every slow turn and every engine_busy is logged: expected here
         logging.getLogger("voxtral_server").setLevel(logging.ERROR)
 
-    if args.model is None:
+    if args.model is None and args.engine == "transformers":  # vLLM serves its own model
         from voxtral_server.models.tiny import build_tiny
 
         args.model = str(build_tiny(Path(tempfile.mkdtemp()) / "tiny", script=ANSWER))
@@ -393,12 +405,16 @@ def main() -> int:
         ("server", "max_sessions"): max(settings.server.max_sessions, 2 * max(args.levels)),
         ("engine", "queue_size"): args.queue_size,
     }
+    if args.vllm_endpoint:
+        vllm = settings.engine.vllm.model_dump() | {"endpoints": args.vllm_endpoint}
+        overrides[("engine", "vllm")] = vllm
     settings = settings.with_overrides(overrides)
+    model = args.model or "served by " + ", ".join(settings.engine.vllm.endpoints)
     audio = read_audio_file(args.audio)
     audio_events = appends(audio)
 
     t_start = time.perf_counter()
-    server = start_server(settings)
+    server = start_server(settings, args.engine)
     print(f"server up at {server.base_url} in {time.perf_counter() - t_start:.1f} s")
     rss_loaded = rss_mb()
     try:
@@ -421,7 +437,7 @@ def main() -> int:
     seconds = len(audio) / 16000
     print(f"machine: {machine()}")
     print(
-        f"model: {args.model}  engine: {server.engine}  audio: {args.audio.name} "
+        f"model: {model}  engine: {server.engine}  audio: {args.audio.name} "
         f"({seconds:.1f} s{', real-time pace' if args.pace else ''})  "
         f"queue_size: {settings.engine.queue_size}"
     )
@@ -435,7 +451,7 @@ def main() -> int:
     path = write_json(
         "load",
         {
-            "model": args.model,
+            "model": model,
             "engine": server.engine,
             "audio": args.audio.name,
             "audio_s": seconds,

@@ -96,13 +96,22 @@ def _run_file(args: argparse.Namespace, settings: Settings, mode: str) -> int:
 
 
 def cmd_make_tiny(args: argparse.Namespace) -> int:
-    from .models.tiny import build_tiny
-
     out = Path(args.dir)
     if out.exists() and any(out.iterdir()) and not args.force:
         print(f"error: {out} is not empty (use --force to overwrite)", file=sys.stderr)
         return 2
-    build_tiny(out, script=args.script)
+    if args.format == "mistral":
+        from .models.tiny_mistral import build_tiny_mistral
+
+        try:
+            build_tiny_mistral(out, script=args.script)
+        except ValueError as exc:  # a script the successor-map model cannot say
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    else:
+        from .models.tiny import build_tiny
+
+        build_tiny(out, script=args.script)
     print(str(out))
     return 0
 
@@ -186,6 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", help="output folder")
     p.add_argument("--script", help="make greedy decoding answer exactly this text")
     p.add_argument("--force", action="store_true", help="write into a non-empty folder")
+    p.add_argument(
+        "--format",
+        choices=("transformers", "mistral"),
+        default="transformers",
+        help="transformers: for model.id (default); mistral: params.json + "
+        "consolidated.safetensors + tekken.json, what `vllm serve --load-format mistral` reads",
+    )
     p.set_defaults(func=cmd_make_tiny, config=None)
 
     p = sub.add_parser(
