@@ -37,6 +37,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         ("model", "id"): getattr(args, "model", None),
         ("server", "host"): getattr(args, "host", None),
         ("server", "port"): getattr(args, "port", None),
+        ("tts", "engine"): getattr(args, "tts", None),
     }
     return load_settings(args.config, overrides)
 
@@ -160,6 +161,12 @@ def demo_checkpoint() -> Path:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     args.model = str(demo_checkpoint())
+    if args.tts is None:
+        import shutil
+
+        args.tts = "espeak" if shutil.which("espeak-ng") else None
+        if args.tts is None:
+            logger.info("espeak-ng is not installed: the demo answers in text only")
     if args.clip is not None:  # no server: stream the answer to one clip and exit
         args.file = args.clip or str(SAMPLE_CLIP)
         return _run_file(args, _settings(args), "chat")
@@ -223,6 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--port", type=int, help="TCP port (overrides server.port)")
         p.add_argument(
             "--insecure", action="store_true", help="allow a non-loopback host without a token"
+        )
+        p.add_argument(
+            "--tts",
+            choices=["none", "espeak", "kokoro"],
+            help="speak the answers (tts.engine); demo default: espeak if espeak-ng is installed",
         )
 
     p = sub.add_parser("serve", help="run the realtime server (WebSocket + WebRTC + web page)")
