@@ -1,8 +1,9 @@
-"""The TTFT suite's speech pass: time to first audio (TTFA) with the espeak engine, and the
+"""The TTFT suite's speech pass: time to first audio (TTFA) with the config's TTS engine
+(espeak-ng when the config has none), and the
 phrase chunker against waiting for the sentence end on a long run-on answer.
 
 TTFA turns run like the suite's TTFT turns (fresh conversation, server VAD, the clock starts
-when the append that ends the turn is sent), with `tts.engine: espeak`; the client waits
+when the append that ends the turn is sent), with speech on; the client waits
 for the first audio, then cancels (an answer is spoken in real time: 64 words take ~20 s).
   server TTFA      timings.ttfa_ms: end of speech detected -> first audio sent.
   client TTFA      the append that ends the turn -> first audio received: the first
@@ -32,13 +33,18 @@ EVENT_TIMEOUT_S = 120.0
 BARRIER = json.dumps({"type": "session.update", "session": {}})
 CANCEL = json.dumps({"type": "response.cancel"})
 _CLAUSE = "and then the weather turns a little warmer over the hills where the wind comes down"
-RUN_ON = " ".join([_CLAUSE] * 9) + "."  # 144 words, one sentence, no other punctuation
+RUN_ON = " ".join([_CLAUSE] * 18) + "."  # 288 words, one sentence, no other punctuation
 SENTENCE_ONLY = {"first_phrase_min_words": 64, "phrase_min_words": 64, "phrase_timeout_ms": 10000}
+
+
+def speech_engine(base: Settings) -> str:
+    """The config's TTS engine, or espeak-ng when the config has none."""
+    return base.tts.engine if base.tts.engine != "none" else "espeak"
 
 
 def with_tts(base: Settings, **tts: Any) -> Settings:
     data = base.model_dump()
-    data["tts"].update({"engine": "espeak", **tts})
+    data["tts"].update({"engine": speech_engine(base), **tts})
     return Settings.model_validate(data)
 
 
@@ -119,7 +125,7 @@ def measure_speech(
 
         model = str(build_tiny(tmp / "tiny-run-on", script=RUN_ON))
         data = base.model_dump()
-        data["model"].update({"id": model, "max_new_tokens": 1024})
+        data["model"].update({"id": model, "max_new_tokens": 2048})
         run_on_base = Settings.model_validate(data)
         for name, tts in (("phrases", {}), ("sentence_end", SENTENCE_ONLY)):
             server = _serve(with_tts(run_on_base, **tts))

@@ -86,7 +86,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, also when imported
 from _clients import CHUNK_MS, WebRTCClient, WebSocketClient, appends
 from _common import OUT, machine, median, pct, table, write_json
-from _speech import measure_speech
+from _speech import measure_speech, speech_engine
 
 from voxtral_server.api.app import create_app
 from voxtral_server.api.inprocess import InProcessServer
@@ -373,9 +373,9 @@ def summarise_speech(speech: dict[str, Any]) -> tuple[dict[str, Any], str]:
     return summary, table(headers, rows)
 
 
-def speech_line(summary: dict[str, Any]) -> str:
+def speech_line(summary: dict[str, Any], engine: str) -> str:
     ttfa = summary["ttfa_ms"]
-    line = f"• Speech (espeak): TTFA p50 {ttfa['p50']:.0f} ms, p95 {ttfa['p95']:.0f} ms"
+    line = f"• Speech ({engine}): TTFA p50 {ttfa['p50']:.0f} ms, p95 {ttfa['p95']:.0f} ms"
     if "run_on_ratio_p50" in summary:
         line += (
             f"; run-on answer, first audio p50 {summary['run_on_phrases']['p50']:.0f} ms with "
@@ -489,7 +489,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--speech-turns",
         type=int,
-        help="TTFA turns per transport with tts.engine espeak (default 10, --short 2; 0 = none)",
+        help="TTFA turns per transport with the config's tts.engine, espeak if none "
+        "(default 10, --short 2; 0 = none)",
     )
     args = parser.parse_args(argv)
     turns = args.turns if args.turns is not None else (3 if args.short else 20)
@@ -497,9 +498,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if turns < 1 or cancels < 1:
         parser.error("--turns and --cancels must be at least 1")
     speech_turns = args.speech_turns if args.speech_turns is not None else (2 if args.short else 10)
-    if speech_turns and shutil.which("espeak-ng") is None:
-        print("note: espeak-ng is not installed: no speech (TTFA) pass", file=sys.stderr)
-        speech_turns = 0
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     started = time.perf_counter()
@@ -516,6 +514,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 1
         audio_events = appends(audio)
+        tts_engine = speech_engine(base)
+        if speech_turns and tts_engine == "espeak" and shutil.which("espeak-ng") is None:
+            print("note: espeak-ng is not installed: no speech (TTFA) pass", file=sys.stderr)
+            speech_turns = 0
         variants = ["ours"] + ([args.baseline] if args.baseline else [])
         results: dict[str, Any] = {}
         try:
@@ -527,7 +529,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
             speech = None
             if speech_turns:
-                print(f"speech: {speech_turns} TTFA turns per transport (tts.engine espeak)")
+                print(f"speech: {speech_turns} TTFA turns per transport (tts.engine {tts_engine})")
                 k = results["ours"]["vad_end_append"]
                 speech = measure_speech(
                     base, audio_events, k, speech_turns, Path(tmp), run_on=args.model is None
@@ -564,12 +566,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     speech_summary = None
     if speech is not None:
         speech_summary, speech_table = summarise_speech(speech)
-        print("\nspeech (tts.engine espeak; times in ms):")
+        print(f"\nspeech (tts.engine {tts_engine}; times in ms):")
         print(speech_table)
     print(f"\ngo/no-go (ours, both transports pooled; suite ran in {elapsed:.1f} s):")
     lines, verdicts = go_no_go(results["ours"]["summary"], target)
     if speech_summary is not None:
-        lines.append(speech_line(speech_summary))
+        lines.append(speech_line(speech_summary, tts_engine))
     for line in lines:
         print(line)
 
