@@ -49,6 +49,7 @@ test: lint unit
 bench: $(STAMP)
 	$(PY) benchmarks/mel.py
 	$(PY) benchmarks/engine.py
+	$(PY) benchmarks/history.py
 	$(PY) benchmarks/transport.py
 	$(PY) benchmarks/ttft_suite.py --baseline seed
 	$(PY) benchmarks/load.py

@@ -351,3 +351,22 @@ def test_no_request_compiles_after_warm_up(compiled_engines: dict[str, Any]) -> 
     for request in requests:
         assert _final(collect(engine, request)).status == "completed"
     assert dict(counters["stats"]) == compiled  # same graphs: nothing compiled per request
+
+
+def test_a_long_chat_encodes_each_utterance_once_and_answers_the_same(
+    tiny_random: Path, random_engine: VoxtralEngine
+) -> None:
+    """Turn after turn the history's audio comes from the encoder cache (the history keeps
+    the very arrays that were answered), and every answer still equals the plain pipeline's,
+    which re-reads all the audio."""
+    conversation = Conversation(max_turns=3)
+    for turn in range(4):
+        audio = speech_like(1.0 + 0.5 * turn, seed=20 + turn)
+        request = Request(
+            audio, "chat", history=conversation.history, temperature=0.0, max_new_tokens=MAX_NEW
+        )
+        hits = random_engine._embeds.hits
+        totals = _final(collect(random_engine, request))
+        assert list(totals.token_ids) == reference_ids(tiny_random, request)
+        assert random_engine._embeds.hits - hits == len(request.history)  # none re-encoded
+        conversation.add(audio, totals.answer)

@@ -30,6 +30,7 @@ from transformers import (
 
 from ..config import Settings
 from .audio import SAMPLE_RATE, validate
+from .embeds import AudioEmbedCache
 from .mel import N_SAMPLES, LogMel, processor_features
 from .prompt import PromptBuilder
 from .streamer import CancelCriteria, ChunkSink, WordStreamer, final_chunk
@@ -189,6 +190,9 @@ class VoxtralEngine:
                 max_cache_len=self._static_cache_len,
             )
         self.warmup_ms: list[float] = []
+        # Each utterance of the open conversations: their history turns plus the new one.
+        turns = settings.conversation.max_turns + 1
+        self._embeds = AudioEmbedCache(max(16, turns * settings.server.max_sessions))
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -429,20 +433,43 @@ class VoxtralEngine:
         return processor_features(self.processor.feature_extractor, audio)
 
     def model_inputs(self, request: Request) -> dict[str, torch.Tensor]:
-        """input_ids, attention_mask and input_features for one request, on the device."""
+        """input_ids, attention_mask and inputs_embeds (audio in place) for one request.
+
+        Each utterance goes through the audio encoder once: the embeddings of a chat's
+        earlier turns come from `_audio_embeds`'s cache, so a long conversation's TTFT does
+        not grow with the audio it would otherwise re-read.
+        """
         if request.mode == "transcribe":
             ids = self.prompts.transcription(request.audio, request.language)
             audios = [request.audio]
         else:
             ids = self.prompts.chat(request.audio, request.instructions, request.history)
             audios = [turn.audio for turn in request.history] + [request.audio]
-        features = torch.cat([self._features(a) for a in audios])
         input_ids = torch.tensor([ids], device=self.runtime.device)
+        embeds = self.model.get_input_embeddings()(input_ids)
+        audio = torch.cat([self._audio_embeds(a) for a in audios])
+        mask = (input_ids == self.model.config.audio_token_id).unsqueeze(-1).expand_as(embeds)
+        if int(mask.sum()) != audio.numel():
+            raise EngineError(
+                "generation_failed",
+                f"prompt has {int(mask.sum()) // embeds.shape[-1]} audio tokens but the audio "
+                f"encoder gave {audio.shape[0]} embeddings",
+            )
         return {
             "input_ids": input_ids,
             "attention_mask": torch.ones_like(input_ids),
-            "input_features": features.to(self.runtime.device, self.runtime.dtype),
+            "inputs_embeds": embeds.masked_scatter(mask, audio.to(embeds.dtype)),
         }
+
+    def _audio_embeds(self, audio: np.ndarray) -> torch.Tensor:
+        """The audio encoder's output for one utterance (remembered: it is the next turn's
+        history)."""
+        embeds = self._embeds.get(audio)
+        if embeds is None:
+            features = self._features(audio).to(self.runtime.device, self.runtime.dtype)
+            embeds = self.model.get_audio_features(features).pooler_output
+            self._embeds.put(audio, embeds)
+        return embeds
 
     def _sampling(self, request: Request) -> dict[str, Any]:
         chat = self.settings.chat
