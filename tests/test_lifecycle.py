@@ -205,6 +205,31 @@ def test_health_answers_while_loading_and_ready_after() -> None:
         server.stop()
 
 
+def test_readyz_says_when_the_engine_is_down_and_names_its_endpoints() -> None:
+    """An engine that serves through others (vLLM) can be loaded yet unable to answer."""
+    from voxtral_server.api.app import create_app
+    from voxtral_server.api.inprocess import InProcessServer
+
+    class RemoteEngine:
+        ready = False
+
+        def submit(self, request: Request, sink: ChunkSink) -> RequestHandle:
+            raise AssertionError("not used")
+
+        def describe(self) -> dict[str, Any]:
+            return {"engine": "vllm", "endpoints": [{"url": "http://a:8001", "up": self.ready}]}
+
+    engine = RemoteEngine()
+    with InProcessServer(create_app(Settings(), engine_factory=lambda s: engine)) as server:
+        down = httpx.get(f"{server.base_url}/readyz")
+        assert down.status_code == 503 and down.json()["status"] == "engine_down"
+        assert down.json()["endpoints"] == [{"url": "http://a:8001", "up": False}]
+        engine.ready = True
+        up = httpx.get(f"{server.base_url}/readyz")
+        assert up.status_code == 200 and up.json()["status"] == "ready"
+        assert up.json()["endpoints"][0]["up"] is True
+
+
 def test_failed_load_is_reported_by_readyz(tmp_path: Path) -> None:
     from voxtral_server.api.app import create_app
 
