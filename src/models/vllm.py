@@ -40,7 +40,7 @@ from typing import Any, TypeVar
 import httpx
 
 from ..config import Settings
-from .audio import validate, wav_bytes
+from .audio import check_request, wav_bytes
 from .streamer import ChunkSink, DeltaChunker, final_chunk
 from .types import EngineError, Request, RequestHandle
 from .words import WordChunker
@@ -217,11 +217,7 @@ class VllmEngine:
         Raises `AudioInputError` for audio the model cannot answer and `EngineError` when
         the engine is closed (`engine_closed`) or no endpoint is up (`no_endpoint`).
         """
-        if request.mode not in ("transcribe", "chat"):
-            raise EngineError(
-                "invalid_mode", f"mode must be transcribe or chat, not {request.mode!r}"
-            )
-        validate(request.audio, self.settings.audio.max_utterance_s)
+        check_request(request, self.settings.audio.max_utterance_s)
         handle = _VllmHandle(request)
         with self._lock:
             if self._closed:

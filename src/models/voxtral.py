@@ -29,7 +29,7 @@ from transformers import (
 )
 
 from ..config import Settings
-from .audio import SAMPLE_RATE, validate
+from .audio import SAMPLE_RATE, check_request
 from .embeds import AudioEmbedCache
 from .mel import N_SAMPLES, LogMel, processor_features
 from .prompt import PromptBuilder
@@ -261,11 +261,7 @@ class VoxtralEngine:
         Raises `AudioInputError` for audio the model cannot answer and `EngineError` when
         the engine is closed or its queue is full; the engine keeps serving either way.
         """
-        if request.mode not in ("transcribe", "chat"):
-            raise EngineError(
-                "invalid_mode", f"mode must be transcribe or chat, not {request.mode!r}"
-            )
-        validate(request.audio, self.settings.audio.max_utterance_s)
+        check_request(request, self.settings.audio.max_utterance_s)
         handle = RequestHandle(request)
         with self._lock:
             if self._closed:
