@@ -6,9 +6,12 @@ import threading
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from ..config import SamplingSettings
 
 Mode = Literal["transcribe", "chat"]
 Status = Literal["completed", "cancelled", "error"]
@@ -69,6 +72,19 @@ class Request:
     temperature: float | None = None  # None = chat.temperature (chat) / 0 (transcribe)
     top_p: float | None = None
     min_new_tokens: int = 0  # benchmarks: keep a random model from stopping at once
+
+
+def sampling(request: Request, chat: SamplingSettings) -> tuple[float, float | None]:
+    """(temperature, top_p), or (0, None) for greedy decoding: the request's own values,
+    else `chat.*` in chat mode; transcription is greedy unless the request says otherwise.
+    Every engine decodes by this rule."""
+    if request.temperature is not None:
+        temperature = request.temperature
+    else:
+        temperature = chat.temperature if request.mode == "chat" else 0.0
+    if temperature <= 0:
+        return 0.0, None
+    return temperature, request.top_p if request.top_p is not None else chat.top_p
 
 
 @dataclass(frozen=True)

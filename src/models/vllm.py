@@ -42,7 +42,7 @@ import httpx
 from ..config import Settings
 from .audio import check_request, wav_bytes
 from .streamer import ChunkSink, DeltaChunker, final_chunk
-from .types import EngineError, Request, RequestHandle
+from .types import EngineError, Request, RequestHandle, sampling
 from .words import WordChunker
 
 logger = logging.getLogger(__name__)
@@ -413,7 +413,7 @@ class VllmEngine:
     def _http_request(self, request: Request, endpoint: _Endpoint) -> httpx.Request:
         model = self.vllm.model or endpoint.model or ""
         max_tokens = request.max_new_tokens or self.settings.model.max_new_tokens
-        temperature, top_p = self._sampling(request)
+        temperature, top_p = sampling(request, self.settings.chat)
         if request.mode == "transcribe":
             data: dict[str, str] = {
                 "model": model,
@@ -444,17 +444,6 @@ class VllmEngine:
         if request.min_new_tokens:
             body["min_tokens"] = request.min_new_tokens  # vLLM's extra sampling parameter
         return self._client.build_request("POST", f"{endpoint.url}/v1/chat/completions", json=body)
-
-    def _sampling(self, request: Request) -> tuple[float, float | None]:
-        """(temperature, top_p or None): the local engine's rule (transcribe is greedy)."""
-        chat = self.settings.chat
-        if request.temperature is not None:
-            temperature = request.temperature
-        else:
-            temperature = chat.temperature if request.mode == "chat" else 0.0
-        if temperature <= 0:
-            return 0.0, None
-        return temperature, request.top_p if request.top_p is not None else chat.top_p
 
     async def _stream(self, turn: _Turn, stream: DeltaChunker) -> None:
         """Read the turn's server-sent events into `stream` until `[DONE]`."""

@@ -40,6 +40,7 @@ from .types import (
     ModelLoadError,
     Request,
     RequestHandle,
+    sampling,
 )
 from .words import WordChunker
 
@@ -468,14 +469,9 @@ class VoxtralEngine:
         return embeds
 
     def _sampling(self, request: Request) -> dict[str, Any]:
-        chat = self.settings.chat
-        if request.temperature is not None:
-            temperature = request.temperature
-        else:
-            temperature = chat.temperature if request.mode == "chat" else 0.0
-        if temperature <= 0:
+        temperature, top_p = sampling(request, self.settings.chat)
+        if top_p is None:
             return {"do_sample": False}
-        top_p = request.top_p if request.top_p is not None else chat.top_p
         return {"do_sample": True, "temperature": temperature, "top_p": top_p}
 
     def _streamer(self, handle: RequestHandle, sink: ChunkSink) -> WordStreamer:
