@@ -22,9 +22,9 @@ from _common import OUT, machine, median, pct, table, write_json
 
 from voxtral_server.config import load_settings
 from voxtral_server.models.audio import read_audio_file
-from voxtral_server.models.embeds import AudioEmbedCache
 from voxtral_server.models.types import Conversation, Request
 from voxtral_server.models.voxtral import VoxtralEngine
+from voxtral_server.models.voxtral.embeds import AudioEmbedCache
 
 TURNS = 6  # the 5th and later turns carry the full history (conversation.max_turns = 4)
 

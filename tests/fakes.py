@@ -9,6 +9,8 @@ import numpy as np
 
 from voxtral_server.api import protocol as p
 from voxtral_server.models.audio import SAMPLE_RATE
+from voxtral_server.models.chunking import ChunkSink
+from voxtral_server.models.types import Request, RequestHandle
 
 
 class FakeTransport:
@@ -41,3 +43,20 @@ class FakeTransport:
 def frames(audio: np.ndarray, ms: int = 20) -> list[np.ndarray]:
     step = SAMPLE_RATE * ms // 1000
     return [audio[i : i + step] for i in range(0, audio.size, step)]
+
+
+class StubEngine:
+    """The whole `Engine` contract, answering nothing: subclass it and override what a test
+    needs (a server only calls submit for turns)."""
+
+    ready = True
+    queue_depth = 0
+
+    def submit(self, request: Request, sink: ChunkSink) -> RequestHandle:
+        raise AssertionError("not used")
+
+    def describe(self) -> dict[str, Any]:
+        return {"engine": "stub"}
+
+    def close(self, timeout: float = 30.0) -> None:
+        pass

@@ -9,7 +9,7 @@ from typing import Any
 from voxtral_server.api.app import create_app
 from voxtral_server.api.inprocess import InProcessServer, free_port
 from voxtral_server.config import Settings
-from voxtral_server.models.streamer import ChunkSink
+from voxtral_server.models.chunking import ChunkSink
 from voxtral_server.models.types import Request, RequestHandle
 
 __all__ = ["InProcessServer", "SharedEngine", "free_port", "running_server"]
@@ -24,6 +24,20 @@ class SharedEngine:
     def submit(self, request: Request, sink: ChunkSink) -> RequestHandle:
         handle: RequestHandle = self._engine.submit(request, sink)
         return handle
+
+    @property
+    def ready(self) -> bool:
+        return bool(self._engine.ready)
+
+    @property
+    def queue_depth(self) -> int:
+        return int(self._engine.queue_depth)
+
+    def describe(self) -> dict[str, Any]:
+        return dict(self._engine.describe())
+
+    def close(self, timeout: float = 30.0) -> None:
+        """The test session closes the engine it lent, not the server."""
 
 
 @contextmanager

@@ -40,7 +40,7 @@ from voxtral_server.api import protocol as p
 from voxtral_server.api.session import Session
 from voxtral_server.config import Settings
 from voxtral_server.models.audio import read_audio_file
-from voxtral_server.models.streamer import ChunkSink
+from voxtral_server.models.chunking import ChunkSink
 from voxtral_server.models.types import Chunk, Request, RequestHandle
 from voxtral_server.models.voxtral import VoxtralEngine
 

@@ -15,13 +15,14 @@ import numpy as np
 import pytest
 import websockets
 from conftest import SAMPLE_WAV, engine_settings
+from fakes import StubEngine
 from servers import SharedEngine, running_server
 from test_cli import cli
 from test_webrtc import Client
 
 from voxtral_server.config import Settings
 from voxtral_server.models.audio import read_audio_file
-from voxtral_server.models.streamer import ChunkSink
+from voxtral_server.models.chunking import ChunkSink
 from voxtral_server.models.tiny import build_tiny
 from voxtral_server.models.types import Chunk, Request, RequestHandle
 from voxtral_server.models.voxtral import VoxtralEngine
@@ -180,9 +181,8 @@ async def test_unconnected_peer_is_closed_by_the_watchdog(long_engine: VoxtralEn
 def test_health_answers_while_loading_and_ready_after() -> None:
     release = threading.Event()
 
-    class SlowEngine:
-        def submit(self, request: Request, sink: ChunkSink) -> RequestHandle:
-            raise AssertionError("not used")
+    class SlowEngine(StubEngine):
+        pass
 
     def factory(settings: Settings) -> SlowEngine:
         release.wait(30)
@@ -210,11 +210,8 @@ def test_readyz_says_when_the_engine_is_down_and_names_its_endpoints() -> None:
     from voxtral_server.api.app import create_app
     from voxtral_server.api.inprocess import InProcessServer
 
-    class RemoteEngine:
+    class RemoteEngine(StubEngine):
         ready = False
-
-        def submit(self, request: Request, sink: ChunkSink) -> RequestHandle:
-            raise AssertionError("not used")
 
         def describe(self) -> dict[str, Any]:
             return {"engine": "vllm", "endpoints": [{"url": "http://a:8001", "up": self.ready}]}

@@ -20,8 +20,8 @@ from servers import running_server
 from test_webrtc import Client
 
 from voxtral_server.config import Settings
-from voxtral_server.models.audio import read_audio_file
-from voxtral_server.models.tts import PcmResampler, TtsEngine, load_tts
+from voxtral_server.models.audio import PcmResampler, read_audio_file
+from voxtral_server.models.tts import TtsEngine, load_tts
 from voxtral_server.models.voxtral import VoxtralEngine
 
 pytestmark = pytest.mark.skipif(
@@ -224,7 +224,7 @@ async def test_barge_in_stops_the_audio_within_100_ms(server: tuple[str, Any]) -
 
 @pytest.mark.asyncio
 async def test_the_webrtc_track_is_silent_from_the_frame_after_a_barge_in() -> None:
-    from voxtral_server.api.webrtc_audio import FRAME_SAMPLES, SpeechTrack
+    from voxtral_server.api.transports.audio_track import FRAME_SAMPLES, SpeechTrack
 
     track = SpeechTrack()
     started: list[int] = []

@@ -18,19 +18,11 @@ import pytest
 import torch
 
 from voxtral_server.config import Settings
-from voxtral_server.models import tts
-from voxtral_server.models.tts import (
-    CHUNK_MS,
-    EspeakTts,
-    KokoroTts,
-    PcmResampler,
-    TtsError,
-    TtsLoadError,
-    load_tts,
-    parse_wav_header,
-    resample_pcm16,
-    resolve_kokoro_files,
-)
+from voxtral_server.models.audio import PcmResampler, resample_pcm16
+from voxtral_server.models.tts import CHUNK_MS, TtsError, TtsLoadError, load_tts
+from voxtral_server.models.tts import espeak as espeak_module
+from voxtral_server.models.tts.espeak import EspeakTts, parse_wav_header
+from voxtral_server.models.tts.kokoro import KokoroTts, resolve_kokoro_files
 
 PHRASE = "Hello world, this is a test."
 # ~8 s of speech: ~350 KB of PCM, far more than a pipe holds (64 KiB), so espeak-ng cannot
@@ -174,7 +166,7 @@ def test_espeak_other_voice_and_unknown_voice() -> None:
 
 
 def test_espeak_missing_program_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(tts.shutil, "which", lambda _name: None)
+    monkeypatch.setattr(espeak_module.shutil, "which", lambda _name: None)
     with pytest.raises(TtsLoadError) as error:
         load_tts(tts_settings(engine="espeak"))
     assert "apt install espeak-ng" in str(error.value)

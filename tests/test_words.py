@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from voxtral_server.models.streamer import WordStreamer
+from voxtral_server.models.chunking import WordChunker
 from voxtral_server.models.types import Chunk, Request, RequestHandle
-from voxtral_server.models.words import WordChunker
+from voxtral_server.models.voxtral.streamer import WordStreamer
 
 
 def run(chunker: WordChunker, pieces: list[str]) -> list[str]:

@@ -22,8 +22,9 @@ from typing import Protocol
 import numpy as np
 
 from ..config import TtsSettings
+from ..models.audio import PcmResampler
 from ..models.phrases import PhraseChunker
-from ..models.tts import PcmResampler, TtsEngine, TtsError
+from ..models.tts import TtsEngine, TtsError
 from . import protocol as p
 
 logger = logging.getLogger(__name__)

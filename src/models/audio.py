@@ -1,9 +1,11 @@
-"""Audio input: constants, decoding, conversion to 16 kHz mono float32, validation (pure)."""
+"""Audio units and pure conversions: decoding, 16 kHz mono float32, PCM16, resampling,
+validation."""
 
 from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import soundfile as sf
@@ -12,7 +14,8 @@ import soxr
 from .types import EngineError, Request
 
 SAMPLE_RATE = 16000  # Hz, what Voxtral's encoder expects
-PCM16_SCALE = 32768.0  # int16 -> float in [-1, 1)
+PCM16_SCALE = 32768.0  # int16 <-> float in [-1, 1): the one scale used both ways
+_PCM16_MIN, _PCM16_MAX = -32768, 32767
 
 
 class AudioInputError(ValueError):
@@ -45,6 +48,12 @@ def pcm16_to_float(pcm: bytes) -> np.ndarray:
             "invalid_audio", f"PCM16 needs an even number of bytes, got {len(pcm)}"
         )
     return np.frombuffer(pcm, dtype="<i2").astype(np.float32) / PCM16_SCALE
+
+
+def float_to_pcm16(audio: np.ndarray) -> np.ndarray:
+    """float samples (clipped to [-1, 1]) -> int16, the inverse of `pcm16_to_float`."""
+    scaled = np.round(np.asarray(audio, dtype=np.float32) * PCM16_SCALE)
+    return np.clip(scaled, _PCM16_MIN, _PCM16_MAX).astype(np.int16)
 
 
 def read_audio_file(path: Path) -> np.ndarray:
@@ -89,3 +98,56 @@ def check_request(request: Request, max_utterance_s: float) -> None:
     if request.mode not in ("transcribe", "chat"):
         raise EngineError("invalid_mode", f"mode must be transcribe or chat, not {request.mode!r}")
     validate(request.audio, max_utterance_s)
+
+
+def _check_pcm16(pcm: np.ndarray) -> np.ndarray:
+    if pcm.dtype != np.int16 or pcm.ndim != 1:
+        raise ValueError(f"expected mono int16 PCM (1-D), got {pcm.dtype} with shape {pcm.shape}")
+    return np.ascontiguousarray(pcm)
+
+
+def resample_pcm16(pcm: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
+    """One whole mono int16 signal from `from_rate` to `to_rate` Hz (int16 out)."""
+    pcm = _check_pcm16(pcm)
+    if from_rate <= 0 or to_rate <= 0:
+        raise ValueError(f"sample rates must be positive, got {from_rate} -> {to_rate}")
+    if from_rate == to_rate or pcm.size == 0:
+        return pcm.copy()
+    out: np.ndarray = soxr.resample(pcm, from_rate, to_rate, quality="HQ")
+    return out
+
+
+class PcmResampler:
+    """Streaming mono int16 resampler: one per audio stream, so chunk boundaries make no clicks.
+
+    `feed` returns what is ready so far (the filter holds back a few ms, so the first outputs
+    are shorter than the input implies); `flush` returns the tail and makes the resampler ready
+    for a new, unrelated stream. Concatenating every output matches resampling the whole signal
+    at once (to +-2 LSB). Not thread-safe: feed it from one thread.
+    """
+
+    def __init__(self, from_rate: int, to_rate: int) -> None:
+        if from_rate <= 0 or to_rate <= 0:
+            raise ValueError(f"sample rates must be positive, got {from_rate} -> {to_rate}")
+        self.from_rate = from_rate
+        self.to_rate = to_rate
+        self._stream: Any = None if from_rate == to_rate else self._new_stream()
+
+    def _new_stream(self) -> Any:
+        return soxr.ResampleStream(self.from_rate, self.to_rate, 1, dtype="int16", quality="HQ")
+
+    def feed(self, pcm: np.ndarray) -> np.ndarray:
+        pcm = _check_pcm16(pcm)
+        if self._stream is None:
+            return pcm.copy()
+        out: np.ndarray = self._stream.resample_chunk(pcm)
+        return out
+
+    def flush(self) -> np.ndarray:
+        if self._stream is None:
+            return np.zeros(0, dtype=np.int16)
+        out: np.ndarray = self._stream.resample_chunk(np.zeros(0, dtype=np.int16), last=True)
+        # A new stream rather than soxr's clear(), which leaves state behind (outputs then
+        # differ by an LSB from a fresh resampler's).
+        self._stream = self._new_stream()
+        return out

@@ -23,6 +23,9 @@ N_MELS = 128
 CHUNK_LENGTH_S = 30
 N_SAMPLES = CHUNK_LENGTH_S * SAMPLE_RATE  # 480000 samples per encoder window
 N_FRAMES = N_SAMPLES // HOP_LENGTH  # 3000 mel frames per window
+ENCODER_STRIDE = 2  # mel frames per audio-encoder position (its second conv has stride 2)
+PROJECTOR_STACK = 4  # encoder positions stacked into one audio token by the projector
+AUDIO_TOKENS_PER_WINDOW = N_FRAMES // ENCODER_STRIDE // PROJECTOR_STACK  # 375 (12.5 Hz)
 _HALF = N_FFT // 2  # reflection padding of a centred STFT
 
 

@@ -22,7 +22,8 @@ import silero_vad  # noqa: E402
 
 torch.set_num_threads(_threads)
 
-FRAME_SAMPLES = 512  # what Silero takes at 16 kHz: 32 ms
+FRAME_MS = 32  # what Silero takes at 16 kHz
+FRAME_SAMPLES = SAMPLE_RATE * FRAME_MS // 1000  # 512
 
 
 @dataclass(frozen=True)

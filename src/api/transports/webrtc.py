@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import av
 import numpy as np
@@ -26,13 +26,12 @@ from aiortc.mediastreams import MediaStreamError
 from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse, Response
 
-from ..models.audio import PCM16_SCALE, SAMPLE_RATE
-from . import protocol as p
-from .session import Session
-from .webrtc_audio import SpeechTrack
-
-if TYPE_CHECKING:
-    from .app import ServerState
+from ...models.audio import PCM16_SCALE, SAMPLE_RATE
+from .. import protocol as p
+from ..security import bearer_token, origin_allowed, token_matches
+from ..session import Session
+from ..state import EngineNotReady, ServerState, TooManySessions
+from .audio_track import SpeechTrack
 
 logger = logging.getLogger(__name__)
 router = APIRouter()
@@ -180,16 +179,7 @@ class PeerManager:
 
     async def answer(self, offer_sdp: str) -> tuple[Call, str]:
         state = self.state
-        assert state.engine is not None
-        session = Session(
-            state.engine,
-            state.settings,
-            DataChannelTransport(),
-            state.metrics,
-            state.vad_models,
-            state.tts,
-        )
-        state.open_session(session)  # raises TooManySessions
+        session = state.open_session(DataChannelTransport())  # TooManySessions, EngineNotReady
         pc = RTCPeerConnection(self._configuration())
         call = Call(self, pc, session)
         self.calls.add(call)
@@ -257,11 +247,6 @@ class PeerManager:
         await asyncio.gather(*(call.close() for call in list(self.calls)), return_exceptions=True)
 
 
-def _bearer(request: Request) -> str | None:
-    auth = request.headers.get("authorization", "")
-    return auth[7:].strip() if auth.lower().startswith("bearer ") else None
-
-
 def _problem(status: int, code: str, message: str) -> Response:
     logger.warning("webrtc offer refused status=%d code=%s: %s", status, code, message)
     return PlainTextResponse(f"{code}: {message}\n", status_code=status)
@@ -269,9 +254,8 @@ def _problem(status: int, code: str, message: str) -> Response:
 
 @router.post("/v1/realtime/calls")
 async def create_call(request: Request) -> Response:
-    from .app import TooManySessions, origin_allowed
-
     state: ServerState = request.app.state.server
+    peers: PeerManager = request.app.state.peers
     if not state.settings.webrtc.enabled:
         return _problem(
             404, "webrtc_disabled", "WebRTC is disabled (webrtc.enabled); use the WebSocket"
@@ -279,7 +263,7 @@ async def create_call(request: Request) -> Response:
     if not origin_allowed(request.headers, state.settings):
         origin = request.headers.get("origin")
         return _problem(403, "forbidden_origin", f"origin {origin} is not allowed")
-    if not state.check_token(_bearer(request)):
+    if not token_matches(bearer_token(request.headers), state.settings):
         return _problem(401, "unauthorized", "missing or wrong auth token")
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type != "application/sdp":
@@ -302,10 +286,10 @@ async def create_call(request: Request) -> Response:
         return _problem(400, "invalid_sdp", "the body is not an SDP offer (no v=0 / m= lines)")
     if "a=fingerprint:" not in sdp:
         return _problem(400, "invalid_sdp", "the offer has no DTLS fingerprint (a=fingerprint)")
-    if state.engine is None:
-        return _problem(503, "not_ready", "the model is still loading; retry shortly")
     try:
-        call, answer = await state.peers.answer(sdp)
+        call, answer = await peers.answer(sdp)
+    except EngineNotReady as exc:
+        return _problem(503, "not_ready", str(exc))
     except TooManySessions as exc:
         return _problem(503, "too_many_sessions", str(exc))
     except Exception as exc:  # aiortc's parse and negotiation errors

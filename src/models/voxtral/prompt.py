@@ -16,8 +16,8 @@ import numpy as np
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.protocol.transcription.request import TranscriptionRequest
 
-from .audio import wav_bytes
-from .types import Turn
+from ..audio import wav_bytes
+from ..types import Turn
 
 
 def _audio_part(audio: np.ndarray) -> dict[str, Any]:

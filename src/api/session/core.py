@@ -18,11 +18,12 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 
-from ..config import Settings
-from ..models import vad
-from ..models.audio import SAMPLE_RATE, AudioInputError, pcm16_to_float
-from ..models.streamer import ChunkSink
-from ..models.types import (
+from ...config import Settings
+from ...models import vad
+from ...models.audio import SAMPLE_RATE, AudioInputError, pcm16_to_float
+from ...models.chunking import ChunkSink
+from ...models.engine import Engine
+from ...models.types import (
     Chunk,
     Conversation,
     EngineError,
@@ -30,12 +31,12 @@ from ..models.types import (
     RequestHandle,
     ms_between,
 )
-from . import protocol as p
-from .metrics import Metrics, TurnRecord
+from .. import protocol as p
+from ..metrics import Metrics, TurnRecord
 
 if TYPE_CHECKING:
-    from ..models.tts import TtsEngine
-    from .speech import AudioOut, Speech
+    from ...models.tts import TtsEngine
+    from ..speech import AudioOut, Speech
 
 logger = logging.getLogger(__name__)
 
@@ -48,10 +49,6 @@ class Transport(Protocol):
 
     def send(self, event: p.ServerEvent) -> None:
         """Queue an event for the client; never blocks, never raises."""
-
-
-class Engine(Protocol):
-    def submit(self, request: Request, sink: ChunkSink) -> RequestHandle: ...
 
 
 @dataclass
@@ -375,7 +372,7 @@ class Session:
             response.speech.cancel()
 
     def _speech(self, response_id: str, item_id: str) -> Speech:
-        from .speech import Speech
+        from ..speech import Speech
 
         assert self.tts is not None and self.audio_out is not None
 

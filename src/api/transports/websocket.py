@@ -9,26 +9,20 @@ import logging
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from starlette.websockets import WebSocketState
 
-from . import protocol as p
-from .app import ServerState, TooManySessions, origin_allowed
-from .session import Session
-from .speech import WebSocketAudioOut
+from .. import protocol as p
+from ..security import bearer_token, origin_allowed, subprotocol_token, token_matches
+from ..session import Session
+from ..speech import WebSocketAudioOut
+from ..state import EngineNotReady, ServerState, TooManySessions
 
 logger = logging.getLogger(__name__)
 router = APIRouter()
 
-KEY_SUBPROTOCOL = "openai-insecure-api-key."  # how browsers send a key (they cannot set headers)
 _OUTBOX = 1024  # events queued for a slow client before it is disconnected
 
 
 def presented_token(ws: WebSocket) -> str | None:
-    auth = ws.headers.get("authorization", "")
-    if auth.lower().startswith("bearer "):
-        return auth[7:].strip()
-    for proto in ws.scope.get("subprotocols", []):
-        if proto.startswith(KEY_SUBPROTOCOL):
-            return str(proto[len(KEY_SUBPROTOCOL) :])
-    return None
+    return bearer_token(ws.headers) or subprotocol_token(ws.scope.get("subprotocols", []))
 
 
 class WebSocketTransport:
@@ -72,23 +66,22 @@ async def realtime_websocket(ws: WebSocket) -> None:
         origin = ws.headers.get("origin")
         await _refuse(ws, "forbidden_origin", f"origin {origin} is not allowed", 1008)
         return
-    if not state.check_token(presented_token(ws)):
+    if not token_matches(presented_token(ws), settings):
         await _refuse(ws, "unauthorized", "missing or wrong auth token", 1008)
         return
-    if state.engine is None:
-        await _refuse(ws, "not_ready", "the model is still loading; retry shortly", 1013)
-        return
     transport = WebSocketTransport(ws)
-    session = Session(state.engine, settings, transport, state.metrics, state.vad_models, state.tts)
+    try:
+        session = state.open_session(transport)
+    except EngineNotReady as exc:
+        await _refuse(ws, "not_ready", str(exc), 1013)
+        return
+    except TooManySessions as exc:
+        await _refuse(ws, "too_many_sessions", str(exc), 1013)
+        return
     audio_out = None
     if state.tts is not None:
         audio_out = WebSocketAudioOut(transport.send, settings.tts.sample_rate)
         session.audio_out = audio_out
-    try:
-        state.open_session(session)
-    except TooManySessions as exc:
-        await _refuse(ws, "too_many_sessions", str(exc), 1013)
-        return
     await ws.accept(subprotocol=_subprotocol(ws))
     writer = asyncio.create_task(transport.write_loop(), name=f"ws-writer-{session.id}")
     slow = asyncio.create_task(transport.too_slow.wait(), name=f"ws-slow-{session.id}")

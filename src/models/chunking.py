@@ -1,27 +1,79 @@
-"""From `generate`'s token stream to word chunks, on the worker thread, with no extra thread.
+"""Streamed text -> whole-word chunks handed to a sink: the engine-neutral text path.
 
-`WordStreamer` is a `TextIteratorStreamer` whose finalized text goes through the word
-chunker instead of a text queue; finished chunks go to the request's sink. It timestamps the
-first generated token in `put()` (the base class only releases text at whitespace, which
-would measure the first word instead), and flushes text that has waited longer than the
-chunk timeout when the next token arrives, so a run without whitespace cannot hold back the
-first chunk. `CancelCriteria` ends `generate` at the next decode step once the request's
-handle is cancelled. `DeltaChunker`, the text half of `WordStreamer` (deltas -> chunks -> sink,
-the chunk timeout, no delta after cancel), is shared with the vLLM engine; `final_chunk` derives
-every engine's closing `Totals` the same way.
+`WordChunker` (pure, no clock): a chunk's text is a delta, so concatenating every chunk of an
+answer gives the answer's text and a word keeps the whitespace before it (" world,"). A word
+is complete once whitespace follows it. `flush()` releases everything held (the answer
+ended, or the caller's timeout fired because text kept arriving without whitespace).
+
+`DeltaChunker` (every engine): text deltas of one answer -> chunks -> the request's sink,
+with the chunk timeout and nothing handed out after cancel. `final_chunk` derives every
+engine's closing `Totals` the same way.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
-from typing import Any
-
-import torch
-from transformers import StoppingCriteria, TextIteratorStreamer
 
 from .types import Chunk, EngineError, RequestHandle, Status, Totals, ms_between
-from .words import WordChunker
+
+_WORD = re.compile(r"\s*\S+")
+
+
+class WordChunker:
+    def __init__(self, min_words: int = 1, max_words: int = 1) -> None:
+        if not 1 <= min_words <= max_words:
+            raise ValueError(f"need 1 <= min_words <= max_words, got {min_words}, {max_words}")
+        self.min_words = min_words
+        self.max_words = max_words
+        self._pending = ""
+        self._started = False
+
+    @property
+    def pending(self) -> str:
+        """Text received but not yet released."""
+        return self._pending
+
+    def feed(self, text: str) -> list[str]:
+        """Add streamed text; return the chunks that are now complete."""
+        self._pending += text
+        return self._take(final=False)
+
+    def flush(self, end: bool = True) -> list[str]:
+        """Release every word held, complete or not.
+
+        `end=True`: the text is over; trailing whitespace is dropped. `end=False` (a
+        timeout): trailing whitespace stays held, to lead the next word.
+        """
+        kept = ""
+        if not end:
+            body = self._pending.rstrip()
+            kept = self._pending[len(body) :]
+            self._pending = body
+        chunks = self._take(final=True)
+        self._pending = kept
+        return chunks
+
+    def _take(self, final: bool) -> list[str]:
+        # Matches are contiguous from offset 0 (`\s*` absorbs the gaps).
+        words: list[str] = []
+        for match in _WORD.finditer(self._pending):
+            if not final and match.end() == len(self._pending):
+                break  # no whitespace after it yet: the word may continue
+            words.append(match.group())
+        chunks: list[str] = []
+        while words and (final or len(words) >= self.min_words):
+            take = min(self.max_words, len(words))
+            chunks.append("".join(words[:take]))
+            words = words[take:]
+        released = sum(len(c) for c in chunks)
+        self._pending = "" if final else self._pending[released:]
+        if chunks and not self._started:
+            chunks[0] = chunks[0].lstrip()  # an answer does not start with whitespace
+            self._started = True
+        return [c for c in chunks if c]
+
 
 ChunkSink = Callable[[Chunk], None]
 
@@ -100,49 +152,6 @@ class DeltaChunker:
             self.chunks += 1
 
 
-class WordStreamer(TextIteratorStreamer, DeltaChunker):  # type: ignore[misc]
-    def __init__(
-        self,
-        tokenizer: Any,
-        handle: RequestHandle,
-        chunker: WordChunker,
-        chunk_timeout_s: float,
-        sink: ChunkSink,
-        clock: Callable[[], float] = time.perf_counter,
-    ) -> None:
-        TextIteratorStreamer.__init__(self, tokenizer, skip_prompt=True, skip_special_tokens=True)
-        DeltaChunker.__init__(self, handle, chunker, chunk_timeout_s, sink, clock)
-        # The base class's decoding state, declared here for the type checker.
-        self.token_cache: list[int] = []
-        self.print_len = 0
-        self.next_tokens_are_prompt = True
-
-    def put(self, value: torch.Tensor) -> None:
-        if self.skip_prompt and self.next_tokens_are_prompt:
-            self.next_tokens_are_prompt = False
-            return
-        now = self.clock()
-        ids = value.reshape(-1).tolist()
-        self.mark_tokens(len(ids), now)
-        self.token_ids.extend(ids)
-        if self.handle.cancelled:
-            self.cut_short = True
-            return  # generation stops at the next step; nothing more is handed out
-        self.token_cache.extend(ids)
-        decoded = self.tokenizer.decode(self.token_cache, **self.decode_kwargs)
-        if decoded.endswith("\ufffd"):
-            return  # a multi-byte character is split across tokens: wait for the rest
-        new_text = decoded[self.print_len :]
-        self.print_len = len(decoded)
-        self.feed_text(new_text, now)
-
-    def end(self) -> None:
-        self.end_text()
-        self.token_cache = []
-        self.print_len = 0
-        self.next_tokens_are_prompt = True
-
-
 def final_chunk(
     handle: RequestHandle,
     stream: DeltaChunker | None,
@@ -202,14 +211,3 @@ def final_chunk(
         tokens=tokens,
         totals=totals,
     )
-
-
-class CancelCriteria(StoppingCriteria):  # type: ignore[misc]
-    """True once the handle is cancelled; `generate` checks it after every decode step."""
-
-    def __init__(self, handle: RequestHandle) -> None:
-        self.handle = handle
-
-    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
-        stop = self.handle.cancelled
-        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)

@@ -26,69 +26,36 @@ closes the HTTP response, which makes vLLM abort the request. The cancel latency
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import json
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import httpx
 
-from ..config import Settings
-from .audio import check_request, wav_bytes
-from .streamer import ChunkSink, DeltaChunker, final_chunk
-from .types import EngineError, Request, RequestHandle, sampling
-from .words import WordChunker
+from ...config import Settings
+from ..audio import check_request
+from ..chunking import ChunkSink, DeltaChunker, WordChunker, final_chunk
+from ..types import EngineError, Request, RequestHandle
+from .endpoints import Endpoint, probe_delays
+from .wire import (
+    ERROR_BODY_CHARS,
+    TurnFailed,
+    build_request,
+    describe_http_error,
+    feed,
+    parse_event,
+    status_error,
+)
 
 logger = logging.getLogger(__name__)
 
 Sleep = Callable[[float], Awaitable[None]]
 T = TypeVar("T")
-_ERROR_BODY_CHARS = 300  # of an error response quoted in the turn's error message
-
-
-def probe_delays(first_s: float, max_s: float) -> Iterator[float]:
-    """Seconds to wait before each /health probe of a down endpoint: doubling, capped."""
-    delay = first_s
-    while True:
-        yield min(delay, max_s)
-        delay = min(delay * 2, max_s)
-
-
-class _TurnFailed(Exception):
-    """A turn's stream failed; `endpoint_down` says whether the endpoint is to blame."""
-
-    def __init__(self, code: str, message: str, endpoint_down: bool) -> None:
-        super().__init__(message)
-        self.code = code
-        self.endpoint_down = endpoint_down
-
-
-@dataclass
-class _Endpoint:
-    url: str
-    up: bool = True
-    in_flight: int = 0
-    turns: int = 0  # sent to it since start (the tie-break of the routing)
-    model: str | None = None  # the served model name to request
-    error: str | None = None  # why it is down
-    probe: asyncio.Task[None] | None = None
-
-    def describe(self) -> dict[str, Any]:
-        info: dict[str, Any] = {
-            "url": self.url,
-            "up": self.up,
-            "in_flight": self.in_flight,
-            "turns": self.turns,
-        }
-        if not self.up and self.error:
-            info["error"] = self.error
-        return info
 
 
 @dataclass
@@ -108,7 +75,7 @@ class _VllmHandle(RequestHandle):
 class _Turn:
     handle: _VllmHandle
     sink: ChunkSink
-    endpoint: _Endpoint
+    endpoint: Endpoint
     task: asyncio.Task[None] | None = None
     running: bool = False  # its task has started (a task cancelled before that never runs)
 
@@ -132,7 +99,7 @@ class VllmEngine:
         self._on_change = on_change
         self._lock = threading.Lock()  # endpoints' up/in_flight, _closed
         self._closed = False
-        self._endpoints = [_Endpoint(url.rstrip("/")) for url in self.vllm.endpoints]
+        self._endpoints = [Endpoint(url.rstrip("/")) for url in self.vllm.endpoints]
         self._turns: set[_Turn] = set()  # started on the engine loop, not yet finished
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run_loop, name="vllm-engine", daemon=True)
@@ -282,7 +249,7 @@ class VllmEngine:
     async def _check_all(self) -> None:
         await asyncio.gather(*(self._check(e) for e in self._endpoints))
 
-    async def _check(self, endpoint: _Endpoint) -> None:
+    async def _check(self, endpoint: Endpoint) -> None:
         """Probe once: up (with its model) or down with a probe task."""
         error = await self._health(endpoint)
         if error is None:
@@ -290,7 +257,7 @@ class VllmEngine:
         else:
             self._mark_down(endpoint, error)
 
-    async def _health(self, endpoint: _Endpoint) -> str | None:
+    async def _health(self, endpoint: Endpoint) -> str | None:
         """None if /health answers 200 and the model name is known, else why not."""
         timeout = self.vllm.connect_timeout_s
         try:
@@ -300,18 +267,18 @@ class VllmEngine:
             if self.vllm.model is None and endpoint.model is None:
                 r = await self._client.get(f"{endpoint.url}/v1/models", timeout=timeout)
                 if r.status_code != 200:
-                    return f"/v1/models answered {r.status_code}: {r.text[:_ERROR_BODY_CHARS]}"
+                    return f"/v1/models answered {r.status_code}: {r.text[:ERROR_BODY_CHARS]}"
                 models = r.json().get("data") or []
                 if not models:
                     return "/v1/models lists no model"
                 endpoint.model = str(models[0]["id"])
         except httpx.HTTPError as exc:
-            return _describe_http_error(exc)
+            return describe_http_error(exc)
         except (ValueError, KeyError, TypeError) as exc:
             return f"/v1/models answered something else than a model list ({exc})"
         return None
 
-    def _set_up(self, endpoint: _Endpoint) -> None:
+    def _set_up(self, endpoint: Endpoint) -> None:
         with self._lock:
             was_down = not endpoint.up
             endpoint.up = True
@@ -320,7 +287,7 @@ class VllmEngine:
             logger.info("vLLM endpoint %s is up again", endpoint.url)
             self._changed()
 
-    def _mark_down(self, endpoint: _Endpoint, reason: str) -> None:
+    def _mark_down(self, endpoint: Endpoint, reason: str) -> None:
         """Engine loop only: stop routing turns to it and probe it until it answers."""
         with self._lock:
             endpoint.up = False
@@ -338,7 +305,7 @@ class VllmEngine:
             except Exception:  # an observer's bug must not stop the probes
                 logger.exception("on_change callback failed")
 
-    async def _probe(self, endpoint: _Endpoint) -> None:
+    async def _probe(self, endpoint: Endpoint) -> None:
         for delay in probe_delays(self.vllm.probe_interval_s, self.vllm.probe_max_interval_s):
             await self._sleep(delay)
             error = await self._health(endpoint)
@@ -381,7 +348,7 @@ class VllmEngine:
         except asyncio.CancelledError:
             if stream is not None:
                 stream.end_text()  # cancelled: records that the answer was cut short
-        except _TurnFailed as exc:
+        except TurnFailed as exc:
             error = EngineError(exc.code, str(exc))
             if exc.endpoint_down:
                 self._mark_down(endpoint, str(exc))
@@ -410,47 +377,16 @@ class VllmEngine:
             sink,
         )
 
-    def _http_request(self, request: Request, endpoint: _Endpoint) -> httpx.Request:
+    def _http_request(self, request: Request, endpoint: Endpoint) -> httpx.Request:
         model = self.vllm.model or endpoint.model or ""
-        max_tokens = request.max_new_tokens or self.settings.model.max_new_tokens
-        temperature, top_p = sampling(request, self.settings.chat)
-        if request.mode == "transcribe":
-            data: dict[str, str] = {
-                "model": model,
-                "stream": "true",
-                "stream_include_usage": "true",
-                "stream_continuous_usage_stats": "true",
-                "temperature": str(temperature),
-                "max_completion_tokens": str(max_tokens),
-            }
-            if request.language:
-                data["language"] = request.language
-            if top_p is not None:
-                data["top_p"] = str(top_p)
-            files = {"file": ("audio.wav", wav_bytes(request.audio), "audio/wav")}
-            return self._client.build_request(
-                "POST", f"{endpoint.url}/v1/audio/transcriptions", data=data, files=files
-            )
-        body: dict[str, Any] = {
-            "model": model,
-            "messages": chat_messages(request),
-            "stream": True,
-            "stream_options": {"include_usage": True, "continuous_usage_stats": True},
-            "max_tokens": max_tokens,
-            "temperature": temperature,
-        }
-        if top_p is not None:
-            body["top_p"] = top_p
-        if request.min_new_tokens:
-            body["min_tokens"] = request.min_new_tokens  # vLLM's extra sampling parameter
-        return self._client.build_request("POST", f"{endpoint.url}/v1/chat/completions", json=body)
+        return build_request(self._client, request, endpoint.url, model, self.settings)
 
     async def _stream(self, turn: _Turn, stream: DeltaChunker) -> None:
         """Read the turn's server-sent events into `stream` until `[DONE]`."""
         endpoint = turn.endpoint
         where = f"vLLM endpoint {endpoint.url}"
         wait_s = self.vllm.delta_timeout_s
-        no_delta = _TurnFailed(
+        no_delta = TurnFailed(
             "delta_timeout",
             f"{where} sent nothing for {wait_s:g} s (engine.vllm.delta_timeout_s)",
             endpoint_down=True,
@@ -463,27 +399,27 @@ class VllmEngine:
         except TimeoutError:
             raise no_delta from None
         except httpx.HTTPError as exc:
-            raise _TurnFailed(
-                "endpoint_failed", f"{where} failed: {_describe_http_error(exc)}", True
+            raise TurnFailed(
+                "endpoint_failed", f"{where} failed: {describe_http_error(exc)}", True
             ) from None
         try:
             if response.status_code != 200:
-                raise await _status_error(response, where)
+                raise await status_error(response, where)
             lines = response.aiter_lines()
             while True:
                 try:
                     async with asyncio.timeout(wait_s):
                         line = await anext(lines)
                 except StopAsyncIteration:
-                    raise _TurnFailed(
+                    raise TurnFailed(
                         "endpoint_failed", f"{where} ended the stream before [DONE]", True
                     ) from None
                 except TimeoutError:
                     raise no_delta from None
                 except httpx.HTTPError as exc:
-                    raise _TurnFailed(
+                    raise TurnFailed(
                         "endpoint_failed",
-                        f"{where} failed mid-answer: {_describe_http_error(exc)}",
+                        f"{where} failed mid-answer: {describe_http_error(exc)}",
                         True,
                     ) from None
                 if not line.startswith("data:"):
@@ -491,83 +427,6 @@ class VllmEngine:
                 data = line[5:].strip()
                 if data == "[DONE]":
                     return
-                _feed(stream, _parse_event(data, where), time.perf_counter())
+                feed(stream, parse_event(data, where), time.perf_counter())
         finally:
             await response.aclose()  # on cancel too: closing the stream makes vLLM abort
-
-
-def chat_messages(request: Request) -> list[dict[str, Any]]:
-    """OpenAI chat messages for a chat turn: history, then the audio and the instructions.
-
-    The same conversation the local engine's prompt encodes (`prompt.PromptBuilder.chat`).
-    """
-    messages: list[dict[str, Any]] = []
-    for turn in request.history:
-        messages.append({"role": "user", "content": [_audio_part(turn.audio)]})
-        messages.append({"role": "assistant", "content": turn.answer})
-    content = [_audio_part(request.audio)]
-    if request.instructions:
-        content.append({"type": "text", "text": request.instructions})
-    messages.append({"role": "user", "content": content})
-    return messages
-
-
-def _audio_part(audio: Any) -> dict[str, Any]:
-    data = base64.b64encode(wav_bytes(audio)).decode("ascii")
-    return {"type": "input_audio", "input_audio": {"data": data, "format": "wav"}}
-
-
-def _parse_event(data: str, where: str) -> dict[str, Any]:
-    try:
-        event = json.loads(data)
-    except ValueError:
-        raise _TurnFailed(
-            "vllm_protocol", f"{where} sent an event that is not JSON: {data[:100]!r}", False
-        ) from None
-    if not isinstance(event, dict):
-        raise _TurnFailed("vllm_protocol", f"{where} sent {data[:100]!r}", False)
-    if "error" in event:  # vLLM reports a failure inside the stream this way
-        err = event["error"]
-        message = err.get("message", err) if isinstance(err, dict) else err
-        raise _TurnFailed("vllm_error", f"{where} reported an error: {message}", False)
-    return event
-
-
-def _feed(stream: DeltaChunker, event: dict[str, Any], now: float) -> None:
-    """One chat or transcription chunk: count its tokens, chunk its text."""
-    text = ""
-    for choice in event.get("choices") or ():
-        delta = choice.get("delta") or {}
-        text += delta.get("content") or ""
-    usage = event.get("usage") or {}
-    total = usage.get("completion_tokens")
-    # Continuous usage stats give the exact running count; else one delta ~ one token.
-    new_tokens = total - stream.tokens if isinstance(total, int) else int(bool(text))
-    if new_tokens > 0:
-        stream.mark_tokens(new_tokens, now)  # the first one is the model's TTFT
-    if text:
-        stream.feed_text(text, now)
-
-
-async def _status_error(response: httpx.Response, where: str) -> _TurnFailed:
-    body = (await response.aread()).decode("utf-8", "replace")
-    try:
-        detail = json.loads(body).get("error", {}).get("message") or body
-    except (ValueError, AttributeError):
-        detail = body
-    detail = str(detail)[:_ERROR_BODY_CHARS]
-    status = response.status_code
-    if status in (401, 403):
-        return _TurnFailed(
-            "vllm_unauthorized",
-            f"{where} refused the request ({status}): check engine.vllm.api_key",
-            False,
-        )
-    if status >= 500:
-        return _TurnFailed("endpoint_failed", f"{where} failed ({status}): {detail}", True)
-    return _TurnFailed("vllm_rejected", f"{where} rejected the request ({status}): {detail}", False)
-
-
-def _describe_http_error(exc: httpx.HTTPError) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

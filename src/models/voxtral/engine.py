@@ -15,26 +15,17 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from transformers import (
-    AutoProcessor,
-    CompileConfig,
-    StaticCache,
-    StoppingCriteriaList,
-    VoxtralForConditionalGeneration,
-)
+from transformers import CompileConfig, StaticCache, StoppingCriteriaList
 
-from ..config import Settings
-from .audio import SAMPLE_RATE, check_request
-from .embeds import AudioEmbedCache
-from .mel import N_SAMPLES, LogMel, processor_features
-from .prompt import PromptBuilder
-from .streamer import CancelCriteria, ChunkSink, WordStreamer, final_chunk
-from .types import (
+from ...config import Settings
+from ..audio import SAMPLE_RATE, check_request
+from ..chunking import ChunkSink, WordChunker, final_chunk
+from ..mel import AUDIO_TOKENS_PER_WINDOW, N_SAMPLES, LogMel, processor_features
+from ..types import (
     Chunk,
     EngineError,
     ModelLoadError,
@@ -42,91 +33,14 @@ from .types import (
     RequestHandle,
     sampling,
 )
-from .words import WordChunker
+from .embeds import AudioEmbedCache
+from .load import Runtime, load_pretrained
+from .prompt import PromptBuilder
+from .streamer import CancelCriteria, WordStreamer
 
 logger = logging.getLogger(__name__)
 
-AUDIO_TOKENS_PER_WINDOW = 375  # 30 s -> 3000 mel frames -> 1500 encoder positions -> 375
 _PROMPT_TEXT_MARGIN = 64  # control and language tokens around each user turn
-
-
-@dataclass(frozen=True)
-class Runtime:
-    """Where and how the model runs, resolved from `model.*` settings and the hardware."""
-
-    device: torch.device
-    dtype: torch.dtype
-    compile: bool
-    compile_mode: str
-
-    @classmethod
-    def resolve(cls, settings: Settings) -> Runtime:
-        m = settings.model
-        if m.device == "auto":
-            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        else:
-            device = torch.device(m.device)
-            if device.type == "cuda" and not torch.cuda.is_available():
-                raise ModelLoadError(f"model.device is {m.device!r} but no CUDA device is visible")
-        on_cuda = device.type == "cuda"
-        if m.dtype == "auto":
-            dtype = torch.bfloat16 if on_cuda else torch.float32
-        else:
-            dtype = getattr(torch, m.dtype)
-        compile_on = m.compile == "on" or (m.compile == "auto" and on_cuda)
-        mode = m.compile_mode
-        if mode == "auto":
-            mode = "reduce-overhead" if on_cuda else "default"  # CUDA graphs exist on CUDA only
-        return cls(device, dtype, compile_on, mode)
-
-
-def _looks_like_path(model_id: str) -> bool:
-    return model_id.startswith(("/", ".", "~")) or Path(model_id).exists()
-
-
-def _cached_on_disk(model_id: str) -> bool:
-    """True when a hub id's files are already in the local Hugging Face cache."""
-    from huggingface_hub import try_to_load_from_cache
-
-    return isinstance(try_to_load_from_cache(model_id, "config.json"), str)
-
-
-def load_pretrained(settings: Settings, runtime: Runtime) -> tuple[Any, Any]:
-    """Processor + model from a local folder or a hub id; one clear error when that fails.
-
-    A hub id already in the local cache loads without touching the network; otherwise it is
-    downloaded (which, with no network, takes the hub client's retries to fail).
-    """
-    model_id = settings.model.id
-    hint = (
-        "Point model.id (or --model) at a local folder or a hub id this machine can "
-        "download; for an offline demo build a tiny checkpoint with `voxtral-server "
-        "make-tiny DIR` and pass `--model DIR`."
-    )
-    if _looks_like_path(model_id):
-        folder = Path(model_id).expanduser()
-        if not (folder / "config.json").is_file():
-            raise ModelLoadError(
-                f"cannot load model {model_id!r}: no config.json in that folder. {hint}"
-            )
-        source, local_only = str(folder), True
-    else:
-        source, local_only = model_id, _cached_on_disk(model_id)
-        if not local_only:
-            logger.info("model %s is not in the local cache: downloading it from the hub", model_id)
-    try:
-        processor = AutoProcessor.from_pretrained(source, local_files_only=local_only)
-        model = VoxtralForConditionalGeneration.from_pretrained(
-            source,
-            dtype=runtime.dtype,
-            attn_implementation=settings.model.attn_implementation,
-            local_files_only=local_only,
-        )
-    except (OSError, ValueError, ImportError, KeyError) as exc:
-        text = str(exc).strip()
-        reason = text.splitlines()[0].rstrip(".") if text else type(exc).__name__
-        raise ModelLoadError(f"cannot load model {model_id!r}: {reason}. {hint}") from exc
-    return processor, model.to(runtime.device).eval()
 
 
 @dataclass(frozen=True)
@@ -231,6 +145,15 @@ class VoxtralEngine:
     @property
     def queue_depth(self) -> int:
         return self._jobs.qsize()
+
+    def describe(self) -> dict[str, Any]:
+        """For /readyz: which model runs where."""
+        return {
+            "engine": "transformers",
+            "model": self.settings.model.id,
+            "device": str(self.runtime.device),
+            "compile": self.runtime.compile,
+        }
 
     def close(self, timeout: float = 30.0) -> None:
         """Cancel what is running or queued and stop the worker (idempotent)."""

@@ -18,7 +18,7 @@ import numpy as np
 from aiortc import MediaStreamTrack
 from aiortc.mediastreams import MediaStreamError
 
-from .speech import OnStart, SampleQueue
+from ..speech import OnStart, SampleQueue
 
 TRACK_RATE = 48_000
 FRAME_MS = 20

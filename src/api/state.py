@@ -1,0 +1,125 @@
+"""What the server owns, created in the app's lifespan and kept on `app.state.server`: the
+engine (loaded off the event loop), speech out, the warm VAD models, the open sessions and
+their limit, metrics. Transports ask it for a session; the app closes it on shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Protocol
+
+from ..config import Settings
+from ..models import vad
+from ..models.engine import Engine
+from ..models.tts import TtsEngine, load_tts
+from .metrics import Metrics
+from .session import Session, Transport
+
+logger = logging.getLogger(__name__)
+
+EngineFactory = Callable[[Settings], Engine]
+
+
+class Closeable(Protocol):
+    async def close(self) -> None: ...
+
+
+class TooManySessions(RuntimeError):
+    """server.max_sessions conversations are open."""
+
+
+class EngineNotReady(RuntimeError):
+    """The engine has not loaded (yet)."""
+
+
+class ServerState:
+    """Everything the server owns, created in the lifespan and kept on app.state."""
+
+    def __init__(self, settings: Settings, engine_factory: EngineFactory) -> None:
+        self.settings = settings
+        self.engine: Engine | None = None
+        self.tts: TtsEngine | None = None  # speech out (tts.engine); None = text only
+        self.load_error: str | None = None
+        self.sessions: set[Session] = set()
+        self.metrics = Metrics()
+        self.vad_models = vad.ModelPool(max_idle=settings.server.max_sessions)
+        self.metrics.queue_depth.set_function(
+            lambda: float(self.engine.queue_depth if self.engine is not None else 0)
+        )
+        self.idle = asyncio.Event()  # set while no session is open or closing
+        self.idle.set()
+        self._closing = 0
+        self._factory = engine_factory
+        self._loader: asyncio.Task[None] | None = None
+        # The WebRTC peer manager (set by the app): closed before the sessions it carries.
+        self.peers: Closeable | None = None
+
+    def start(self) -> None:
+        self._loader = asyncio.create_task(self._load(), name="engine-load")
+
+    async def _load(self) -> None:
+        try:
+            # One warm VAD model ready for the first conversation (more are made on demand).
+            await asyncio.to_thread(self.vad_models.warm_up, 1)
+            self.tts = await asyncio.to_thread(load_tts, self.settings)
+            if self.tts is not None:
+                logger.info("speech out: tts=%s rate=%d Hz", self.tts.name, self.tts.sample_rate)
+            self.engine = await asyncio.to_thread(self._factory, self.settings)
+            logger.info("engine ready: /readyz answers 200")
+        except Exception as exc:
+            self.load_error = str(exc)
+            logger.error("engine failed to load: %s", exc)
+
+    @property
+    def ready(self) -> bool:
+        return self.engine is not None
+
+    async def wait_loaded(self) -> None:
+        """Until the engine has loaded or failed to."""
+        if self._loader is not None:
+            await asyncio.shield(self._loader)
+
+    def open_session(self, transport: Transport) -> Session:
+        """A new conversation over `transport`; raises TooManySessions at the limit and
+        EngineNotReady before the engine has loaded."""
+        if self.engine is None:
+            raise EngineNotReady("the model is still loading; retry shortly")
+        limit = self.settings.server.max_sessions
+        if len(self.sessions) >= limit:
+            raise TooManySessions(f"server.max_sessions = {limit} conversations are open")
+        session = Session(
+            self.engine, self.settings, transport, self.metrics, self.vad_models, self.tts
+        )
+        self.sessions.add(session)
+        self.metrics.sessions.set(len(self.sessions))
+        self.idle.clear()
+        return session
+
+    async def close_session(self, session: Session) -> None:
+        """Close it and wait for what it stopped (speech) to end; idle once none is left."""
+        session.close()
+        self.sessions.discard(session)
+        self.metrics.sessions.set(len(self.sessions))
+        self._closing += 1
+        try:
+            await session.wait_closed()
+        finally:
+            self._closing -= 1
+        if not self.sessions and not self._closing:
+            self.idle.set()
+
+    async def close(self) -> None:
+        if self._loader is not None:
+            self._loader.cancel()
+            await asyncio.gather(self._loader, return_exceptions=True)
+        if self.peers is not None:
+            await self.peers.close()
+        for session in list(self.sessions):
+            await self.close_session(session)
+        if self.engine is not None:
+            await asyncio.to_thread(self.engine.close)
+        if self.tts is not None:
+            await asyncio.to_thread(self.tts.close)
+        logger.info("server stopped")

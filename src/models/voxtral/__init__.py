@@ -1,0 +1,5 @@
+"""The transformers engine: Voxtral loaded, compiled and warmed up, served by one worker thread."""
+
+from .engine import ChunkStream, VoxtralEngine
+
+__all__ = ["ChunkStream", "VoxtralEngine"]
