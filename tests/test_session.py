@@ -247,7 +247,7 @@ async def test_conversations_reuse_warm_vad_models(scripted_engine: VoxtralEngin
             session.append_audio(frame)
         done = await t.wait_for("response.done")
         assert done["response"]["status"] == "completed" and words(t) == SCRIPT.split()
-        sessions.append(session._detector.model if session._detector else None)
+        sessions.append(session.input.detector.model if session.input.detector else None)
         session.close()
         assert pool.idle == 1  # given back
     assert sessions[0] is not None and sessions[0] is sessions[1]

@@ -10,9 +10,9 @@ standard clients ignore them.
 
 from __future__ import annotations
 
-import itertools
 import json
-from typing import Annotated, Any, Literal
+import secrets
+from typing import Annotated, Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
@@ -166,11 +166,10 @@ def parse_client_event(raw: str | bytes) -> ClientEvent:
 
 # ------------------------------------------------------------------ server -> client
 
-_ids = itertools.count(1)
-
 
 def new_id(prefix: str) -> str:
-    return f"{prefix}_{next(_ids):08d}"
+    """A fresh id such as `item_3f2a9c41d07b` (random: no counter shared by sessions)."""
+    return f"{prefix}_{secrets.token_hex(6)}"
 
 
 class ServerEvent(BaseModel):
@@ -178,6 +177,15 @@ class ServerEvent(BaseModel):
 
     def to_json(self) -> str:
         return self.model_dump_json(exclude_none=True)
+
+
+class Transport(Protocol):
+    """What carries a session's events to its client (WebSocket, WebRTC data channel)."""
+
+    name: str
+
+    def send(self, event: ServerEvent) -> None:
+        """Queue an event for the client; never blocks, never raises."""
 
 
 class SessionState(BaseModel):

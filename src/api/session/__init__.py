@@ -1,4 +1,5 @@
-"""One conversation, whatever carries it (see `core`)."""
+"""One conversation, whatever carries it: `core` dispatches, `input` finds the turns,
+`response` carries an answer out, `report` measures it."""
 
 from .core import Session, Transport
 
