@@ -22,7 +22,7 @@ import numpy as np
 
 from ...config import Settings
 from ...models import vad
-from ...models.audio import SAMPLE_RATE, AudioInputError, pcm16_to_float
+from ...models.audio import AudioInputError, pcm16_to_float
 from ...models.engine import Engine
 from ...models.tts import TtsEngine
 from ...models.types import Chunk, Conversation, EngineError, Request
@@ -30,8 +30,9 @@ from .. import protocol as p
 from ..metrics import Metrics
 from ..speech import AudioOut, Speech
 from . import report
-from .input import InputBuffer, SpeechBegan, TurnDetection, TurnEnded
+from .input import InputBuffer, SpeechBegan, TurnEnded
 from .response import Answer, sink, status_of
+from .settings import SessionSettings
 
 logger = logging.getLogger(__name__)
 
@@ -59,15 +60,9 @@ class Session:
         self._vad_models = vad_models
         self._tasks: set[asyncio.Task[None]] = set()
         self._log = report.TurnLog(metrics, settings.logging.client_report_wait_ms / 1000)
-        self.mode = settings.mode
-        self.language = settings.transcribe.language
-        self.instructions = settings.conversation.instructions
+        self.config = SessionSettings.from_config(settings)  # what session.update changes
         self.conversation = Conversation(settings.conversation.max_turns)
         self.input = InputBuffer(settings.audio.max_utterance_s)
-        v = settings.vad
-        self.input.turn_detection = TurnDetection(
-            v.threshold, v.prefix_padding_ms, v.min_silence_ms
-        )
         self._committed: TurnEnded | None = None  # a user turn awaiting its answer
         self._last_item: str | None = None
         self._answer: Answer | None = None
@@ -80,8 +75,7 @@ class Session:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        if self.input.turn_detection is not None:
-            await self._use_vad()
+        await self._use_vad()
         self.transport.send(p.SessionCreated(session=self._state()))
         logger.info("session=%s opened transport=%s", self.id, self.transport.name)
 
@@ -105,6 +99,14 @@ class Session:
     @property
     def responding(self) -> bool:
         return self._answer is not None
+
+    @property
+    def mode(self) -> str:
+        return self.config.mode
+
+    @property
+    def language(self) -> str | None:
+        return self.config.language
 
     # ----------------------------------------------------------------- client events
 
@@ -167,7 +169,7 @@ class Session:
     # ----------------------------------------------------------------- turns
 
     def _speech_started(self, event: SpeechBegan) -> None:
-        td = self.input.turn_detection
+        td = self.config.turn_detection
         assert td is not None
         self.transport.send(
             p.SpeechStarted(audio_start_ms=event.audio_start_ms, item_id=event.item_id)
@@ -177,7 +179,7 @@ class Session:
             self._answer.stop()
 
     def _turn_ended(self, turn: TurnEnded) -> None:
-        td = self.input.turn_detection
+        td = self.config.turn_detection
         assert td is not None
         self.transport.send(p.SpeechStopped(audio_end_ms=turn.audio_end_ms, item_id=turn.item_id))
         self._committed_turn(turn)
@@ -225,8 +227,8 @@ class Session:
         request = Request(
             turn.audio,
             "chat" if chat else "transcribe",
-            language=self.language,
-            instructions=self.instructions,
+            language=self.config.language,
+            instructions=self.config.instructions,
             history=self.conversation.history if chat else (),
         )
         loop = self._loop
@@ -345,40 +347,17 @@ class Session:
     # ----------------------------------------------------------------- session.update
 
     async def _update(self, event: p.SessionUpdate) -> None:
-        cfg = event.session
-        if cfg.type is not None:
-            self.mode = "chat" if cfg.type == "realtime" else "transcribe"
-        if "instructions" in cfg.model_fields_set:
-            self.instructions = cfg.instructions or None
-        audio_in = cfg.audio.input if cfg.audio else None
-        if audio_in is not None:
-            if audio_in.transcription is not None and audio_in.transcription.language:
-                self.language = audio_in.transcription.language
-            if "turn_detection" in audio_in.model_fields_set:
-                td = audio_in.turn_detection
-                if td is None:
-                    self.input.turn_detection = None
-                    self._release_detector()
-                else:
-                    v = self.settings.vad
-
-                    def given(value: Any, default: Any) -> Any:
-                        return value if value is not None else default
-
-                    self.input.turn_detection = TurnDetection(
-                        given(td.threshold, v.threshold),
-                        given(td.prefix_padding_ms, v.prefix_padding_ms),
-                        given(td.silence_duration_ms, v.min_silence_ms),
-                        td.create_response,
-                        td.interrupt_response,
-                    )
-                    await self._use_vad()
+        self.config = self.config.updated(event.session, self.settings.vad)
+        if "turn_detection" in _fields_set(event):
+            await self._use_vad()
         self.transport.send(p.SessionUpdated(session=self._state()))
 
     async def _use_vad(self) -> None:
-        """A detector for the current turn_detection settings (replacing any other)."""
-        td = self.input.turn_detection
+        """A detector for the current turn_detection settings, replacing the current one
+        (none: push-to-talk)."""
+        td = self.config.turn_detection
         if td is None:
+            self._release(self.input.use_detector(None))
             return
         pool = self._vad_models
 
@@ -389,10 +368,9 @@ class Session:
         # Without a warm model at hand, loading one takes ~50 ms of CPU: off the event loop.
         detector = await asyncio.to_thread(build)
         if self.closed:  # closed while the model loaded
-            if pool is not None:
-                pool.release(detector.model)
+            self._release(detector)
             return
-        self._release(self.input.use_detector(detector))
+        self._release(self.input.use_detector(detector, td.prefix_padding_ms))
 
     def _release_detector(self) -> None:
         self._release(self.input.use_detector(None))
@@ -402,30 +380,7 @@ class Session:
             self._vad_models.release(detector.model)
 
     def _state(self) -> p.SessionState:
-        td = self.input.turn_detection
-        turn_detection: dict[str, Any] | None = None
-        if td is not None:
-            turn_detection = {
-                "type": "server_vad",
-                "threshold": td.threshold,
-                "prefix_padding_ms": td.prefix_padding_ms,
-                "silence_duration_ms": td.silence_duration_ms,
-                "create_response": td.create_response,
-                "interrupt_response": td.interrupt_response,
-            }
-        return p.SessionState(
-            id=self.id,
-            type="realtime" if self.mode == "chat" else "transcription",
-            model=self.settings.model.id,
-            instructions=self.instructions,
-            audio={
-                "input": {
-                    "format": {"type": "audio/pcm", "rate": SAMPLE_RATE},
-                    "turn_detection": turn_detection,
-                    "transcription": {"language": self.language},
-                }
-            },
-        )
+        return self.config.state(self.id, self.settings.model.id)
 
     def _error(self, code: str, message: str, event_id: str | None = None) -> None:
         if self.metrics is not None:
@@ -434,6 +389,11 @@ class Session:
             logger.warning("session=%s error code=%s: %s", self.id, code, message)
         if not self.closed:
             self.transport.send(p.error_event(code, message, event_id))
+
+
+def _fields_set(event: p.SessionUpdate) -> set[str]:
+    audio_in = event.session.audio.input if event.session.audio else None
+    return set(audio_in.model_fields_set) if audio_in is not None else set()
 
 
 def _decode_pcm16(b64: str) -> np.ndarray:

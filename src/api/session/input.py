@@ -30,17 +30,6 @@ def ms_to_samples(ms: float) -> int:
 
 
 @dataclass(frozen=True)
-class TurnDetection:
-    """Server VAD settings of a session (`turn_detection` of session.update)."""
-
-    threshold: float
-    prefix_padding_ms: int
-    silence_duration_ms: int
-    create_response: bool = True
-    interrupt_response: bool = True
-
-
-@dataclass(frozen=True)
 class SpeechBegan:
     item_id: str
     audio_start_ms: int
@@ -64,8 +53,8 @@ class InputBuffer:
 
     def __init__(self, max_utterance_s: float) -> None:
         self.max_samples = int(max_utterance_s * SAMPLE_RATE)
-        self.detector: vad.TurnDetector | None = None
-        self.turn_detection: TurnDetection | None = None
+        self.detector: vad.TurnDetector | None = None  # None: push-to-talk
+        self.prefix_padding_ms = 0  # kept before detected speech
         self._buffer = np.zeros(0, np.float32)
         self._buffer_start = 0  # stream offset (samples) of _buffer[0]
         self.stream_samples = 0  # samples received in this session
@@ -88,7 +77,7 @@ class InputBuffer:
             raise p.ProtocolError("invalid_audio", "audio contains NaN or infinite samples")
         self.stream_samples += audio.size
         self._buffer = np.concatenate([self._buffer, audio])
-        if self.turn_detection is None or self.detector is None:
+        if self.detector is None:
             if self._buffer.size > self.max_samples and continuous:
                 self._cut_before(self.stream_samples - self.max_samples)
             elif self._buffer.size > self.max_samples:
@@ -129,9 +118,12 @@ class InputBuffer:
         if self.detector is not None:
             self.detector.reset()
 
-    def use_detector(self, detector: vad.TurnDetector | None) -> vad.TurnDetector | None:
+    def use_detector(
+        self, detector: vad.TurnDetector | None, prefix_padding_ms: int = 0
+    ) -> vad.TurnDetector | None:
         """Switch to `detector` (None: push-to-talk); returns the one it replaces."""
         old, self.detector = self.detector, detector
+        self.prefix_padding_ms = prefix_padding_ms
         if detector is not None:
             # Its offsets count from here: audio received so far is not re-fed.
             detector.start_at(self.stream_samples)
@@ -140,8 +132,7 @@ class InputBuffer:
     # ----------------------------------------------------------------- internals
 
     def _speech_started(self, sample: int) -> SpeechBegan:
-        assert self.turn_detection is not None
-        self._cut_before(max(sample - ms_to_samples(self.turn_detection.prefix_padding_ms), 0))
+        self._cut_before(max(sample - ms_to_samples(self.prefix_padding_ms), 0))
         self._speech_item = p.new_id("item")
         return SpeechBegan(self._speech_item, samples_to_ms(sample))
 
@@ -156,9 +147,9 @@ class InputBuffer:
 
     def _bound(self) -> list[InputEvent]:
         """Idle: keep only what prefix padding may need. Speaking: end the turn at the limit."""
-        assert self.turn_detection is not None and self.detector is not None
+        assert self.detector is not None
         if not self.detector.speaking:
-            keep_ms = self.turn_detection.prefix_padding_ms + _IDLE_KEEP_S * 1000
+            keep_ms = self.prefix_padding_ms + _IDLE_KEEP_S * 1000
             self._cut_before(self.stream_samples - ms_to_samples(keep_ms))
         elif self._buffer.size >= self.max_samples:
             # A monologue longer than the model takes: end the turn here, as if paused. The

@@ -1,0 +1,103 @@
+"""What a client may change with `session.update`, and what session.created/updated report."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, TypeVar
+
+from ...config import Settings, VadSettings
+from ...models.audio import SAMPLE_RATE
+from ...models.types import Mode
+from .. import protocol as p
+
+T = TypeVar("T")
+
+
+def _given(value: T | None, default: T) -> T:
+    return value if value is not None else default
+
+
+@dataclass(frozen=True)
+class TurnDetection:
+    """Server VAD settings of a session (`turn_detection` of session.update)."""
+
+    threshold: float
+    prefix_padding_ms: int
+    silence_duration_ms: int
+    create_response: bool = True
+    interrupt_response: bool = True
+
+    @classmethod
+    def defaults(cls, v: VadSettings) -> TurnDetection:
+        return cls(v.threshold, v.prefix_padding_ms, v.min_silence_ms)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "type": "server_vad",
+            "threshold": self.threshold,
+            "prefix_padding_ms": self.prefix_padding_ms,
+            "silence_duration_ms": self.silence_duration_ms,
+            "create_response": self.create_response,
+            "interrupt_response": self.interrupt_response,
+        }
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    mode: Mode
+    language: str | None
+    instructions: str | None
+    turn_detection: TurnDetection | None  # None: push-to-talk
+
+    @classmethod
+    def from_config(cls, settings: Settings) -> SessionSettings:
+        return cls(
+            settings.mode,
+            settings.transcribe.language,
+            settings.conversation.instructions,
+            TurnDetection.defaults(settings.vad),
+        )
+
+    def updated(self, cfg: p.SessionConfig, vad: VadSettings) -> SessionSettings:
+        """These settings with a session.update's fields applied (absent fields unchanged;
+        a turn_detection's absent fields take the server's defaults)."""
+        new = self
+        if cfg.type is not None:
+            new = replace(new, mode="chat" if cfg.type == "realtime" else "transcribe")
+        if "instructions" in cfg.model_fields_set:
+            new = replace(new, instructions=cfg.instructions or None)
+        audio_in = cfg.audio.input if cfg.audio else None
+        if audio_in is None:
+            return new
+        if audio_in.transcription is not None and audio_in.transcription.language:
+            new = replace(new, language=audio_in.transcription.language)
+        if "turn_detection" in audio_in.model_fields_set:
+            td = audio_in.turn_detection
+            detection = None
+            if td is not None:
+                detection = TurnDetection(
+                    _given(td.threshold, vad.threshold),
+                    _given(td.prefix_padding_ms, vad.prefix_padding_ms),
+                    _given(td.silence_duration_ms, vad.min_silence_ms),
+                    td.create_response,
+                    td.interrupt_response,
+                )
+            new = replace(new, turn_detection=detection)
+        return new
+
+    def state(self, session_id: str, model: str) -> p.SessionState:
+        """The `session` object of session.created / session.updated."""
+        td = self.turn_detection
+        return p.SessionState(
+            id=session_id,
+            type="realtime" if self.mode == "chat" else "transcription",
+            model=model,
+            instructions=self.instructions,
+            audio={
+                "input": {
+                    "format": {"type": "audio/pcm", "rate": SAMPLE_RATE},
+                    "turn_detection": td.describe() if td is not None else None,
+                    "transcription": {"language": self.language},
+                }
+            },
+        )
