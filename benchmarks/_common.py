@@ -10,19 +10,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 OUT = Path(__file__).resolve().parent / "out"
 
 
 def pct(values: Sequence[float], q: float) -> float:
-    """Percentile by linear interpolation (numpy's default)."""
-    data = sorted(values)
-    if not data:
-        return float("nan")
-    k = (len(data) - 1) * q / 100
-    lo, hi = int(k), min(int(k) + 1, len(data) - 1)
-    return data[lo] + (data[hi] - data[lo]) * (k - lo)
+    """numpy's percentile (linear interpolation); NaN for no values."""
+    return float(np.percentile(values, q)) if len(values) else float("nan")
 
 
 def median(values: Sequence[float]) -> float:

@@ -8,18 +8,11 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TextIO
 
+import numpy as np
+
 from .api.metrics import TIMING_FIELDS, TurnRecord, parse_line
 
 _QUANTILES = (50, 95, 99)
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default method)."""
-    data = sorted(values)
-    k = (len(data) - 1) * q / 100
-    lo = int(k)
-    hi = min(lo + 1, len(data) - 1)
-    return data[lo] + (data[hi] - data[lo]) * (k - lo)
 
 
 def summary(records: Iterable[TurnRecord]) -> str:
@@ -34,7 +27,7 @@ def summary(records: Iterable[TurnRecord]) -> str:
         if not values:
             lines.append(f"{name:<22}{0:>6}" + "".join(f"{'-':>10}" for _ in _QUANTILES))
             continue
-        cells = "".join(f"{percentile(values, q):>10.1f}" for q in _QUANTILES)
+        cells = "".join(f"{p:>10.1f}" for p in np.percentile(values, _QUANTILES))
         lines.append(f"{name:<22}{len(values):>6}{cells}")
     statuses = Counter(r.status for r in rows)
     transports = Counter(r.transport for r in rows)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import threading
 import time
 from collections import deque
@@ -72,6 +73,8 @@ class Request:
     temperature: float | None = None  # None = chat.temperature (chat) / 0 (transcribe)
     top_p: float | None = None
     min_new_tokens: int = 0  # benchmarks: keep a random model from stopping at once
+    # Named in every engine log line about this request (the server passes its response id).
+    id: str = field(default_factory=lambda: f"req_{secrets.token_hex(6)}")
 
 
 def sampling(request: Request, chat: SamplingSettings) -> tuple[float, float | None]:

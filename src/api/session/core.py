@@ -224,16 +224,17 @@ class Session:
                 event_id,
             )
         chat = self.mode == "chat"
+        response_id = p.new_id("resp")
         request = Request(
             turn.audio,
             "chat" if chat else "transcribe",
             language=self.config.language,
             instructions=self.config.instructions,
             history=self.conversation.history if chat else (),
+            id=response_id,  # the engine's log lines name the response
         )
         loop = self._loop
         assert loop is not None, "start() the session first"
-        response_id = p.new_id("resp")
 
         def current() -> Any:
             answer = self._answer

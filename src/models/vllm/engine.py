@@ -200,7 +200,12 @@ class VllmEngine:
             # Under the lock: close() cannot run between the check above and this, so its
             # shutdown (queued after) sees this turn's task.
             self._loop.call_soon_threadsafe(self._start_turn, turn)
-        logger.debug("turn sent to %s (in flight there: %d)", endpoint.url, endpoint.in_flight)
+        logger.debug(
+            "request=%s sent to %s (in flight there: %d)",
+            request.id,
+            endpoint.url,
+            endpoint.in_flight,
+        )
         return handle
 
     def _none_up_message(self) -> str:
@@ -353,7 +358,7 @@ class VllmEngine:
             if exc.endpoint_down:
                 self._mark_down(endpoint, str(exc))
         except Exception as exc:  # e.g. the sink raised; one turn must not stop the engine
-            logger.exception("vLLM turn failed")
+            logger.exception("request=%s vLLM turn failed", handle.request.id)
             error = EngineError("generation_failed", f"{type(exc).__name__}: {exc}")
         finally:
             with self._lock:
@@ -364,9 +369,11 @@ class VllmEngine:
         try:
             turn.sink(final)
         except Exception:  # the caller went away; nothing else to tell it
-            logger.exception("could not hand out the final chunk")
+            logger.exception("request=%s could not hand out the final chunk", handle.request.id)
         if error is not None:
-            logger.warning("vLLM turn ended with %s: %s", error.code, error)
+            logger.warning(
+                "request=%s vLLM turn ended with %s: %s", handle.request.id, error.code, error
+            )
 
     def _chunker(self, handle: RequestHandle, sink: ChunkSink) -> DeltaChunker:
         cr = self.settings.chunked_response

@@ -273,7 +273,7 @@ class VoxtralEngine:
         try:
             self._generate(handle, streamer)
         except Exception as exc:  # one request's failure must not stop the worker
-            logger.exception("generation failed")
+            logger.exception("request=%s generation failed", handle.request.id)
             oom = isinstance(exc, torch.OutOfMemoryError)
             code = "out_of_memory" if oom else "generation_failed"
             error = EngineError(code, f"generation failed: {type(exc).__name__}: {exc}")
@@ -295,13 +295,14 @@ class VoxtralEngine:
         try:
             job.sink(final)
         except Exception:  # the caller went away; nothing else to tell it
-            logger.exception("could not hand out the final chunk")
+            logger.exception("request=%s could not hand out the final chunk", handle.request.id)
         target = self.settings.streaming.latency_target_ms
         first_ms = final.first_token_latency_ms or 0.0
         if streamer is not None and streamer.chunks and first_ms > target:
             logger.warning(
-                "first token after %.1f ms, above streaming.latency_target_ms=%g "
+                "request=%s first token after %.1f ms, above streaming.latency_target_ms=%g "
                 "(queue_wait_ms=%.1f)",
+                handle.request.id,
                 final.first_token_latency_ms,
                 target,
                 queue_wait_ms,
@@ -327,7 +328,7 @@ class VoxtralEngine:
             config._compile_all_devices = True  # transformers compiles on CUDA only by default
         return {"compile_config": config}
 
-    def _cache_kwargs(self, prompt_len: int, max_new_tokens: int) -> dict[str, Any]:
+    def _cache_kwargs(self, request: Request, prompt_len: int, max_new: int) -> dict[str, Any]:
         """With compile: our one static KV cache, emptied, if this request fits in it.
 
         One cache for the engine's life keeps the compiled decode step's shapes and (under
@@ -336,11 +337,13 @@ class VoxtralEngine:
         """
         if self._static_cache is None:
             return {}
-        if prompt_len + max_new_tokens > self._static_cache_len:
+        if prompt_len + max_new > self._static_cache_len:
             logger.warning(
-                "prompt of %d tokens + %d new exceeds the static cache (%d): running uncompiled",
+                "request=%s prompt of %d tokens + %d new exceeds the static cache (%d): "
+                "running uncompiled",
+                request.id,
                 prompt_len,
-                max_new_tokens,
+                max_new,
                 self._static_cache_len,
             )
             return {"disable_compile": True}
@@ -414,7 +417,7 @@ class VoxtralEngine:
             inputs = self.model_inputs(request)
             self.model.generate(
                 **inputs,
-                **self._cache_kwargs(inputs["input_ids"].shape[1], max_new_tokens),
+                **self._cache_kwargs(request, inputs["input_ids"].shape[1], max_new_tokens),
                 **self._sampling(request),
                 max_new_tokens=max_new_tokens,
                 min_new_tokens=request.min_new_tokens,
