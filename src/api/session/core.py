@@ -31,7 +31,7 @@ from ..metrics import Metrics
 from ..speech import AudioOut, Speech
 from . import report
 from .input import InputBuffer, SpeechBegan, TurnEnded
-from .response import Answer, sink, status_of
+from .response import Answer, settled, sink, status_of
 from .settings import SessionSettings
 
 logger = logging.getLogger(__name__)
@@ -320,8 +320,8 @@ class Session:
         task.add_done_callback(self._tasks.discard)
 
     def _finish(self, answer: Answer, chunk: Chunk) -> None:
-        totals = chunk.totals
-        assert totals is not None
+        assert chunk.totals is not None
+        totals = settled(answer, chunk.totals)
         self._answer = None
         self.turns += 1
         if answer.speech is not None:
@@ -331,7 +331,8 @@ class Session:
         timings = report.timings(
             answer.clock, totals, text, self.transport.name, time.perf_counter()
         )
-        if totals.status == "completed" and self.mode == "chat":
+        if totals.status == "completed" and self.mode == "chat" and text.strip():
+            # Only whole answers the client saw; the model refuses an empty assistant turn.
             self.conversation.add(answer.audio, text)
         turn = report.record(self.id, self.turns, self.mode, status, timings, totals)
         self._log.add(answer.id, turn, None if self.closed else self._loop)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -34,11 +34,13 @@ class Answer:
     clock: TurnClock
     transport: p.Transport
     speech: Speech | None = None  # the answer spoken (chat mode with speech out)
-    text: list[str] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)  # the words the client was sent
+    cut_short: bool = False  # a cancel stopped words from reaching the client
 
     def deliver(self, chunk: Chunk) -> None:
         """A word chunk (not the final one): to the client, and to the speech."""
         if self.handle.cancelled:
+            self.cut_short = True
             return  # already on its way out: no more words
         self.text.append(chunk.text)
         if self.speech is not None:
@@ -92,6 +94,15 @@ class Answer:
         details = status_details(totals)
         response = p.Response(id=self.id, status=status, status_details=details, output=output)
         send(p.ResponseDone(response=response, timings=timings))
+
+
+def settled(answer: Answer, totals: Totals) -> Totals:
+    """The engine's totals as the client saw them: an answer the engine completed but whose
+    words a cancel held back (it landed after generation ended, before delivery) was cut
+    short for the client, so it ends `cancelled` (and stays out of the history)."""
+    if totals.status == "completed" and answer.cut_short:
+        return replace(totals, status="cancelled")
+    return totals
 
 
 def status_of(totals: Totals) -> ResponseStatus:

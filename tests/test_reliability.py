@@ -1,0 +1,114 @@
+"""Reliability: races and hostile input must never break a conversation or the server."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import SAMPLE_WAV, SCRIPT
+from fakes import FakeTransport
+
+from voxtral_server.api.session import Session
+from voxtral_server.config import Settings
+from voxtral_server.models.audio import float_to_pcm16, read_audio_file
+from voxtral_server.models.chunking import ChunkSink
+from voxtral_server.models.types import Chunk, Request, RequestHandle
+from voxtral_server.models.voxtral import VoxtralEngine
+
+SPEECH = read_audio_file(SAMPLE_WAV)
+WORDS = SCRIPT.split()
+
+
+def append_event(audio: np.ndarray) -> str:
+    pcm = float_to_pcm16(audio).astype("<i2").tobytes()
+    return json.dumps(
+        {"type": "input_audio_buffer.append", "audio": base64.b64encode(pcm).decode()}
+    )
+
+
+class HeldAnswers:
+    """The real engine, but each answer reaches the session only once it is complete, and
+    then by `release`: so a test decides exactly where a cancel lands among the words."""
+
+    def __init__(self, engine: VoxtralEngine) -> None:
+        self.engine = engine
+        self.loop = asyncio.get_running_loop()
+        self.complete: asyncio.Queue[tuple[list[Chunk], ChunkSink]] = asyncio.Queue()
+
+    def submit(self, request: Request, sink: ChunkSink) -> RequestHandle:
+        held: list[Chunk] = []
+
+        def hold(chunk: Chunk) -> None:  # engine thread
+            held.append(chunk)
+            if chunk.is_final:
+                self.loop.call_soon_threadsafe(self.complete.put_nowait, (held, sink))
+
+        return self.engine.submit(request, hold)
+
+    # The rest of the Engine contract, from the real engine.
+    ready = property(lambda self: self.engine.ready)
+    queue_depth = property(lambda self: self.engine.queue_depth)
+
+    def describe(self) -> dict[str, Any]:
+        return self.engine.describe()
+
+    def close(self, timeout: float = 30.0) -> None:
+        pass
+
+
+async def ask(session: Session) -> None:
+    await session.handle_text(append_event(SPEECH))
+    await session.handle_text('{"type": "input_audio_buffer.commit"}')
+    await session.handle_text('{"type": "response.create"}')
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("delivered", range(len(WORDS) + 1))
+async def test_a_cancel_anywhere_in_an_answer_leaves_the_conversation_working(
+    scripted_engine: VoxtralEngine, delivered: int
+) -> None:
+    """The cancel lands after the engine has finished, with `delivered` of the answer's words
+    shown to the client: whatever that number, the next turn is answered in full, and the
+    history only ever holds whole answers the client saw (never an empty one)."""
+    engine = HeldAnswers(scripted_engine)
+    t = FakeTransport()
+    session = Session(engine, Settings(), t)  # type: ignore[arg-type]
+    await session.start()
+    await session.handle_text(
+        json.dumps(
+            {"type": "session.update", "session": {"audio": {"input": {"turn_detection": None}}}}
+        )
+    )
+    await ask(session)
+    chunks, sink = await engine.complete.get()
+    words, final = chunks[:-1], chunks[-1]
+    assert final.totals is not None and final.totals.status == "completed"
+    for chunk in words[:delivered]:
+        sink(chunk)
+    if delivered:
+        await t.wait_for("response.output_text.delta", delivered)
+    await session.handle_text('{"type": "response.cancel"}')
+    for chunk in [*words[delivered:], final]:
+        sink(chunk)
+    done = await t.wait_for("response.done")
+    shown = "".join(e["delta"] for e in t.of("response.output_text.delta"))
+    if delivered == len(words):  # every word was out before the cancel: nothing was cut
+        assert done["response"]["status"] == "completed" and shown == SCRIPT
+        assert [turn.answer for turn in session.conversation.history] == [SCRIPT]
+    else:
+        assert done["response"]["status"] == "cancelled"
+        assert session.conversation.history == ()
+    assert all(turn.answer.strip() for turn in session.conversation.history)
+
+    await ask(session)  # the next turn, on the same conversation
+    chunks, sink = await engine.complete.get()
+    for chunk in chunks:
+        sink(chunk)
+    second = await t.wait_for("response.done", 2)
+    assert second["response"]["status"] == "completed", second
+    assert second["response"]["output"][0]["content"][0]["text"] == SCRIPT
+    session.close()
