@@ -16,7 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, Settings, load_settings
+from .config import ConfigError, Settings, default_config_path, load_settings
+from .resources import MissingResource, default_config_file, sample_clip
 
 logger = logging.getLogger("voxtral_server")
 
@@ -24,7 +25,6 @@ DEMO_SCRIPT = (
     "Hello! This is a tiny Voxtral running on your own machine, and every word you see "
     "was streamed the moment it was complete."
 )
-SAMPLE_CLIP = Path(__file__).resolve().parent.parent / "static" / "sample.wav"
 
 
 def cache_dir() -> Path:
@@ -120,6 +120,19 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
+def _log_config_source(path: Path | None) -> None:
+    """Which file the settings came from; with none, where the documented one to copy is."""
+    path = path if path is not None else default_config_path()
+    if path is not None:
+        logger.info("configuration: %s", path)
+        return
+    try:
+        template = str(default_config_file())
+    except MissingResource:
+        template = "not installed"
+    logger.info("configuration: built-in defaults (every key documented in %s)", template)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -136,6 +149,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
         return 2
     _log_to_file(settings)
+    _log_config_source(args.config)
     logger.info("serving on http://%s:%d/ (model %s)", host, port, settings.model.id)
     uvicorn.run(
         create_app(settings),
@@ -168,7 +182,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         if args.tts is None:
             logger.info("espeak-ng is not installed: the demo answers in text only")
     if args.clip is not None:  # no server: stream the answer to one clip and exit
-        args.file = args.clip or str(SAMPLE_CLIP)
+        args.file = args.clip or str(sample_clip())
         return _run_file(args, _settings(args), "chat")
     return cmd_serve(args)
 
@@ -193,7 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(p: argparse.ArgumentParser, model: bool = True) -> None:
         p.add_argument(
-            "--config", type=Path, help="config file (default: $VOXTRAL_CONFIG or ./config.yaml)"
+            "--config",
+            type=Path,
+            help="config file (default: $VOXTRAL_CONFIG, else ./config.yaml, else the defaults)",
         )
         if model:
             p.add_argument("--model", help="hub id or local folder (overrides model.id)")
@@ -277,7 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: invalid configuration: {exc}", file=sys.stderr)
         return 2
-    except AudioInputError as exc:
+    except (AudioInputError, MissingResource) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except EngineError as exc:

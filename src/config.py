@@ -1,7 +1,8 @@
 """Typed, frozen settings loaded once from config.yaml, then injected.
 
-Every key is documented in config.yaml at the top of the repository; the defaults here are
-the same values, so a missing file means "all defaults". An unknown key, a wrong type or an
+Every key is documented in config.yaml at the top of the repository (installed with the
+package: `resources.default_config_file()`); the defaults here are the same values, so a
+missing file means "all defaults". An unknown key, a wrong type or an
 impossible value stops start-up with a `ConfigError` that names the key and what is allowed.
 """
 
@@ -205,7 +206,13 @@ def _validate(data: Mapping[str, Any], source: str) -> Settings:
 
 
 def default_config_path() -> Path | None:
-    """$VOXTRAL_CONFIG, else ./config.yaml if present, else None (built-in defaults)."""
+    """$VOXTRAL_CONFIG, else ./config.yaml if present, else None (built-in defaults).
+
+    The config.yaml installed with the package is deliberately not a further fallback: it
+    holds the built-in defaults (a test keeps them equal), so loading it would change
+    nothing, and an editable install would find the checkout's copy, which a developer may
+    have edited for one machine, and apply it from any directory. It is the template to copy.
+    """
     env = os.environ.get(ENV_CONFIG)
     if env:
         return Path(env)

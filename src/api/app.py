@@ -9,9 +9,9 @@ then the engine's worker thread.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
@@ -20,10 +20,11 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from ..config import Settings
 from ..models.engine import load_engine
+from ..resources import MissingResource, static_dir
 from .state import EngineFactory, ServerState
 from .transports import webrtc, websocket
 
-STATIC_DIR = Path(__file__).resolve().parent.parent.parent / "static"
+logger = logging.getLogger(__name__)
 
 
 def create_app(settings: Settings, engine_factory: EngineFactory = load_engine) -> FastAPI:
@@ -90,6 +91,10 @@ def create_app(settings: Settings, engine_factory: EngineFactory = load_engine) 
 
     app.include_router(websocket.router)
     app.include_router(webrtc.router)
-    if STATIC_DIR.is_dir():
-        app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="static")
+    try:
+        page = static_dir()
+    except MissingResource as exc:  # the API still works; say why GET / will be a 404
+        logger.error("no web page: %s", exc)
+    else:
+        app.mount("/", StaticFiles(directory=page, html=True), name="static")
     return app
