@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import random
+import re
+
+import numpy as np
 import pytest
 import torch
 
-from voxtral_server.models.chunking import WordChunker
+from voxtral_server.models.chunking import DeltaChunker, WordChunker
 from voxtral_server.models.types import Chunk, Request, RequestHandle
 from voxtral_server.models.voxtral.streamer import WordStreamer
 
@@ -96,8 +100,6 @@ class _Clock:
 
 
 def _streamer(clock: _Clock, timeout_s: float = 0.15) -> tuple[WordStreamer, list[Chunk]]:
-    import numpy as np
-
     chunks: list[Chunk] = []
     handle = RequestHandle(Request(np.zeros(160, np.float32)), submitted_at=clock.now)
     streamer = WordStreamer(
@@ -145,7 +147,7 @@ def test_a_pause_between_tokens_loses_no_whitespace() -> None:
     clock.now += 0.3  # longer than the timeout, with only whitespace held
     _put(streamer, "\nWorld again")
     clock.now += 0.3
-    _put(streamer, "!")  # a timeout with a word held releases it, keeps nothing back
+    _put(streamer, "!")  # "again" may go on: the timeout does not release it
     streamer.end()
     assert "".join(c.text for c in chunks) == "Hello.\n\nWorld again!"
     assert streamer.text == "Hello.\n\nWorld again!"
@@ -154,7 +156,7 @@ def test_a_pause_between_tokens_loses_no_whitespace() -> None:
 def test_timeout_release_keeps_trailing_space_for_the_next_word() -> None:
     chunker = WordChunker(min_words=3, max_words=3)
     assert chunker.feed("one two ") == []
-    assert chunker.flush(end=False) == ["one two"]
+    assert chunker.flush_unspaced() == ["one two"]
     assert chunker.pending == " "
     assert chunker.feed("three four") == []
     assert chunker.flush() == [" three four"]
@@ -169,3 +171,127 @@ def test_nothing_is_handed_out_after_cancel() -> None:
     streamer.end()
     assert [c.text for c in chunks] == ["one", " two"]
     assert streamer.cut_short
+
+
+TIMEOUT_S = 0.15
+SLOW_S = 0.2  # every delta arrives after the chunk timeout: a CPU under load
+
+
+def _deltas(timed: list[tuple[float, str]], chunker: WordChunker | None = None) -> list[str]:
+    """Feed `(now, text)` deltas to a `DeltaChunker`, end the answer, return the chunks."""
+    chunks: list[Chunk] = []
+    handle = RequestHandle(Request(np.zeros(160, np.float32)), submitted_at=0.0)
+    stream = DeltaChunker(
+        handle, chunker or WordChunker(), TIMEOUT_S, chunks.append, clock=lambda: 0.0
+    )
+    for now, text in timed:
+        stream.feed_text(text, now)
+    stream.end_text()
+    assert stream.text == "".join(c.text for c in chunks)
+    return [c.text for c in chunks]
+
+
+def _slow(pieces: list[str]) -> list[str]:
+    return _deltas([(SLOW_S * (i + 1), piece) for i, piece in enumerate(pieces)])
+
+
+@pytest.mark.parametrize(
+    ("pieces", "expected"),
+    [
+        (["la", "z", "y", " dog"], ["lazy", " dog"]),
+        (["Hel", "lo", "!"], ["Hello!"]),
+        (["The", " qu", "i", "ck", " fox", "."], ["The", " quick", " fox."]),
+        (["https://ex", "ample", ".com/a", "?b=1"], ["https://example.com/a?b=1"]),
+        (["안녕", "하세", "요 여", "러분"], ["안녕하세요", " 여러분"]),  # Korean uses spaces
+    ],
+    ids=["lazy", "hello!", "quick", "url", "korean"],
+)
+def test_a_slow_clock_never_splits_a_word(pieces: list[str], expected: list[str]) -> None:
+    assert _slow(pieces) == expected
+
+
+@pytest.mark.parametrize(
+    ("pieces", "expected"),
+    [
+        (["你", "好", "世", "界"], ["你好", "世界"]),
+        (["こんに", "ちは", "、世", "界！"], ["こんにちは", "、世界！"]),
+        (["สวั", "สดี", "ครับ"], ["สวัสดี", "ครับ"]),
+    ],
+    ids=["chinese", "japanese", "thai"],
+)
+def test_text_without_spaces_still_flushes_on_the_timeout(
+    pieces: list[str], expected: list[str]
+) -> None:
+    # Passes on the old rule too: it pins that words staying whole did not cost CJK or Thai
+    # text its timeout.
+    assert _slow(pieces) == expected
+
+
+def test_mixed_text_flushes_the_cjk_part_and_holds_a_latin_word() -> None:
+    assert _slow(["我", "喜欢", "Py", "th", "on", " 很", "好"]) == ["我喜欢", "Python", " 很好"]
+
+
+def test_a_latin_word_goes_out_with_the_cjk_text_that_ends_it() -> None:
+    # The held word has waited past the timeout, so the CJK character after it releases both.
+    assert _slow(["Py", "th", "on", "我", "喜欢"]) == ["Python我", "喜欢"]
+
+
+def test_a_timeout_release_keeps_the_held_word_and_its_space() -> None:
+    chunker = WordChunker(min_words=3, max_words=3)
+    assert chunker.feed("one two thr") == []
+    assert chunker.flush_unspaced() == ["one two"]
+    assert chunker.pending == " thr"
+    chunker = WordChunker()
+    assert chunker.feed("我喜欢Py") == []
+    assert chunker.flush_unspaced() == ["我喜欢"]
+    assert chunker.pending == "Py"
+    chunker = WordChunker()
+    assert chunker.feed("中\ufe0e") == []
+    assert chunker.flush_unspaced() == ["中\ufe0e"]  # the variation selector stays with 中
+
+
+SAMPLES = [
+    "The quick brown fox jumps over the lazy dog. Hello! Isn't it 12,345.67 km/h?",
+    "héllo wörld — naïve café,\n\nsee https://example.com/a?b=1 (really).",
+    "我喜欢Python和Rust。你呢？ OK, 好的 thanks",
+    "こんにちは、世界！ Voxtral です。\u3000また ね",
+    "สวัสดีครับ ผมชื่อ Voxtral ครับ",
+    "안녕하세요 여러분, 반갑습니다!",
+]
+# The scripts in SAMPLES written without spaces: Han, Kana, Thai, CJK and full-width punctuation.
+_NO_SPACES = re.compile("[\u0e00-\u0e7f\u3001-\u30ff\u4e00-\u9fff\uff01-\uff64]")
+
+
+@pytest.mark.parametrize(
+    "text", SAMPLES, ids=["english", "accents", "chinese", "japanese", "thai", "korean"]
+)
+@pytest.mark.parametrize(("min_words", "max_words"), [(1, 1), (2, 3)])
+def test_random_splits_and_timings_keep_the_text_and_its_words(
+    text: str, min_words: int, max_words: int
+) -> None:
+    rng = random.Random(f"{text}{min_words}")
+    for _ in range(100):
+        cuts = sorted(rng.sample(range(1, len(text)), rng.randint(1, len(text) // 2)))
+        pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+        now = 0.0
+        timed = []
+        for piece in pieces:
+            now += rng.choice([0.01, 0.05, SLOW_S])
+            timed.append((now, piece))
+        chunks = _deltas(timed, WordChunker(min_words, max_words))
+        assert "".join(chunks) == text
+        at = 0
+        for chunk in chunks[:-1]:
+            at += len(chunk)
+            # A chunk ends before whitespace or after a character of a script without spaces.
+            assert text[at].isspace() or _NO_SPACES.match(text[at - 1]), (chunks, at)
+
+
+def test_the_streamer_never_splits_a_word_on_a_slow_clock() -> None:
+    clock = _Clock()
+    streamer, chunks = _streamer(clock)
+    for ch in "Hello! The lazy dog":
+        clock.now += SLOW_S
+        _put(streamer, ch)
+    streamer.end()
+    assert [c.text for c in chunks] == ["Hello!", " The", " lazy", " dog"]

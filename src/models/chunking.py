@@ -2,8 +2,10 @@
 
 `WordChunker` (pure, no clock): a chunk's text is a delta, so concatenating every chunk of an
 answer gives the answer's text and a word keeps the whitespace before it (" world,"). A word
-is complete once whitespace follows it. `flush()` releases everything held (the answer
-ended, or the caller's timeout fired because text kept arriving without whitespace).
+is complete once whitespace follows it. `flush()` releases everything held (the answer ended).
+`flush_unspaced()` is for the caller's timeout, when text keeps arriving without whitespace:
+it releases only what cannot split a word of a language written with spaces (see
+`unspaced_end`), so "laz" + "y" never becomes two chunks while "你好世界" is not held back.
 
 `DeltaChunker` (every engine): text deltas of one answer -> chunks -> the request's sink,
 with the chunk timeout and nothing handed out after cancel. `final_chunk` derives every
@@ -14,11 +16,58 @@ from __future__ import annotations
 
 import re
 import time
+import unicodedata
 from collections.abc import Callable
 
 from .types import Chunk, EngineError, RequestHandle, Status, Totals, ms_between
 
 _WORD = re.compile(r"\s*\S+")
+# Greedy: ends at the last non-space character that whitespace follows (the last whole word).
+_LAST_COMPLETE_WORD = re.compile(r".*\S(?=\s)", re.DOTALL)
+# Characters of scripts written without spaces between words, and the punctuation written
+# with them. Hangul is not here: Korean separates words with spaces. U+3000 (ideographic
+# space) is not here either: it is whitespace, so it already ends a word.
+_UNSPACED = (
+    "["
+    "\u0e00-\u0e7f"  # Thai
+    "\u0e80-\u0eff"  # Lao
+    "\u0f00-\u0fff"  # Tibetan
+    "\u1000-\u109f\ua9e0-\ua9ff\uaa60-\uaa7f"  # Myanmar
+    "\u1780-\u17ff\u19e0-\u19ff"  # Khmer
+    "\u1950-\u19df\u1a20-\u1aaf\uaa80-\uaadf"  # Tai Le, New Tai Lue, Tai Tham, Tai Viet
+    "\u2e80-\u2fdf"  # CJK and Kangxi radicals
+    "\u3001-\u303f"  # CJK symbols and punctuation: 、。「」々
+    "\u3040-\u30ff\u31f0-\u31ff\U0001b000-\U0001b16f"  # Hiragana, Katakana
+    "\u3100-\u312f\u31a0-\u31bf"  # Bopomofo
+    "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"  # Han
+    "\U00020000-\U0002fa1f\U00030000-\U000323af"  # Han, supplementary planes
+    "\ua000-\ua4cf"  # Yi
+    "\ufe10-\ufe1f\ufe30-\ufe4f"  # vertical and CJK compatibility punctuation
+    "\uff01-\uff0f\uff1a-\uff20\uff3b-\uff40\uff5b-\uff64"  # full-width punctuation: ，！？
+    "\uff65-\uff9f"  # half-width Katakana
+    "]"
+)
+# Greedy: ends after the last such character.
+_THROUGH_LAST_UNSPACED = re.compile(".*" + _UNSPACED, re.DOTALL)
+
+
+def unspaced_end(text: str) -> int:
+    """Where `text` may be cut on a timeout without splitting a word; 0 if nowhere.
+
+    The cut follows the last whole word (a word whitespace follows) or the last character of
+    a script written without spaces (Han, Kana, Thai, Lao, Khmer, Myanmar, Tibetan, ..., and
+    CJK/full-width punctuation), whichever comes later, with the combining marks after it.
+    A word of a language written with spaces ("laz", "Hello!") is never cut: it waits for
+    whitespace or the end of the text. "我喜欢Python" is cut after "欢".
+    """
+    match = _LAST_COMPLETE_WORD.match(text)
+    cut = match.end() if match else 0
+    match = _THROUGH_LAST_UNSPACED.match(text, cut)
+    if match:
+        cut = match.end()
+        while cut < len(text) and unicodedata.category(text[cut]).startswith("M"):
+            cut += 1  # a variation selector or mark belongs to its character
+    return cut
 
 
 class WordChunker:
@@ -40,17 +89,23 @@ class WordChunker:
         self._pending += text
         return self._take(final=False)
 
-    def flush(self, end: bool = True) -> list[str]:
-        """Release every word held, complete or not.
+    def flush(self) -> list[str]:
+        """The text is over: release every word held, complete or not.
 
-        `end=True`: the text is over; trailing whitespace is dropped. `end=False` (a
-        timeout): trailing whitespace stays held, to lead the next word.
+        Trailing whitespace is dropped.
         """
-        kept = ""
-        if not end:
-            body = self._pending.rstrip()
-            kept = self._pending[len(body) :]
-            self._pending = body
+        return self._take(final=True)
+
+    def flush_unspaced(self) -> list[str]:
+        """Release what a timeout may release: held text up to `unspaced_end(pending)`.
+
+        Whole words held for `min_words` and text of scripts written without spaces go out
+        (`max_words` still applies); a word that may continue ("laz", "Hello!") and the
+        whitespace that will lead the next word stay held.
+        """
+        cut = unspaced_end(self._pending)
+        kept = self._pending[cut:]
+        self._pending = self._pending[:cut]
         chunks = self._take(final=True)
         self._pending = kept
         return chunks
@@ -82,9 +137,12 @@ class DeltaChunker:
     """Text deltas of one answer -> word chunks handed to the sink (both engines use it).
 
     `mark_tokens()` records generated tokens (the first one's time is the model's TTFT),
-    `feed_text()` takes new answer text, `end_text()` flushes the last words. Text that has
-    waited longer than the chunk timeout without whitespace is flushed when the next delta
-    arrives. Nothing is handed out once the handle is cancelled (`cut_short` then says so).
+    `feed_text()` takes new answer text, `end_text()` flushes the last words. When held text
+    has waited longer than the chunk timeout, the next delta releases what
+    `WordChunker.flush_unspaced()` allows: text of scripts written without spaces (CJK, Thai,
+    ...), never part of a word of a language written with spaces, which waits for whitespace
+    or `end_text()`. Nothing is handed out once the handle is cancelled (`cut_short` then
+    says so).
     """
 
     def __init__(
@@ -119,14 +177,15 @@ class DeltaChunker:
             self.cut_short = True
             return
         chunks = self.chunker.feed(new_text)
-        if self.chunker.pending.strip():
-            if self._pending_since is None or chunks:
-                self._pending_since = now
-            elif now - self._pending_since >= self.chunk_timeout_s:
-                chunks += self.chunker.flush(end=False)
-                self._pending_since = None
-        else:
+        if not self.chunker.pending.strip():
             self._pending_since = None  # only whitespace waits: nothing to show yet
+        elif self._pending_since is None or chunks:
+            self._pending_since = now  # what is held now starts waiting
+        elif now - self._pending_since >= self.chunk_timeout_s:
+            released = self.chunker.flush_unspaced()
+            if released:  # else the held word keeps its age: unspaced text after it goes at once
+                chunks += released
+                self._pending_since = now if self.chunker.pending.strip() else None
         self._emit(chunks)
 
     def end_text(self) -> None:
