@@ -15,9 +15,27 @@ from .api.metrics import TIMING_FIELDS, TurnRecord, parse_line
 _QUANTILES = (50, 95, 99)
 
 
-def summary(records: Iterable[TurnRecord]) -> str:
+class Reader:
+    """Log lines -> turn records, counting the lines that mention TTFT but are not records
+    this server wrote (forged through client text, damaged, or from another program)."""
+
+    def __init__(self) -> None:
+        self.skipped = 0
+
+    def records(self, lines: Iterable[str]) -> Iterator[TurnRecord]:
+        for line in lines:
+            record = parse_line(line)
+            if record is not None:
+                yield record
+            elif "TTFT" in line:
+                self.skipped += 1
+
+
+def summary(records: Iterable[TurnRecord], skipped: int = 0) -> str:
     rows = list(records)
     lines = [f"{len(rows)} turns"]
+    if skipped:
+        lines[0] += f" ({skipped} lines mentioning TTFT skipped: not turn records)"
     if not rows:
         return lines[0] + " (no TTFT lines yet)"
     header = f"{'metric':<22}{'n':>6}" + "".join(f"{'p' + str(q):>10}" for q in _QUANTILES)
@@ -36,18 +54,12 @@ def summary(records: Iterable[TurnRecord]) -> str:
     return "\n".join(lines)
 
 
-def _records(lines: Iterable[str]) -> Iterator[TurnRecord]:
-    for line in lines:
-        record = parse_line(line)
-        if record is not None:
-            yield record
-
-
 def run(path: Path, out: TextIO, follow: bool = False, last: int | None = None) -> int:
     """Print the table for the file; with `follow`, print it again whenever lines arrive."""
     if not path.is_file() and not follow:
         raise FileNotFoundError(f"{path}: no such log file")
     window: deque[TurnRecord] = deque(maxlen=last)
+    reader = Reader()
     position = 0  # where reading stopped: lines appended after it are new
     pending = ""
     if path.is_file():
@@ -55,8 +67,8 @@ def run(path: Path, out: TextIO, follow: bool = False, last: int | None = None) 
             text = f.read()
             position = f.tell()
         *complete, pending = text.split("\n")
-        window.extend(_records(complete))
-    print(summary(window), file=out, flush=True)
+        window.extend(reader.records(complete))
+    print(summary(window, reader.skipped), file=out, flush=True)
     if not follow:
         return 0
     while True:  # like `tail -f`: poll the file, survive rotation
@@ -74,7 +86,11 @@ def run(path: Path, out: TextIO, follow: bool = False, last: int | None = None) 
             position = f.tell()
         pending += chunk
         *complete, pending = pending.split("\n")
-        new = list(_records(complete))
+        new = list(reader.records(complete))
         if new:
             window.extend(new)
-            print("\n" + time.strftime("%H:%M:%S ") + summary(window), file=out, flush=True)
+            print(
+                "\n" + time.strftime("%H:%M:%S ") + summary(window, reader.skipped),
+                file=out,
+                flush=True,
+            )

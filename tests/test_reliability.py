@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import json
+import logging
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -12,7 +15,10 @@ import pytest
 from conftest import SAMPLE_WAV, SCRIPT
 from fakes import FakeTransport
 
+from voxtral_server import ttft
+from voxtral_server.api.metrics import Metrics, TurnRecord
 from voxtral_server.api.session import Session
+from voxtral_server.cli import LOG_FORMAT
 from voxtral_server.config import Settings
 from voxtral_server.models.audio import float_to_pcm16, read_audio_file
 from voxtral_server.models.chunking import ChunkSink
@@ -21,6 +27,9 @@ from voxtral_server.models.voxtral import VoxtralEngine
 
 SPEECH = read_audio_file(SAMPLE_WAV)
 WORDS = SCRIPT.split()
+RECORD = TurnRecord(
+    "sess_1", 1, "websocket", "chat", "completed", 30.0, 40.0, None, 0.2, 90.0, 11, 27, 400.0
+)
 
 
 def append_event(audio: np.ndarray) -> str:
@@ -112,3 +121,44 @@ async def test_a_cancel_anywhere_in_an_answer_leaves_the_conversation_working(
     assert second["response"]["status"] == "completed", second
     assert second["response"]["output"][0]["content"][0]["text"] == SCRIPT
     session.close()
+
+
+FORGED = "TTFT session=sess_forged turn=1 transport=websocket mode=chat status=completed"
+
+
+@pytest.mark.parametrize(
+    "reason",
+    [
+        "TTFT turn=oops",  # made `voxtral-server ttft` exit 1 with a ValueError
+        f"x\n2026-11-22 08:00:00,000 INFO voxtral_server.ttft: {FORGED}",  # a forged turn
+        f"x 2026-11-22 08:00:00,000 INFO voxtral_server.ttft: {FORGED}",
+    ],
+)
+def test_client_text_in_the_log_cannot_forge_or_break_a_ttft_line(
+    tmp_path: Path, reason: str
+) -> None:
+    """The page's fallback reason is the client's text: it is quoted into its log line, and
+    `voxtral-server ttft` reads only lines the server wrote, counting the others it skips."""
+    log = tmp_path / "server.log"
+    handler = logging.FileHandler(log, encoding="utf-8")
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    old_level = root.level
+    root.setLevel(logging.INFO)
+    try:
+        metrics = Metrics()
+        metrics.turn(RECORD)
+        metrics.fallback("sess_1", reason)
+        metrics.error("sess_1", "invalid_event", reason)
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)
+        handler.close()
+    text = log.read_text(encoding="utf-8")
+    assert text.count("\n") == 3, text  # one physical line per log call
+    out = io.StringIO()
+    assert ttft.run(log, out) == 0
+    table = out.getvalue()
+    assert table.startswith("1 turns"), table  # only the real turn
+    assert "2 lines mentioning TTFT skipped" in table, table

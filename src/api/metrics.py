@@ -15,7 +15,9 @@ no HTTP; the app owns one `Metrics` object.
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 from dataclasses import asdict, dataclass, fields
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -97,28 +99,44 @@ def format_line(record: TurnRecord) -> str:
     return LINE_PREFIX + " ".join(f"{k}={_fmt(v)}" for k, v in asdict(record).items())
 
 
+# Only lines this server wrote: the record itself, or the record as the CLI's log format
+# prints it ("<date> <time> INFO voxtral_server.ttft: TTFT ..."), anchored at the start, so
+# text a client got into another log line (quoted there anyway) can never pass as a turn.
+_LINE = re.compile(
+    r"^(?:\S+ ){0,2}INFO " + re.escape(TTFT_LOGGER) + ": " + LINE_PREFIX + r"(.*)$"
+    r"|^" + LINE_PREFIX + r"(.*)$"
+)
+
+
 def parse_line(line: str) -> TurnRecord | None:
-    """A TurnRecord from a log line that contains a TTFT record, else None."""
-    start = line.find(LINE_PREFIX)
-    if start < 0:
+    """The TurnRecord of a TTFT log line this server wrote, else None (any other line,
+    or one that only looks like ours: an unknown key, a missing field, a bad value)."""
+    match = _LINE.match(line.rstrip("\r\n"))
+    if match is None:
         return None
     values: dict[str, object] = {}
-    for part in line[start + len(LINE_PREFIX) :].split():
-        key, sep, raw = part.partition("=")
-        if not sep or key not in FIELDS:
-            continue
-        if raw == "-":
-            values[key] = None
-        elif key in _INTS:
-            values[key] = int(raw)
-        elif key in TIMING_FIELDS:
-            values[key] = float(raw)
-        else:
-            values[key] = raw
     try:
+        for part in (match.group(1) or match.group(2) or "").split(" "):
+            key, sep, raw = part.partition("=")
+            if not sep or key not in FIELDS or key in values:
+                return None
+            if raw == "-":
+                values[key] = None
+            elif key in _INTS:
+                values[key] = int(raw)
+            elif key in TIMING_FIELDS:
+                values[key] = float(raw)
+            else:
+                values[key] = raw
         return TurnRecord(**values)  # type: ignore[arg-type]
-    except TypeError:
-        return None  # a line that only looks like ours
+    except (TypeError, ValueError):
+        return None
+
+
+def quoted(text: str) -> str:
+    """Client-supplied text as it goes into a log line: one JSON string (no newline, no
+    control character, no unescaped quote), so it cannot start or fake another record."""
+    return json.dumps(text)
 
 
 class Metrics:
@@ -177,9 +195,11 @@ class Metrics:
         self.turns.labels(status=record.status, transport=t).inc()
 
     def error(self, session: str, code: str, message: str) -> None:
-        _events.warning("ERROR session=%s code=%s message=%s", session, code, message)
+        _events.warning("ERROR session=%s code=%s message=%s", session, code, quoted(message))
         self.errors.labels(code=code).inc()
 
     def fallback(self, session: str, reason: str) -> None:
-        _events.warning("FALLBACK session=%s transport=websocket reason=%s", session, reason)
+        _events.warning(
+            "FALLBACK session=%s transport=websocket reason=%s", session, quoted(reason)
+        )
         self.fallbacks.inc()

@@ -27,7 +27,7 @@ from ...models.engine import Engine
 from ...models.tts import TtsEngine
 from ...models.types import Chunk, Conversation, EngineError, Request
 from .. import protocol as p
-from ..metrics import Metrics
+from ..metrics import Metrics, quoted
 from ..speech import AudioOut, Speech
 from . import report
 from .input import InputBuffer, SpeechBegan, TurnEnded
@@ -148,7 +148,7 @@ class Session:
         elif isinstance(event, p.ClientTiming):
             self._log.client_report(event)
         elif isinstance(event, p.ClientFallback):
-            logger.info("session=%s client fell back: %s", self.id, event.reason)
+            logger.info("session=%s client fell back: %s", self.id, quoted(event.reason))
             if self.metrics is not None:
                 self.metrics.fallback(self.id, event.reason)
 
@@ -388,7 +388,7 @@ class Session:
         if self.metrics is not None:
             self.metrics.error(self.id, code, message)
         else:
-            logger.warning("session=%s error code=%s: %s", self.id, code, message)
+            logger.warning("session=%s error code=%s: %s", self.id, code, quoted(message))
         if not self.closed:
             self.transport.send(p.error_event(code, message, event_id))
 

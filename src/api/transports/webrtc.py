@@ -28,6 +28,7 @@ from fastapi.responses import PlainTextResponse, Response
 
 from ...models.audio import PCM16_SCALE, SAMPLE_RATE
 from .. import protocol as p
+from ..metrics import quoted
 from ..security import bearer_token, origin_allowed, token_matches
 from ..session import Session
 from ..state import EngineNotReady, ServerState, TooManySessions
@@ -248,7 +249,7 @@ class PeerManager:
 
 
 def _problem(status: int, code: str, message: str) -> Response:
-    logger.warning("webrtc offer refused status=%d code=%s: %s", status, code, message)
+    logger.warning("webrtc offer refused status=%d code=%s: %s", status, code, quoted(message))
     return PlainTextResponse(f"{code}: {message}\n", status_code=status)
 
 
