@@ -11,10 +11,19 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
+
+from .models.languages import check_language
 
 Mode = Literal["transcribe", "chat"]
 
@@ -49,7 +58,9 @@ class ModelSettings(_Section):
 
 
 class TranscribeSettings(_Section):
-    language: str | None = Field(default="en", pattern=r"^[a-z]{2}$")
+    language: Annotated[str | None, AfterValidator(check_language)] = Field(
+        default="en", pattern=r"^[a-z]{2}$"
+    )
 
 
 class SamplingSettings(_Section):

@@ -19,7 +19,7 @@ from voxtral_server import ttft
 from voxtral_server.api.metrics import Metrics, TurnRecord
 from voxtral_server.api.session import Session
 from voxtral_server.cli import LOG_FORMAT
-from voxtral_server.config import Settings
+from voxtral_server.config import ConfigError, Settings, load_settings
 from voxtral_server.models.audio import float_to_pcm16, read_audio_file
 from voxtral_server.models.chunking import ChunkSink
 from voxtral_server.models.types import Chunk, Request, RequestHandle
@@ -162,3 +162,40 @@ def test_client_text_in_the_log_cannot_forge_or_break_a_ttft_line(
     table = out.getvalue()
     assert table.startswith("1 turns"), table  # only the real turn
     assert "2 lines mentioning TTFT skipped" in table, table
+
+
+@pytest.mark.asyncio
+async def test_an_unknown_language_is_refused_when_set_and_a_valid_one_then_works(
+    scripted_engine: VoxtralEngine,
+) -> None:
+    """ "zz" used to be accepted, then every transcription turn failed with a traceback."""
+    t = FakeTransport()
+    session = Session(scripted_engine, Settings(), t)
+    await session.start()
+
+    def update(language: str) -> str:
+        audio = {"input": {"turn_detection": None, "transcription": {"language": language}}}
+        return json.dumps(
+            {"type": "session.update", "session": {"type": "transcription", "audio": audio}}
+        )
+
+    await session.handle_text(update("zz"))
+    error = t.of("error")[0]["error"]
+    assert error["code"] == "invalid_event"
+    assert "language" in error["message"] and "'zz'" in error["message"], error
+    assert session.language == "en" and not t.of("session.updated")  # nothing changed
+    await session.handle_text(update("fr"))
+    assert t.of("session.updated")[0]["session"]["audio"]["input"]["transcription"] == {
+        "language": "fr"
+    }
+    await ask(session)
+    done = await t.wait_for("response.done")
+    assert done["response"]["status"] == "completed", done
+    session.close()
+
+
+def test_an_unknown_language_in_the_config_stops_start_up_naming_the_key(tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text("transcribe:\n  language: zz\n")
+    with pytest.raises(ConfigError, match=r"transcribe\.language.*'zz'"):
+        load_settings(config)

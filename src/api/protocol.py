@@ -14,7 +14,16 @@ import json
 import secrets
 from typing import Annotated, Any, Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+)
+
+from ..models.languages import check_language
 
 
 class _Event(BaseModel):
@@ -39,7 +48,9 @@ class TurnDetection(_Loose):
 
 
 class Transcription(_Loose):
-    language: str | None = Field(default=None, pattern=r"^[a-z]{2}$")
+    language: Annotated[str | None, AfterValidator(check_language)] = Field(
+        default=None, pattern=r"^[a-z]{2}$"
+    )
 
 
 class AudioInput(_Loose):
