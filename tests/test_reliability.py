@@ -7,13 +7,17 @@ import base64
 import io
 import json
 import logging
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
+import websockets
 from conftest import SAMPLE_WAV, SCRIPT
 from fakes import FakeTransport
+from servers import running_server
 
 from voxtral_server import ttft
 from voxtral_server.api.metrics import Metrics, TurnRecord
@@ -199,3 +203,113 @@ def test_an_unknown_language_in_the_config_stops_start_up_naming_the_key(tmp_pat
     config.write_text("transcribe:\n  language: zz\n")
     with pytest.raises(ConfigError, match=r"transcribe\.language.*'zz'"):
         load_settings(config)
+
+
+# ------------------------------------------------------------------ a real server
+
+TOKEN = "a-test-token-of-24-chars"
+
+
+@pytest.fixture(scope="module")
+def token_server(scripted_engine: VoxtralEngine) -> Iterator[str]:
+    settings = Settings.model_validate({"server": {"auth_token": TOKEN}})
+    with running_server(settings, scripted_engine) as (url, _app):
+        yield url
+
+
+async def raw_http(base_url: str, head: bytes, body: bytes = b"") -> bytes:
+    """Send bytes as they are (a client library would refuse non-ASCII headers) and read
+    what comes back until the server closes or goes quiet."""
+    host, port = base_url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(head + body)
+    await writer.drain()
+    received = b""
+    try:
+        while len(received) < 65536:
+            piece = await asyncio.wait_for(reader.read(4096), 10)
+            if not piece:
+                break
+            received += piece
+            if b"unauthorized" in received:
+                break
+    except TimeoutError:
+        pass
+    finally:
+        writer.close()
+    return received
+
+
+@pytest.mark.asyncio
+async def test_a_non_ascii_token_is_refused_not_a_server_error(token_server: str) -> None:
+    """hmac.compare_digest on a non-ASCII str raised: HTTP 500 with a traceback."""
+    bad = "Bearer tök€n".encode()
+    upgrade = (
+        b"GET /v1/realtime HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        b"Sec-WebSocket-Version: 13\r\nAuthorization: " + bad + b"\r\n\r\n"
+    )
+    reply = await raw_http(token_server, upgrade)
+    assert reply.startswith(b"HTTP/1.1 101"), reply[:200]
+    assert b'"unauthorized"' in reply, reply[:400]  # the error event, then close 1008
+    offer = b"v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=fingerprint:sha-256 AA\r\n"
+    post = (
+        b"POST /v1/realtime/calls HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/sdp"
+        b"\r\nContent-Length: "
+        + str(len(offer)).encode()
+        + b"\r\nAuthorization: "
+        + bad
+        + b"\r\nConnection: close\r\n\r\n"
+    )
+    reply = await raw_http(token_server, post, offer)
+    assert reply.startswith(b"HTTP/1.1 401"), reply[:200]
+    async with httpx.AsyncClient() as http:
+        assert (await http.get(f"{token_server}/healthz")).status_code == 200
+
+
+@pytest.mark.asyncio
+async def test_a_lone_surrogate_gets_an_error_event_and_the_connection_lives_on(
+    token_server: str,
+) -> None:
+    """`"event_id": "\\ud800"` closed the WebSocket silently (close 1000, nothing logged)."""
+    url = token_server.replace("http://", "ws://") + "/v1/realtime"
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    async with websockets.connect(url, additional_headers=headers) as ws:
+        created = json.loads(await asyncio.wait_for(ws.recv(), 30))
+        assert created["type"] == "session.created"
+        await ws.send('{"type": "response.cancel", "event_id": "\\ud800"}')
+        error = json.loads(await asyncio.wait_for(ws.recv(), 30))
+        assert error["type"] == "error" and error["error"]["event_id"] == "\ud800", error
+        await ws.send('{"type": "session.update", "session": {"instructions": "Be brief."}}')
+        updated = json.loads(await asyncio.wait_for(ws.recv(), 30))
+        assert updated["type"] == "session.updated", updated
+
+
+@pytest.mark.asyncio
+async def test_an_oversized_offer_is_refused_as_it_arrives(token_server: str) -> None:
+    """A chunked body was buffered whole before the 64 KiB check (200 MiB raised RSS by 200
+    MB); a 1 MB offer with Content-Length got a connection reset instead of a 413."""
+    headers = {"authorization": f"Bearer {TOKEN}", "content-type": "application/sdp"}
+    async with httpx.AsyncClient(timeout=60) as http:
+        reply = await http.post(
+            f"{token_server}/v1/realtime/calls", content=b"v=0\r\n" * 200_000, headers=headers
+        )
+        assert reply.status_code == 413 and reply.text.startswith("offer_too_large"), reply.text
+        sent = 0
+        total = 64 * 1024 * 1024
+
+        async def body() -> AsyncIterator[bytes]:  # chunked: no Content-Length
+            nonlocal sent
+            while sent < total:
+                sent += 65536
+                yield b"a" * 65536
+
+        try:
+            reply = await http.post(
+                f"{token_server}/v1/realtime/calls", content=body(), headers=headers
+            )
+            assert reply.status_code == 413, reply.text
+        except httpx.TransportError:
+            pass  # the server stopped reading and closed: as good as a 413 here
+        assert sent < total, "the server read the whole 64 MiB body"
+        assert (await http.head(f"{token_server}/healthz")).status_code == 200

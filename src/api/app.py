@@ -42,7 +42,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory = load_engine) 
 
     app = FastAPI(title="voxtral-server", lifespan=lifespan, docs_url=None, redoc_url=None)
 
-    @app.get("/healthz")
+    @app.api_route("/healthz", methods=["GET", "HEAD"])
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 

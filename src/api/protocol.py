@@ -187,7 +187,12 @@ class ServerEvent(BaseModel):
     event_id: str = Field(default_factory=lambda: new_id("event"))
 
     def to_json(self) -> str:
-        return self.model_dump_json(exclude_none=True)
+        try:
+            return self.model_dump_json(exclude_none=True)
+        except ValueError:
+            # A client's own text echoed back (an event_id) may hold a lone surrogate, which
+            # UTF-8 cannot carry; JSON can, escaped: the error still reaches the client.
+            return json.dumps(self.model_dump(exclude_none=True))
 
 
 class Transport(Protocol):

@@ -39,6 +39,7 @@ router = APIRouter()
 
 EVENTS_CHANNEL = "oai-events"
 MAX_SDP_BYTES = 64 * 1024
+DRAIN_BYTES = 2 * 1024 * 1024  # read and dropped past the limit, so the 413 can be read
 
 
 class DataChannelTransport:
@@ -248,9 +249,27 @@ class PeerManager:
         await asyncio.gather(*(call.close() for call in list(self.calls)), return_exceptions=True)
 
 
-def _problem(status: int, code: str, message: str) -> Response:
+def _problem(status: int, code: str, message: str, close: bool = False) -> Response:
     logger.warning("webrtc offer refused status=%d code=%s: %s", status, code, quoted(message))
-    return PlainTextResponse(f"{code}: {message}\n", status_code=status)
+    headers = {"connection": "close"} if close else None
+    return PlainTextResponse(f"{code}: {message}\n", status_code=status, headers=headers)
+
+
+async def _read_body(request: Request, limit: int) -> bytes | None:
+    """The body, counted as it arrives: None once it passes `limit` (nothing more is kept).
+
+    What the client still sends past the limit is read and dropped, up to DRAIN_BYTES, so
+    it gets a readable 413 instead of a connection reset; past that the connection closes.
+    """
+    body = bytearray()
+    seen = 0
+    async for piece in request.stream():
+        seen += len(piece)
+        if seen <= limit:
+            body += piece
+        elif seen > limit + DRAIN_BYTES:
+            break
+    return bytes(body) if seen <= limit else None
 
 
 @router.post("/v1/realtime/calls")
@@ -273,12 +292,9 @@ async def create_call(request: Request) -> Response:
             "unsupported_media_type",
             f"expected application/sdp, got {content_type or 'nothing'}",
         )
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_SDP_BYTES:
-        return _problem(413, "offer_too_large", f"SDP offer over {MAX_SDP_BYTES} bytes")
-    body = await request.body()
-    if len(body) > MAX_SDP_BYTES:
-        return _problem(413, "offer_too_large", f"SDP offer over {MAX_SDP_BYTES} bytes")
+    body = await _read_body(request, MAX_SDP_BYTES)
+    if body is None:
+        return _problem(413, "offer_too_large", f"SDP offer over {MAX_SDP_BYTES} bytes", close=True)
     try:
         sdp = body.decode("utf-8")
     except UnicodeDecodeError:

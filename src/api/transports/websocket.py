@@ -92,6 +92,14 @@ async def realtime_websocket(ws: WebSocket) -> None:
         done, _ = await asyncio.wait({writer, reader, slow}, return_when=asyncio.FIRST_COMPLETED)
         if slow in done:
             logger.warning("session=%s client too slow: %d events queued", session.id, _OUTBOX)
+        for task in done:  # a task that died must say why, not just close the connection
+            if not task.cancelled() and task.exception() is not None:
+                logger.error(
+                    "session=%s task %s failed: closing the connection",
+                    session.id,
+                    task.get_name(),
+                    exc_info=task.exception(),
+                )
     finally:
         tasks = [t for t in (writer, reader, slow) if t is not None]
         for task in tasks:
