@@ -22,6 +22,7 @@ from servers import running_server
 from voxtral_server import ttft
 from voxtral_server.api.metrics import Metrics, TurnRecord
 from voxtral_server.api.session import Session
+from voxtral_server.api.speech import WebSocketAudioOut
 from voxtral_server.cli import LOG_FORMAT
 from voxtral_server.config import ConfigError, Settings, load_settings
 from voxtral_server.models.audio import float_to_pcm16, read_audio_file
@@ -313,3 +314,84 @@ async def test_an_oversized_offer_is_refused_as_it_arrives(token_server: str) ->
             pass  # the server stopped reading and closed: as good as a 413 here
         assert sent < total, "the server read the whole 64 MiB body"
         assert (await http.head(f"{token_server}/healthz")).status_code == 200
+
+
+# ------------------------------------------------------------------ chaos: failures mid-turn
+
+
+class ChaosTts:
+    """A TTS engine that speaks 20 ms of tone per phrase, or fails at `stage`."""
+
+    name = "chaos"
+    sample_rate = 16000
+
+    def __init__(self, stage: str | None) -> None:
+        self.stage = stage
+
+    def stream(self, text: str) -> Iterator[np.ndarray]:
+        if self.stage == "start":
+            raise RuntimeError("injected: synthesis cannot start")
+        yield np.full(320, 1000, np.int16)
+        if self.stage == "mid":
+            raise MemoryError("injected: synthesis died mid-phrase")
+
+    def close(self) -> None:
+        pass
+
+
+class ChaosEngine(HeldAnswers):
+    """The real engine, whose first answer's word chunks make the sink raise (on the
+    engine's thread, inside generate)."""
+
+    def __init__(self, engine: VoxtralEngine) -> None:
+        self.engine = engine
+        self.armed = True
+
+    def submit(self, request: Request, sink: ChunkSink) -> RequestHandle:
+        armed, self.armed = self.armed, False
+
+        def failing(chunk: Chunk) -> None:
+            if armed and not chunk.is_final:
+                raise RuntimeError("injected: the engine failed mid-answer")
+            sink(chunk)
+
+        return self.engine.submit(request, failing)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("stage", ["tts-start", "tts-mid", "engine"])
+async def test_a_failure_at_any_stage_ends_that_turn_with_an_error_and_the_next_turn_works(
+    scripted_engine: VoxtralEngine, stage: str
+) -> None:
+    """Speech caught only TtsError: any other exception left the answer waiting forever
+    and every later response.create was refused."""
+    engine: Any = ChaosEngine(scripted_engine) if stage == "engine" else scripted_engine
+    t = FakeTransport()
+    tts = ChaosTts(stage.removeprefix("tts-") if stage.startswith("tts") else None)
+    session = Session(engine, Settings(), t, tts=tts)
+    audio_out = WebSocketAudioOut(t.send, 24000)
+    session.audio_out = audio_out
+    await session.start()
+    await session.handle_text(
+        json.dumps(
+            {"type": "session.update", "session": {"audio": {"input": {"turn_detection": None}}}}
+        )
+    )
+    await ask(session)
+    first = await t.wait_for("response.done")
+    error = t.of("error")[0]["error"]
+    if stage == "engine":
+        assert first["response"]["status"] == "failed"
+        assert error["code"] == "generation_failed" and "injected" in error["message"], error
+    else:
+        assert error["code"] == "tts_failed" and "injected" in error["message"], error
+        assert first["response"]["output"][0]["content"][0]["text"] == SCRIPT  # text arrived
+    tts.stage = None  # the next turn: nothing fails any more
+    await ask(session)
+    second = await t.wait_for("response.done", 2)
+    assert second["response"]["status"] == "completed", second
+    assert second["response"]["output"][0]["content"][0]["text"] == SCRIPT
+    assert t.of("response.output_audio.delta"), "the next answer was spoken"
+    session.close()
+    await session.wait_closed()
+    await audio_out.close()

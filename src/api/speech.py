@@ -251,11 +251,19 @@ class Speech:
                 if tail.size:
                     self.out.write(tail, self.ids, None)
                 await self.out.drained()
-        except TtsError as exc:
-            logger.error("speech %s failed: %s", self.ids[0], exc)
-            self.on_error(exc.code, str(exc))
-        if not self._done.done():
-            self._done.set_result(not self.cancelled)
+        except Exception as exc:  # any failure must still end the answer, never hang it
+            if isinstance(exc, TtsError):
+                logger.error("speech %s failed: %s", self.ids[0], exc)
+                code, message = exc.code, str(exc)
+            else:
+                logger.exception("speech %s failed", self.ids[0])
+                code, message = "tts_failed", f"{type(exc).__name__}: {exc}"
+            if not self.cancelled:
+                self.out.clear()  # nothing half-spoken stays queued after a failure
+            self.on_error(code, message)
+        finally:
+            if not self._done.done():
+                self._done.set_result(not self.cancelled)
 
     async def _synthesise(self, phrase: str, resampler: PcmResampler) -> None:
         chunks: Iterator[np.ndarray] = self.tts.stream(phrase.strip())
