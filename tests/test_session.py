@@ -230,24 +230,31 @@ async def test_vad_offsets_survive_a_session_update_after_audio(
 
 
 @pytest.mark.asyncio
-async def test_conversations_reuse_warm_vad_models(scripted_engine: VoxtralEngine) -> None:
-    """A closed conversation hands its VAD model to the next one, which detects turns as
-    well as the first did; a model is never freed while the server runs."""
-    from voxtral_server.models.vad import ModelPool
+async def test_conversations_share_one_vad_worker(scripted_engine: VoxtralEngine) -> None:
+    """Every conversation's audio is judged by the server's one VAD worker, in batches:
+    two people talking at once both get their turns, each from its own stream state."""
+    from voxtral_server.models.vad import VadWorker
 
-    pool = ModelPool(max_idle=4)
-    pool.warm_up(1)
-    sessions = []
-    for _ in range(2):
-        t = FakeTransport()
-        session = Session(scripted_engine, Settings(), t, vad_models=pool)
-        await session.start()
-        assert pool.idle == 0  # the warm model is in use
-        for frame in frames(SPEECH):
-            session.append_audio(frame)
-        done = await t.wait_for("response.done")
-        assert done["response"]["status"] == "completed" and words(t) == SCRIPT.split()
-        sessions.append(session.input.detector.model if session.input.detector else None)
-        session.close()
-        assert pool.idle == 1  # given back
-    assert sessions[0] is not None and sessions[0] is sessions[1]
+    worker = VadWorker()
+    try:
+        pairs = []
+        for _ in range(2):
+            t = FakeTransport()
+            session = Session(scripted_engine, Settings(), t, vad_worker=worker)
+            await session.start()
+            pairs.append((session, t))
+        assert worker.streams == 2
+        for frame in frames(SPEECH):  # interleaved: the worker sees both streams at once
+            for session, _ in pairs:
+                session.append_audio(frame)
+        for session, t in pairs:
+            done = await t.wait_for("response.done")
+            assert done["response"]["status"] == "completed" and words(t) == SCRIPT.split()
+            started = t.of("input_audio_buffer.speech_started")[0]["audio_start_ms"]
+            assert 200 <= started <= 400  # speech starts ~0.3 s into the clip, for each
+        assert worker.batches < worker.frames  # some passes judged both streams together
+        for session, _ in pairs:
+            session.close()
+        assert worker.streams == 0
+    finally:
+        worker.close()

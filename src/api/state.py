@@ -44,7 +44,7 @@ class ServerState:
         self.load_error: str | None = None
         self.sessions: set[Session] = set()
         self.metrics = Metrics()
-        self.vad_models = vad.ModelPool(max_idle=settings.server.max_sessions)
+        self.vad: vad.VadWorker | None = None  # every session's VAD, loaded with the engine
         self.metrics.queue_depth.set_function(
             lambda: float(self.engine.queue_depth if self.engine is not None else 0)
         )
@@ -61,8 +61,8 @@ class ServerState:
 
     async def _load(self) -> None:
         try:
-            # One warm VAD model ready for the first conversation (more are made on demand).
-            await asyncio.to_thread(self.vad_models.warm_up, 1)
+            # One VAD model and thread for every conversation, warmed up.
+            self.vad = await asyncio.to_thread(vad.VadWorker)
             self.tts = await asyncio.to_thread(load_tts, self.settings)
             if self.tts is not None:
                 logger.info("speech out: tts=%s rate=%d Hz", self.tts.name, self.tts.sample_rate)
@@ -89,9 +89,7 @@ class ServerState:
         limit = self.settings.server.max_sessions
         if len(self.sessions) >= limit:
             raise TooManySessions(f"server.max_sessions = {limit} conversations are open")
-        session = Session(
-            self.engine, self.settings, transport, self.metrics, self.vad_models, self.tts
-        )
+        session = Session(self.engine, self.settings, transport, self.metrics, self.vad, self.tts)
         self.sessions.add(session)
         self.metrics.sessions.set(len(self.sessions))
         self.idle.clear()
@@ -122,4 +120,6 @@ class ServerState:
             await asyncio.to_thread(self.engine.close)
         if self.tts is not None:
             await asyncio.to_thread(self.tts.close)
+        if self.vad is not None:
+            await asyncio.to_thread(self.vad.close)
         logger.info("server stopped")

@@ -1,13 +1,20 @@
-"""End-of-turn detection over 16 kHz mono audio with Silero VAD (its model ships in the wheel).
+"""Speech or silence for every session's audio: one Silero model, one worker thread, batched.
 
-One `TurnDetector` per conversation (Silero keeps state between frames). Feed it any amount
-of audio; it runs the model on each 32 ms frame and reports when speech starts and when it
-has been followed by `min_silence_ms` of silence, as sample offsets in the stream.
+Each conversation opens a `VadStream` and feeds it 16 kHz audio from the event loop; `feed`
+only queues the samples (O(1), never runs the model). The `VadWorker` thread takes one 32 ms
+frame from every stream that has one and runs them through Silero as one batch, each stream
+with its own recurrent state and context, then applies the stream's hysteresis and hands
+its events (speech started, speech stopped, as sample offsets in the stream) to the stream's
+callback: the session hops them to its event loop. One model serves the whole server, so an
+idle conversation costs a few hundred bytes of state instead of a model.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,8 +29,13 @@ import silero_vad  # noqa: E402
 
 torch.set_num_threads(_threads)
 
+logger = logging.getLogger(__name__)
+
 FRAME_MS = 32  # what Silero takes at 16 kHz
 FRAME_SAMPLES = SAMPLE_RATE * FRAME_MS // 1000  # 512
+CONTEXT_SAMPLES = 64  # the end of the previous frame Silero sees before each frame (16 kHz)
+STATE_SHAPE = (2, 1, 128)  # Silero's recurrent state for one stream
+MAX_BATCH = 256  # streams per forward pass (more wait for the next pass)
 
 
 @dataclass(frozen=True)
@@ -37,115 +49,222 @@ class SpeechStopped:
 
 
 VadEvent = SpeechStarted | SpeechStopped
+OnEvents = Callable[[int, list[VadEvent]], None]  # (epoch, events), on the worker thread
 
 
-def _warm(model: Any) -> Any:
-    """Run a second of noise through a fresh model, then clear its state.
+class Hysteresis:
+    """Frame probabilities -> speech started / stopped (pure): speech starts at a frame over
+    `threshold`, and stops after `min_silence_ms` of frames under `threshold - 0.15` (as
+    Silero's own VADIterator)."""
 
-    TorchScript profiles and re-optimises a module's graph over its first calls, so a new
-    model's first frames are far slower than the rest: pay that at start-up, not during
-    somebody's first utterance.
-    """
-    noise = np.random.default_rng(0).standard_normal(SAMPLE_RATE).astype(np.float32) * 0.1
-    with torch.inference_mode():
-        for start in range(0, noise.size - FRAME_SAMPLES + 1, FRAME_SAMPLES):
-            model(torch.from_numpy(noise[start : start + FRAME_SAMPLES]), SAMPLE_RATE)
-    model.reset_states()
-    return model
-
-
-class ModelPool:
-    """Silero models kept from one conversation to the next (thread-safe).
-
-    A model costs ~40 ms of CPU to load, its first frames run TorchScript's optimisation
-    passes, and freeing one holds the GIL for ~10 ms, which stalls the event loop and the
-    engine worker alike. Conversations take a warm model and give it back when they end.
-    """
-
-    def __init__(self, max_idle: int) -> None:
-        self._idle: list[Any] = []
-        self._max_idle = max_idle
-        self._lock = threading.Lock()
-
-    def warm_up(self, count: int = 1) -> None:
-        models = [_warm(silero_vad.load_silero_vad()) for _ in range(count)]
-        with self._lock:
-            self._idle.extend(models[: max(self._max_idle - len(self._idle), 0)])
-
-    def acquire(self) -> Any:
-        """A warm model with fresh state: an idle one, else a new one (blocks ~50 ms)."""
-        with self._lock:
-            if self._idle:
-                return self._idle.pop()
-        return _warm(silero_vad.load_silero_vad())
-
-    def release(self, model: Any) -> None:
-        model.reset_states()
-        with self._lock:
-            if len(self._idle) < self._max_idle:
-                self._idle.append(model)
-
-    @property
-    def idle(self) -> int:
-        return len(self._idle)
-
-
-class TurnDetector:
-    def __init__(
-        self,
-        threshold: float = 0.5,
-        min_silence_ms: int = 500,
-        start_sample: int = 0,
-        model: Any = None,
-    ) -> None:
-        """`model`: a Silero model from a `ModelPool` (None: load one here)."""
+    def __init__(self, threshold: float, min_silence_ms: int) -> None:
         if not 0 < threshold < 1:
             raise ValueError(f"threshold must be between 0 and 1, got {threshold}")
-        self.model = model if model is not None else _warm(silero_vad.load_silero_vad())
         self.threshold = threshold
-        self._release = max(threshold - 0.15, 0.01)  # hysteresis, as Silero's own iterator
-        self._min_silence = int(min_silence_ms * SAMPLE_RATE / 1000)
-        self._pending = np.zeros(0, np.float32)
-        self._offset = start_sample  # stream offset of the next sample fed
+        self.release = max(threshold - 0.15, 0.01)
+        self.min_silence = int(min_silence_ms * SAMPLE_RATE / 1000)
         self.speaking = False
         self._silence_from: int | None = None
 
-    def start_at(self, sample: int) -> None:
-        """Start afresh: the next audio fed begins at this stream offset."""
-        self.reset()
-        self._offset = sample
-
     def reset(self) -> None:
-        """Forget speech state; offsets keep counting (dropped samples included)."""
-        self.model.reset_states()
-        self._offset += self._pending.size
-        self._pending = np.zeros(0, np.float32)
         self.speaking = False
         self._silence_from = None
 
-    def feed(self, audio: np.ndarray) -> list[VadEvent]:
-        """Audio in (any length); events for every complete 32 ms frame, in order."""
-        self._pending = np.concatenate([self._pending, audio.astype(np.float32, copy=False)])
-        events: list[VadEvent] = []
-        while self._pending.size >= FRAME_SAMPLES:
-            frame, self._pending = (
-                self._pending[:FRAME_SAMPLES],
-                self._pending[FRAME_SAMPLES:],
-            )
-            start = self._offset
-            self._offset += FRAME_SAMPLES
-            with torch.inference_mode():
-                prob = float(self.model(torch.from_numpy(frame.copy()), SAMPLE_RATE).item())
-            if prob >= self.threshold:
+    def judge(self, start: int, prob: float) -> VadEvent | None:
+        """The frame starting at stream offset `start` had speech probability `prob`."""
+        if prob >= self.threshold:
+            self._silence_from = None
+            if not self.speaking:
+                self.speaking = True
+                return SpeechStarted(start)
+        elif self.speaking and prob < self.release:
+            if self._silence_from is None:
+                self._silence_from = start
+            elif start + FRAME_SAMPLES - self._silence_from >= self.min_silence:
+                stopped = SpeechStopped(self._silence_from)
+                self.speaking = False
                 self._silence_from = None
-                if not self.speaking:
-                    self.speaking = True
-                    events.append(SpeechStarted(start))
-            elif self.speaking and prob < self._release:
-                if self._silence_from is None:
-                    self._silence_from = start
-                elif self._offset - self._silence_from >= self._min_silence:
-                    events.append(SpeechStopped(self._silence_from))
-                    self.speaking = False
-                    self._silence_from = None
-        return events
+                return stopped
+        return None
+
+
+class SileroBatch:
+    """Silero's network run over a batch of frames, each stream with its own state."""
+
+    def __init__(self) -> None:
+        # The packaged TorchScript module keeps one batch's state inside itself; its `_model`
+        # is the bare network, which takes the state explicitly.
+        self._net: Any = silero_vad.load_silero_vad()._model
+
+    def __call__(
+        self, frames: np.ndarray, contexts: np.ndarray, states: torch.Tensor
+    ) -> tuple[np.ndarray, torch.Tensor]:
+        """frames (B, 512), contexts (B, 64), states (2, B, 128) -> probs (B,), states."""
+        x = torch.from_numpy(np.concatenate([contexts, frames], axis=1))
+        with torch.inference_mode():
+            out, new_states = self._net(x, states)
+        return out.reshape(-1).numpy(), new_states
+
+
+class VadStream:
+    """One conversation's audio as the worker sees it. Create with `VadWorker.open`."""
+
+    def __init__(
+        self, worker: VadWorker, hysteresis: Hysteresis, start: int, on_events: OnEvents
+    ) -> None:
+        self._worker = worker
+        self.hysteresis = hysteresis
+        self.on_events = on_events
+        self.epoch = 0  # bumped by reset(): events of an older epoch are stale
+        # Worker-owned, under the worker's lock:
+        self.offset = start  # stream offset of the next sample to judge
+        self.chunks: deque[np.ndarray] = deque()
+        self.pending = 0  # samples in chunks
+        self.context = np.zeros(CONTEXT_SAMPLES, np.float32)
+        self.state = torch.zeros(STATE_SHAPE)
+        self.closed = False
+
+    def feed(self, audio: np.ndarray) -> None:
+        """Queue 16 kHz mono float32 audio (any length); never blocks on the model."""
+        self._worker.feed(self, audio)
+
+    def reset(self, offset: int) -> None:
+        """Forget what was heard: the next audio fed starts at stream offset `offset`."""
+        self._worker.reset(self, offset)
+
+    def close(self) -> None:
+        self._worker.discard(self)
+
+    def take_frame(self) -> np.ndarray:
+        """The next 512 samples (there are at least that many pending)."""
+        parts: list[np.ndarray] = []
+        wanted = FRAME_SAMPLES
+        while wanted:
+            head = self.chunks[0]
+            if head.size <= wanted:
+                parts.append(self.chunks.popleft())
+                wanted -= head.size
+            else:
+                parts.append(head[:wanted])
+                self.chunks[0] = head[wanted:]
+                wanted = 0
+        self.pending -= FRAME_SAMPLES
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+class VadWorker:
+    """The thread that judges every stream's frames, batched (thread-safe; `close()` stops it)."""
+
+    def __init__(self) -> None:
+        self._model = SileroBatch()
+        self._lock = threading.Lock()
+        self._work = threading.Condition(self._lock)
+        self._streams: set[VadStream] = set()
+        self._ready: set[VadStream] = set()  # streams with a whole frame pending
+        self._closed = False
+        self.frames = 0  # frames judged since start (for tests and metrics)
+        self.batches = 0
+        self._warm()
+        self._thread = threading.Thread(target=self._run, name="vad-worker", daemon=True)
+        self._thread.start()
+
+    def _warm(self) -> None:
+        """TorchScript profiles and re-optimises a graph over its first calls: pay that at
+        start-up, for a few batch sizes, not during somebody's first utterance."""
+        noise = np.random.default_rng(0).standard_normal((4, FRAME_SAMPLES)).astype(np.float32)
+        for batch in (1, 2, 4, 1, 2, 4):
+            self._model(
+                noise[:batch] * 0.1,
+                np.zeros((batch, CONTEXT_SAMPLES), np.float32),
+                torch.zeros(STATE_SHAPE[0], batch, STATE_SHAPE[2]),
+            )
+
+    def open(
+        self, threshold: float, min_silence_ms: int, start: int, on_events: OnEvents
+    ) -> VadStream:
+        """A stream whose first sample fed is stream offset `start`."""
+        stream = VadStream(self, Hysteresis(threshold, min_silence_ms), start, on_events)
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the VAD worker is closed")
+            self._streams.add(stream)
+        return stream
+
+    @property
+    def streams(self) -> int:
+        return len(self._streams)
+
+    def feed(self, stream: VadStream, audio: np.ndarray) -> None:
+        if audio.size == 0:
+            return
+        with self._lock:
+            if stream.closed:
+                return
+            stream.chunks.append(audio.astype(np.float32, copy=False))
+            stream.pending += audio.size
+            if stream.pending >= FRAME_SAMPLES:
+                self._ready.add(stream)
+                self._work.notify()
+
+    def reset(self, stream: VadStream, offset: int) -> None:
+        with self._lock:
+            stream.epoch += 1
+            stream.chunks.clear()
+            stream.pending = 0
+            stream.offset = offset
+            stream.context = np.zeros(CONTEXT_SAMPLES, np.float32)
+            stream.state = torch.zeros(STATE_SHAPE)
+            stream.hysteresis.reset()
+            self._ready.discard(stream)
+
+    def discard(self, stream: VadStream) -> None:
+        with self._lock:
+            stream.closed = True
+            stream.chunks.clear()
+            self._streams.discard(stream)
+            self._ready.discard(stream)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the thread (idempotent); streams get no more events."""
+        with self._lock:
+            self._closed = True
+            self._work.notify()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not self._ready and not self._closed:
+                    self._work.wait()
+                if self._closed:
+                    return
+                batch = list(self._ready)[:MAX_BATCH]
+                frames = np.stack([s.take_frame() for s in batch])
+                starts = [s.offset for s in batch]
+                epochs = [s.epoch for s in batch]
+                contexts = np.stack([s.context for s in batch])
+                states = torch.cat([s.state for s in batch], dim=1)
+                for s, frame in zip(batch, frames, strict=True):
+                    s.offset += FRAME_SAMPLES
+                    s.context = frame[-CONTEXT_SAMPLES:]
+                    if s.pending < FRAME_SAMPLES:
+                        self._ready.discard(s)
+            try:
+                probs, new_states = self._model(frames, contexts, states)
+            except Exception:  # the model must never take the worker down with it
+                logger.exception("VAD forward pass failed: %d frames skipped", len(batch))
+                continue
+            self.frames += len(batch)
+            self.batches += 1
+            for i, stream in enumerate(batch):
+                with self._lock:
+                    if stream.closed or stream.epoch != epochs[i]:
+                        continue  # closed or reset meanwhile: this frame is stale
+                    stream.state = new_states[:, i : i + 1].clone()
+                    event = stream.hysteresis.judge(starts[i], float(probs[i]))
+                if event is not None:
+                    try:
+                        stream.on_events(epochs[i], [event])
+                    except Exception:
+                        logger.exception("VAD event callback failed")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import logging
 import time
 from collections.abc import Coroutine
@@ -30,7 +31,7 @@ from .. import protocol as p
 from ..metrics import Metrics, quoted
 from ..speech import AudioOut, Speech
 from . import report
-from .input import InputBuffer, SpeechBegan, TurnEnded
+from .input import InputBuffer, InputEvent, SpeechBegan, TurnEnded
 from .response import Answer, settled, sink, status_of
 from .settings import SessionSettings
 
@@ -46,7 +47,7 @@ class Session:
         settings: Settings,
         transport: Transport,
         metrics: Metrics | None = None,
-        vad_models: vad.ModelPool | None = None,
+        vad_worker: vad.VadWorker | None = None,
         tts: TtsEngine | None = None,
     ) -> None:
         self.id = p.new_id("sess")
@@ -57,7 +58,9 @@ class Session:
         self.tts = tts
         # The transport's way out for speech (None: text only), set by the transport.
         self.audio_out: AudioOut | None = None
-        self._vad_models = vad_models
+        # The server's shared VAD worker; a session made without one (tests) makes its own.
+        self._vad_worker = vad_worker
+        self._own_vad: vad.VadWorker | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._log = report.TurnLog(metrics, settings.logging.client_report_wait_ms / 1000)
         self.config = SessionSettings.from_config(settings)  # what session.update changes
@@ -88,7 +91,9 @@ class Session:
             # Also ends an answer that is being spoken: its finishing task runs on at once
             # and logs the turn (nothing is sent any more).
             self._answer.stop()
-        self._release_detector()
+        self._stop_vad()
+        if self._own_vad is not None:
+            self._own_vad.close()
         self._log.flush()
         logger.info("session=%s closed turns=%d", self.id, self.turns)
 
@@ -160,11 +165,20 @@ class Session:
         """
         if self.closed:
             return
-        for event in self.input.append(audio, continuous):
+        self._handle(self.input.append(audio, continuous))
+
+    def _handle(self, events: list[InputEvent]) -> None:
+        for event in events:
             if isinstance(event, SpeechBegan):
                 self._speech_started(event)
             else:
                 self._turn_ended(event)
+
+    def _on_vad(self, stream: vad.VadStream, epoch: int, events: list[vad.VadEvent]) -> None:
+        """The VAD worker's verdicts, on the event loop."""
+        if self.closed or stream is not self.input.vad or epoch != stream.epoch:
+            return  # a stream replaced, reset or closed since: stale
+        self._handle(self.input.on_vad(events))
 
     # ----------------------------------------------------------------- turns
 
@@ -355,31 +369,35 @@ class Session:
         self.transport.send(p.SessionUpdated(session=self._state()))
 
     async def _use_vad(self) -> None:
-        """A detector for the current turn_detection settings, replacing the current one
+        """A VAD stream for the current turn_detection settings, replacing the current one
         (none: push-to-talk)."""
+        self._stop_vad()
         td = self.config.turn_detection
         if td is None:
-            self._release(self.input.use_detector(None))
             return
-        pool = self._vad_models
-
-        def build() -> vad.TurnDetector:
-            model = pool.acquire() if pool is not None else None
-            return vad.TurnDetector(td.threshold, td.silence_duration_ms, 0, model)
-
-        # Without a warm model at hand, loading one takes ~50 ms of CPU: off the event loop.
-        detector = await asyncio.to_thread(build)
+        worker = self._vad_worker
+        if worker is None:
+            if self._own_vad is None:  # loads a model (~50 ms of CPU): off the event loop
+                self._own_vad = await asyncio.to_thread(vad.VadWorker)
+            worker = self._own_vad
         if self.closed:  # closed while the model loaded
-            self._release(detector)
             return
-        self._release(self.input.use_detector(detector, td.prefix_padding_ms))
+        loop = self._loop
+        assert loop is not None, "start() the session first"
 
-    def _release_detector(self) -> None:
-        self._release(self.input.use_detector(None))
+        def on_events(epoch: int, events: list[vad.VadEvent]) -> None:  # VAD worker thread
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody listens
+                loop.call_soon_threadsafe(self._on_vad, stream, epoch, events)
 
-    def _release(self, detector: vad.TurnDetector | None) -> None:
-        if detector is not None and self._vad_models is not None:
-            self._vad_models.release(detector.model)
+        stream = worker.open(
+            td.threshold, td.silence_duration_ms, self.input.stream_samples, on_events
+        )
+        self.input.use_vad(stream, td.prefix_padding_ms)
+
+    def _stop_vad(self) -> None:
+        if self.input.vad is not None:
+            self.input.vad.close()
+        self.input.use_vad(None)
 
     def _state(self) -> p.SessionState:
         return self.config.state(self.id, self.settings.model.id)

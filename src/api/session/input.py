@@ -1,13 +1,16 @@
 """The input audio buffer and server-VAD turns: audio in -> speech started / turn ended.
 
-Pure bookkeeping over sample offsets in the session's stream (no events sent from here):
-`InputBuffer.append` returns what happened and the session turns that into events, a
-response or a barge-in.
+Bookkeeping over sample offsets in the session's stream (no events sent from here). Audio is
+kept as a list of the chunks received (joined once, when a turn ends), and goes on to the
+shared VAD worker (`models.vad`), which judges it off the event loop; its verdicts come back
+through `on_vad`. `append` and `on_vad` return what happened, and the session turns that
+into events, a response or a barge-in.
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,21 +51,76 @@ class TurnEnded:
 InputEvent = SpeechBegan | TurnEnded
 
 
+class AudioChunks:
+    """Samples [start, end) of a stream, as the chunks that brought them."""
+
+    def __init__(self) -> None:
+        self._chunks: deque[np.ndarray] = deque()
+        self.start = 0  # stream offset of the first sample held
+        self.end = 0  # stream offset after the last sample held
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+    def append(self, audio: np.ndarray) -> None:
+        self._chunks.append(audio)
+        self.end += audio.size
+
+    def cut_before(self, sample: int) -> None:
+        """Drop what comes before stream offset `sample`."""
+        drop = min(max(sample - self.start, 0), self.size)
+        while drop:
+            head = self._chunks[0]
+            if head.size <= drop:
+                self._chunks.popleft()
+                drop -= head.size
+                self.start += head.size
+            else:
+                self._chunks[0] = head[drop:]
+                self.start += drop
+                drop = 0
+
+    def take_until(self, sample: int) -> np.ndarray:
+        """Remove and return the samples before stream offset `sample`, joined."""
+        parts: list[np.ndarray] = []
+        wanted = min(max(sample - self.start, 0), self.size)
+        while wanted:
+            head = self._chunks[0]
+            if head.size <= wanted:
+                parts.append(self._chunks.popleft())
+                wanted -= head.size
+            else:
+                parts.append(head[:wanted])
+                self._chunks[0] = head[wanted:]
+                wanted = 0
+        audio = np.concatenate(parts) if parts else np.zeros(0, np.float32)
+        self.start += audio.size
+        return audio
+
+    def take_all(self) -> np.ndarray:
+        return self.take_until(self.end)
+
+
 class InputBuffer:
     """What the client said since the last turn, and (server VAD) where its turns end."""
 
     def __init__(self, max_utterance_s: float) -> None:
         self.max_samples = int(max_utterance_s * SAMPLE_RATE)
-        self.detector: vad.TurnDetector | None = None  # None: push-to-talk
+        self.vad: vad.VadStream | None = None  # None: push-to-talk
         self.prefix_padding_ms = 0  # kept before detected speech
-        self._buffer = np.zeros(0, np.float32)
-        self._buffer_start = 0  # stream offset (samples) of _buffer[0]
-        self.stream_samples = 0  # samples received in this session
+        self.speaking = False  # between a SpeechBegan and its TurnEnded
+        self._audio = AudioChunks()
         self._speech_item: str | None = None
 
     @property
     def samples(self) -> int:
-        return int(self._buffer.size)
+        return self._audio.size
+
+    @property
+    def stream_samples(self) -> int:
+        """Samples received in this session."""
+        return self._audio.end
 
     def append(self, audio: np.ndarray, continuous: bool = False) -> list[InputEvent]:
         """16 kHz mono float32 audio, in order. Raises ProtocolError for unusable audio, or
@@ -75,64 +133,66 @@ class InputBuffer:
             return []
         if not np.isfinite(audio).all():
             raise p.ProtocolError("invalid_audio", "audio contains NaN or infinite samples")
-        self.stream_samples += audio.size
-        self._buffer = np.concatenate([self._buffer, audio])
-        if self.detector is None:
-            if self._buffer.size > self.max_samples and continuous:
-                self._cut_before(self.stream_samples - self.max_samples)
-            elif self._buffer.size > self.max_samples:
-                self._drop_all()
+        self._audio.append(audio)
+        if self.vad is None:
+            if self._audio.size > self.max_samples and continuous:
+                self._audio.cut_before(self._audio.end - self.max_samples)
+            elif self._audio.size > self.max_samples:
+                self._audio.cut_before(self._audio.end)
                 raise p.ProtocolError(
                     "input_audio_buffer_full",
                     "the input audio buffer exceeded audio.max_utterance_s = "
                     f"{self.max_samples / SAMPLE_RATE:g} s and was cleared",
                 )
             return []
-        events: list[InputEvent] = []
-        for event in self.detector.feed(audio):
+        self.vad.feed(audio)
+        return self._bound()
+
+    def on_vad(self, events: list[vad.VadEvent]) -> list[InputEvent]:
+        """The VAD worker's verdicts on this stream, in order."""
+        out: list[InputEvent] = []
+        for event in events:
             if isinstance(event, vad.SpeechStarted):
-                events.append(self._speech_started(event.sample))
+                out.append(self._speech_started(event.sample))
             else:
-                events.append(self._speech_stopped(event.sample))
-        events.extend(self._bound())
-        return events
+                out.append(self._speech_stopped(event.sample))
+        return out
 
     def commit(self, event_id: str | None) -> np.ndarray:
         """Everything buffered, as the user's turn (push-to-talk or a manual commit)."""
-        if self._buffer.size < MIN_COMMIT_S * SAMPLE_RATE:
+        if self._audio.size < MIN_COMMIT_S * SAMPLE_RATE:
             raise p.ProtocolError(
                 "input_audio_buffer_commit_empty",
                 f"buffer too small: expected at least {MIN_COMMIT_S * 1000:.0f} ms of audio, "
-                f"have {samples_to_ms(self._buffer.size)} ms",
+                f"have {samples_to_ms(self._audio.size)} ms",
                 event_id,
             )
-        audio = self._buffer
-        self._drop_all()
-        if self.detector is not None:
-            self.detector.reset()
-        self._speech_item = None
+        audio = self._audio.take_all()
+        self._restart_vad()
         return audio
 
     def clear(self) -> None:
-        self._drop_all()
-        if self.detector is not None:
-            self.detector.reset()
+        self._audio.cut_before(self._audio.end)
+        self._restart_vad()
 
-    def use_detector(
-        self, detector: vad.TurnDetector | None, prefix_padding_ms: int = 0
-    ) -> vad.TurnDetector | None:
-        """Switch to `detector` (None: push-to-talk); returns the one it replaces."""
-        old, self.detector = self.detector, detector
+    def use_vad(self, stream: vad.VadStream | None, prefix_padding_ms: int = 0) -> None:
+        """Switch to `stream` (None: push-to-talk), which judges audio from now on."""
+        self.vad = stream
         self.prefix_padding_ms = prefix_padding_ms
-        if detector is not None:
-            # Its offsets count from here: audio received so far is not re-fed.
-            detector.start_at(self.stream_samples)
-        return old
+        self.speaking = False
+        self._speech_item = None
 
     # ----------------------------------------------------------------- internals
 
+    def _restart_vad(self) -> None:
+        if self.vad is not None:
+            self.vad.reset(self._audio.end)  # verdicts still on their way are stale
+        self.speaking = False
+        self._speech_item = None
+
     def _speech_started(self, sample: int) -> SpeechBegan:
-        self._cut_before(max(sample - ms_to_samples(self.prefix_padding_ms), 0))
+        self._audio.cut_before(max(sample - ms_to_samples(self.prefix_padding_ms), 0))
+        self.speaking = True
         self._speech_item = p.new_id("item")
         return SpeechBegan(self._speech_item, samples_to_ms(sample))
 
@@ -140,31 +200,25 @@ class InputBuffer:
         now = time.perf_counter()
         item = self._speech_item or p.new_id("item")
         self._speech_item = None
-        end = max(sample + int(TAIL_KEEP_S * SAMPLE_RATE) - self._buffer_start, 0)
-        audio, self._buffer = self._buffer[:end], self._buffer[end:]
-        self._buffer_start += audio.size
+        self.speaking = False
+        audio = self._audio.take_until(sample + int(TAIL_KEEP_S * SAMPLE_RATE))
         return TurnEnded(item, audio, samples_to_ms(sample), now)
 
     def _bound(self) -> list[InputEvent]:
         """Idle: keep only what prefix padding may need. Speaking: end the turn at the limit."""
-        assert self.detector is not None
-        if not self.detector.speaking:
-            keep_ms = self.prefix_padding_ms + _IDLE_KEEP_S * 1000
-            self._cut_before(self.stream_samples - ms_to_samples(keep_ms))
-        elif self._buffer.size >= self.max_samples:
+        assert self.vad is not None
+        if not self.speaking:
+            # Counted from what the VAD has judged, not from what arrived: its verdict on
+            # newer audio (a speech start) may still be on its way.
+            judged = min(self.vad.offset, self._audio.end)
+            keep = ms_to_samples(self.prefix_padding_ms + _IDLE_KEEP_S * 1000)
+            self._audio.cut_before(judged - keep)
+        elif self._audio.size >= self.max_samples:
             # A monologue longer than the model takes: end the turn here, as if paused. The
-            # detector still hears speech, so going on talking is not a barge-in; the rest
-            # becomes the next turn when the speaker does pause.
-            ended = self._speech_stopped(self.stream_samples)
+            # VAD still hears speech, so going on talking is not a barge-in; the rest becomes
+            # the next turn when the speaker does pause.
+            ended = self._speech_stopped(self._audio.end)
+            self.speaking = True
             self._speech_item = p.new_id("item")
             return [ended]
         return []
-
-    def _cut_before(self, sample: int) -> None:
-        drop = min(max(sample - self._buffer_start, 0), self._buffer.size)
-        self._buffer = self._buffer[drop:]
-        self._buffer_start += drop
-
-    def _drop_all(self) -> None:
-        self._buffer = np.zeros(0, np.float32)
-        self._buffer_start = self.stream_samples
