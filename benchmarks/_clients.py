@@ -55,8 +55,9 @@ class WebRTCClient:
 
     name = "webrtc"
 
-    def __init__(self, listen: bool = False) -> None:
+    def __init__(self, listen: bool = False, microphone: Any = None) -> None:
         self.listen = listen
+        self.microphone = microphone  # an aiortc audio track to send (None: no track)
         self.frames: list[tuple[float, float]] = []
         self.sound = asyncio.Event()  # a frame louder than silence arrived
         self._reader: asyncio.Task[None] | None = None
@@ -69,6 +70,8 @@ class WebRTCClient:
         self.channel = self.pc.createDataChannel("oai-events")
         self.inbox: asyncio.Queue[tuple[float, str]] = asyncio.Queue()
         self.channel.on("message", lambda m: self.inbox.put_nowait((time.perf_counter(), m)))
+        if self.microphone is not None:
+            self.pc.addTrack(self.microphone)
         if self.listen:
             self.pc.addTransceiver("audio", direction="recvonly")
             self.pc.on("track", self._on_track)

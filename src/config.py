@@ -98,7 +98,7 @@ class VllmSettings(_Section):
 
 class EngineSettings(_Section):
     kind: Literal["transformers", "vllm"] = "transformers"
-    queue_size: int = Field(default=16, ge=1, le=1024)
+    queue_size: int = Field(default=32, ge=1, le=10_000)
     vllm: VllmSettings = VllmSettings()
 
 
@@ -191,6 +191,18 @@ class Settings(_Section):
     webrtc: WebRTCSettings = WebRTCSettings()
     server: ServerSettings = ServerSettings()
     logging: LoggingSettings = LoggingSettings()
+
+    @model_validator(mode="after")
+    def _a_turn_per_conversation(self) -> Settings:
+        # Each conversation has at most one turn waiting for the model: with room for all of
+        # them, a committed spoken turn is never refused (engine_busy) and so never lost.
+        if self.engine.kind == "transformers" and self.engine.queue_size < self.server.max_sessions:
+            raise ValueError(
+                f"engine.queue_size ({self.engine.queue_size}) must be at least "
+                f"server.max_sessions ({self.server.max_sessions}): every open conversation "
+                "may have a turn waiting for the model"
+            )
+        return self
 
     def with_overrides(self, overrides: Mapping[tuple[str, str], Any]) -> Settings:
         """A copy with `{(section, key): value}` replaced, validated like the file."""

@@ -239,7 +239,9 @@ def test_any_rate_and_channels_become_16k_mono(tmp_path: Path) -> None:
 
 
 def test_full_queue_answers_busy_and_recovers(tiny_scripted: Path) -> None:
-    engine = VoxtralEngine.load(engine_settings(tiny_scripted, engine={"queue_size": 1}))
+    engine = VoxtralEngine.load(
+        engine_settings(tiny_scripted, engine={"queue_size": 1}, server={"max_sessions": 1})
+    )
     running, gate = threading.Event(), threading.Event()
 
     def hold(chunk: Chunk) -> None:  # the worker is busy with this request until released

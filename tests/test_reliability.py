@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import websockets
 from conftest import SAMPLE_WAV, SCRIPT
-from fakes import FakeTransport
+from fakes import FakeTransport, frames
 from servers import running_server
 
 from voxtral_server import ttft
@@ -395,3 +395,33 @@ async def test_a_failure_at_any_stage_ends_that_turn_with_an_error_and_the_next_
     session.close()
     await session.wait_closed()
     await audio_out.close()
+
+
+@pytest.mark.asyncio
+async def test_every_conversation_may_have_a_turn_waiting_none_is_refused(
+    scripted_engine: VoxtralEngine,
+) -> None:
+    """32 people (server.max_sessions) end a spoken turn at the same moment: every turn is
+    answered. The engine queue held 16, so half were refused with engine_busy and lost."""
+    from voxtral_server.models.vad import VadWorker
+
+    settings = Settings()
+    count = settings.server.max_sessions
+    worker = VadWorker()
+    try:
+        pairs = []
+        for _ in range(count):
+            t = FakeTransport()
+            session = Session(scripted_engine, settings, t, vad_worker=worker)
+            await session.start()
+            pairs.append((session, t))
+        for frame in frames(SPEECH):
+            for session, _ in pairs:
+                session.append_audio(frame)
+        for session, t in pairs:
+            done = await t.wait_for("response.done", within_s=120)
+            assert done["response"]["status"] == "completed", (t.of("error"), done)
+            assert not t.of("error")
+            session.close()
+    finally:
+        worker.close()

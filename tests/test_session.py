@@ -247,7 +247,7 @@ async def test_conversations_share_one_vad_worker(scripted_engine: VoxtralEngine
         for frame in frames(SPEECH):  # interleaved: the worker sees both streams at once
             for session, _ in pairs:
                 session.append_audio(frame)
-        for session, t in pairs:
+        for _session, t in pairs:
             done = await t.wait_for("response.done")
             assert done["response"]["status"] == "completed" and words(t) == SCRIPT.split()
             started = t.of("input_audio_buffer.speech_started")[0]["audio_start_ms"]
