@@ -38,6 +38,7 @@ from .settings import SessionSettings
 logger = logging.getLogger(__name__)
 
 Transport = p.Transport
+_BIG_EVENT_BYTES = 64 * 1024  # parsed off the event loop above this (~2 s of 16 kHz audio)
 
 
 class Session:
@@ -127,21 +128,29 @@ class Session:
                 f"event of {size} bytes exceeds server.max_event_bytes = {limit}",
             )
             return
+        # A big event (seconds of audio) is parsed and decoded on a thread: one client's
+        # flood must not hold the event loop that every other session and /healthz share.
+        # The caller awaits it, so this session's events stay in order.
+        big = size > _BIG_EVENT_BYTES
         try:
-            event = p.parse_client_event(raw)
+            if big:
+                event, audio = await asyncio.to_thread(_parse, raw)
+            else:
+                event, audio = _parse(raw)
         except p.ProtocolError as exc:
             self._error(exc.code, str(exc), exc.event_id)
             return
         try:
-            await self._dispatch(event)
+            await self._dispatch(event, audio)
         except p.ProtocolError as exc:
             self._error(exc.code, str(exc), exc.event_id or event.event_id)
 
-    async def _dispatch(self, event: p.ClientEvent) -> None:
+    async def _dispatch(self, event: p.ClientEvent, audio: np.ndarray | None) -> None:
         if isinstance(event, p.SessionUpdate):
             await self._update(event)
         elif isinstance(event, p.InputAudioBufferAppend):
-            self.append_audio(_decode_pcm16(event.audio))
+            assert audio is not None
+            self.append_audio(audio)
         elif isinstance(event, p.InputAudioBufferCommit):
             self._commit(event.event_id)
         elif isinstance(event, p.InputAudioBufferClear):
@@ -414,6 +423,18 @@ class Session:
 def _fields_set(event: p.SessionUpdate) -> set[str]:
     audio_in = event.session.audio.input if event.session.audio else None
     return set(audio_in.model_fields_set) if audio_in is not None else set()
+
+
+def _parse(raw: str | bytes) -> tuple[p.ClientEvent, np.ndarray | None]:
+    """The event, and an append's audio decoded (ProtocolError for either)."""
+    event = p.parse_client_event(raw)
+    if isinstance(event, p.InputAudioBufferAppend):
+        try:
+            return event, _decode_pcm16(event.audio)
+        except p.ProtocolError as exc:
+            exc.event_id = exc.event_id or event.event_id
+            raise
+    return event, None
 
 
 def _decode_pcm16(b64: str) -> np.ndarray:
