@@ -36,6 +36,13 @@ FRAME_SAMPLES = SAMPLE_RATE * FRAME_MS // 1000  # 512
 CONTEXT_SAMPLES = 64  # the end of the previous frame Silero sees before each frame (16 kHz)
 STATE_SHAPE = (2, 1, 128)  # Silero's recurrent state for one stream
 MAX_BATCH = 256  # streams per forward pass (more wait for the next pass)
+# A frame whose every sample is within one PCM16 step of zero carries no signal at all (a
+# muted microphone, a track sending silence). After a second of such frames the stream is
+# idle: its frames are judged silent without the model and, when a signal comes back, the
+# stream starts afresh, as at its start. Shorter runs (pauses, the silence that leads an
+# utterance) go through the model like any other audio.
+DIGITAL_SILENCE = 1.5 / 32768
+IDLE_AFTER_FRAMES = 1000 // FRAME_MS  # ~1 s of digital silence
 
 
 @dataclass(frozen=True)
@@ -122,6 +129,7 @@ class VadStream:
         self.pending = 0  # samples in chunks
         self.context = np.zeros(CONTEXT_SAMPLES, np.float32)
         self.state = torch.zeros(STATE_SHAPE)
+        self.silent_frames = 0  # consecutive frames of digital silence
         self.closed = False
 
     def feed(self, audio: np.ndarray) -> None:
@@ -163,7 +171,7 @@ class VadWorker:
         self._ready: set[VadStream] = set()  # streams with a whole frame pending
         self._closed = False
         self.frames = 0  # frames judged since start (for tests and metrics)
-        self.batches = 0
+        self.batches = 0  # forward passes of the model
         self._warm()
         self._thread = threading.Thread(target=self._run, name="vad-worker", daemon=True)
         self._thread.start()
@@ -214,6 +222,7 @@ class VadWorker:
             stream.offset = offset
             stream.context = np.zeros(CONTEXT_SAMPLES, np.float32)
             stream.state = torch.zeros(STATE_SHAPE)
+            stream.silent_frames = 0
             stream.hysteresis.reset()
             self._ready.discard(stream)
 
@@ -245,18 +254,29 @@ class VadWorker:
                 epochs = [s.epoch for s in batch]
                 contexts = np.stack([s.context for s in batch])
                 states = torch.cat([s.state for s in batch], dim=1)
-                for s, frame in zip(batch, frames, strict=True):
+                idle = np.zeros(len(batch), bool)
+                for i, (s, frame) in enumerate(zip(batch, frames, strict=True)):
                     s.offset += FRAME_SAMPLES
                     s.context = frame[-CONTEXT_SAMPLES:]
+                    silent = bool(np.abs(frame).max() < DIGITAL_SILENCE)
+                    s.silent_frames = s.silent_frames + 1 if silent else 0
+                    idle[i] = s.silent_frames > IDLE_AFTER_FRAMES
                     if s.pending < FRAME_SAMPLES:
                         self._ready.discard(s)
-            try:
-                probs, new_states = self._model(frames, contexts, states)
-            except Exception:  # the model must never take the worker down with it
-                logger.exception("VAD forward pass failed: %d frames skipped", len(batch))
-                continue
+            probs = np.zeros(len(batch), np.float32)
+            new_states = torch.zeros(STATE_SHAPE[0], len(batch), STATE_SHAPE[2])
+            heard = np.flatnonzero(~idle)
+            if heard.size:
+                index = torch.from_numpy(heard)
+                try:
+                    probs[heard], new_states[:, index] = self._model(
+                        frames[heard], contexts[heard], states[:, index]
+                    )
+                except Exception:  # the model must never take the worker down with it
+                    logger.exception("VAD forward pass failed: %d frames skipped", heard.size)
+                    continue
+                self.batches += 1
             self.frames += len(batch)
-            self.batches += 1
             for i, stream in enumerate(batch):
                 with self._lock:
                     if stream.closed or stream.epoch != epochs[i]:
