@@ -145,7 +145,7 @@ def wait_server_idle(server: InProcessServer, within_s: float) -> None:
 # ------------------------------------------------------------------ TURN credentials
 
 
-def test_the_turn_credential_is_cotuns_rest_api_hmac() -> None:
+def test_the_turn_credential_is_coturns_rest_api_hmac() -> None:
     # coturn's REST API (turnserver --use-auth-secret): password =
     # base64(HMAC-SHA1(static-auth-secret, "<expiry>:<label>")). Expected value from
     # `printf '%s' 1700000600:voxtral | openssl dgst -sha1 -hmac SECRET -binary | base64`.
