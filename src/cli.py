@@ -137,6 +137,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from .api.app import create_app
+    from .api.http_limits import uvicorn_options
 
     settings = _settings(args)
     host, port = settings.server.host, settings.server.port
@@ -156,9 +157,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         host=host,
         port=port,
         log_config=None,  # keep our logging setup
-        ws_max_size=max(4 * settings.server.max_event_bytes, 16 * 1024 * 1024),
-        ws_ping_interval=20,
         timeout_graceful_shutdown=5,
+        **uvicorn_options(settings),  # keep-alive, request-header deadline, WebSocket sizes
     )
     return 0
 

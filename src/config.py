@@ -145,6 +145,11 @@ class ServerSettings(_Section):
     allowed_origins: tuple[str, ...] = ()
     max_sessions: int = Field(default=32, ge=1, le=10_000)
     max_event_bytes: int = Field(default=1_048_576, ge=1024, le=64 * 1_048_576)
+    # null = no cap (a reverse proxy or `ssh -L` makes every client one address).
+    max_sessions_per_client: int | None = Field(default=8, ge=1, le=10_000)
+    # 0 or null = never.
+    idle_timeout_s: float | None = Field(default=300.0, ge=0, le=86_400)
+    request_header_timeout_s: float = Field(default=10.0, gt=0, le=300)
 
 
 class VadSettings(_Section):
@@ -163,8 +168,28 @@ class WebRTCSettings(_Section):
     enabled: bool = True
     ice_servers: tuple[IceServer, ...] = ()
     ice_transport_policy: Literal["all", "relay"] = "all"
+    # coturn's REST-API shared secret (use-auth-secret): TURN servers listed without a
+    # username get a fresh credential valid for turn_ttl_s, minted per request.
+    turn_secret: str | None = Field(default=None, min_length=16)
+    turn_ttl_s: int = Field(default=600, ge=60, le=7 * 86_400)
     connect_timeout_s: float = Field(default=10.0, gt=0, le=300)
+    max_pending_calls: int = Field(default=4, ge=1, le=1000)
     client_timeout_ms: int = Field(default=3000, ge=100, le=60_000)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> WebRTCSettings:
+        for server in self.ice_servers:
+            turn = any(url.startswith(("turn:", "turns:")) for url in server.urls)
+            if turn and server.username is None and self.turn_secret is None:
+                raise ValueError(
+                    f"ice_servers: {list(server.urls)} is a TURN server without a username "
+                    "and credential; set them, or webrtc.turn_secret to mint them"
+                )
+            if (server.username is None) != (server.credential is None):
+                raise ValueError(
+                    f"ice_servers: {list(server.urls)} needs both username and credential"
+                )
+        return self
 
 
 class LoggingSettings(_Section):

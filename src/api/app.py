@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -21,6 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from ..config import Settings
 from ..models.engine import load_engine
 from ..resources import MissingResource, static_dir
+from .security import bearer_token, ice_servers, token_matches
 from .state import EngineFactory, ServerState
 from .transports import webrtc, websocket
 
@@ -67,13 +69,21 @@ def create_app(settings: Settings, engine_factory: EngineFactory = load_engine) 
         return Response(state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/client-config")
-    async def client_config() -> dict[str, object]:
-        """What the web page needs to connect: never hard-coded in the page."""
+    async def client_config(request: Request) -> JSONResponse:
+        """What the web page needs to connect: never hard-coded in the page.
+
+        It holds TURN credentials: with server.auth_token set, only for the token's holders
+        (`Authorization: Bearer TOKEN`); others get 401 and learn only that a token is needed.
+        """
+        if not token_matches(bearer_token(request.headers), settings):
+            error = {"code": "unauthorized", "message": "missing or wrong auth token"}
+            return JSONResponse({"error": error, "auth_required": True}, status_code=401)
         w = settings.webrtc
-        return {
+        config = {
             "webrtc": {
                 "enabled": w.enabled,
-                "ice_servers": [s.model_dump(exclude_none=True) for s in w.ice_servers],
+                # Minted per request when webrtc.turn_secret is set: valid turn_ttl_s.
+                "ice_servers": ice_servers(settings, time.time()),
                 "ice_transport_policy": w.ice_transport_policy,
                 "client_timeout_ms": w.client_timeout_ms,
             },
@@ -88,6 +98,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory = load_engine) 
                 else None
             ),
         }
+        return JSONResponse(config, headers={"cache-control": "no-store"})
 
     app.include_router(websocket.router)
     app.include_router(webrtc.router)

@@ -1,9 +1,13 @@
-"""Who may talk to the server: the bearer token and the browser Origin check (pure)."""
+"""Who may talk to the server: the bearer token, the browser Origin check, and the TURN
+credentials handed to clients (pure)."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import hmac
 from collections.abc import Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
 from ..config import Settings
@@ -57,3 +61,33 @@ def token_matches(presented: str | None, settings: Settings) -> bool:
     return hmac.compare_digest(
         presented.encode("utf-8", "surrogateescape"), token.encode("utf-8", "surrogateescape")
     )
+
+
+TURN_LABEL = "voxtral"  # the part of a minted TURN username after the expiry time
+
+
+def turn_credential(secret: str, expires_at: int, label: str = TURN_LABEL) -> tuple[str, str]:
+    """coturn's REST-API credential (`use-auth-secret` + `static-auth-secret`): the username
+    is `<unix expiry>:<label>`, the password base64(HMAC-SHA1(secret, username)). coturn
+    refuses it once the expiry time has passed; a relay already allocated keeps working."""
+    username = f"{expires_at}:{label}"
+    digest = hmac.new(secret.encode(), username.encode(), hashlib.sha1).digest()
+    return username, base64.b64encode(digest).decode("ascii")
+
+
+def ice_servers(settings: Settings, now: float) -> list[dict[str, Any]]:
+    """`webrtc.ice_servers` as RTCIceServer dicts. A server listed without a username gets a
+    credential minted from `webrtc.turn_secret`, valid `webrtc.turn_ttl_s` from `now`;
+    one with a static username and credential is handed out as configured."""
+    w = settings.webrtc
+    servers: list[dict[str, Any]] = []
+    for server in w.ice_servers:
+        entry: dict[str, Any] = server.model_dump(exclude_none=True)
+        entry["urls"] = list(server.urls)
+        turn = any(url.startswith(("turn:", "turns:")) for url in server.urls)
+        if turn and server.username is None and w.turn_secret is not None:
+            entry["username"], entry["credential"] = turn_credential(
+                w.turn_secret, int(now) + w.turn_ttl_s
+            )
+        servers.append(entry)
+    return servers

@@ -29,6 +29,14 @@ class Closeable(Protocol):
 class TooManySessions(RuntimeError):
     """server.max_sessions conversations are open."""
 
+    code = "too_many_sessions"
+
+
+class TooManySessionsFromClient(TooManySessions):
+    """server.max_sessions_per_client conversations are open from this client's address."""
+
+    code = "too_many_sessions_from_client"
+
 
 class EngineNotReady(RuntimeError):
     """The engine has not loaded (yet)."""
@@ -43,6 +51,7 @@ class ServerState:
         self.tts: TtsEngine | None = None  # speech out (tts.engine); None = text only
         self.load_error: str | None = None
         self.sessions: set[Session] = set()
+        self._client_of: dict[Session, str] = {}  # the address each session came from
         self.metrics = Metrics()
         self.vad: vad.VadWorker | None = None  # every session's VAD, loaded with the engine
         self.metrics.queue_depth.set_function(
@@ -81,16 +90,32 @@ class ServerState:
         if self._loader is not None:
             await asyncio.shield(self._loader)
 
-    def open_session(self, transport: Transport) -> Session:
-        """A new conversation over `transport`; raises TooManySessions at the limit and
-        EngineNotReady before the engine has loaded."""
+    def sessions_from(self, client: str) -> int:
+        return sum(1 for address in self._client_of.values() if address == client)
+
+    def open_session(self, transport: Transport, client: str | None = None) -> Session:
+        """A new conversation over `transport` for the client at address `client`; raises
+        TooManySessions at server.max_sessions, TooManySessionsFromClient at
+        server.max_sessions_per_client, and EngineNotReady before the engine has loaded."""
         if self.engine is None:
             raise EngineNotReady("the model is still loading; retry shortly")
         limit = self.settings.server.max_sessions
         if len(self.sessions) >= limit:
             raise TooManySessions(f"server.max_sessions = {limit} conversations are open")
+        per_client = self.settings.server.max_sessions_per_client
+        if (
+            client is not None
+            and per_client is not None
+            and self.sessions_from(client) >= per_client
+        ):
+            raise TooManySessionsFromClient(
+                f"server.max_sessions_per_client = {per_client} conversations are open "
+                "from your address"
+            )
         session = Session(self.engine, self.settings, transport, self.metrics, self.vad, self.tts)
         self.sessions.add(session)
+        if client is not None:
+            self._client_of[session] = client
         self.metrics.sessions.set(len(self.sessions))
         self.idle.clear()
         return session
@@ -99,6 +124,7 @@ class ServerState:
         """Close it and wait for what it stopped (speech) to end; idle once none is left."""
         session.close()
         self.sessions.discard(session)
+        self._client_of.pop(session, None)
         self.metrics.sessions.set(len(self.sessions))
         self._closing += 1
         try:

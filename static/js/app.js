@@ -193,7 +193,9 @@ function watchFirstAudio(r) {
 }
 
 function handleServerError(error) {
-  if (error.code === "too_many_sessions") {
+  if (error.code === "too_many_sessions_from_client") {
+    notice(`The server is busy: ${error.message}. Retrying shortly…`, "error");
+  } else if (error.code === "too_many_sessions") {
     notice("The server is busy (too many conversations). Retrying shortly…", "error");
   } else if (error.code === "unauthorized") {
     ui.tokenField.hidden = false;
@@ -286,18 +288,17 @@ async function start() {
   ui.connect.disabled = true;
   notice("");
   try {
-    const reply = await fetch("/v1/client-config");
-    if (!reply.ok) throw new Error(`HTTP ${reply.status}`);
-    state.config = await reply.json();
+    state.config = await fetchConfig();
   } catch (err) {
     badge("Server unreachable", "down");
     notice(`The server cannot be reached (${err.message}). Is it running, and is the SSH tunnel up?`, "error");
     ui.connect.disabled = false;
     return;
   }
-  if (state.config.auth_required && !ui.token.value) {
+  if (!state.config) {
+    // With a token configured, the config (it holds TURN credentials) needs the token too.
     ui.tokenField.hidden = false;
-    notice("This server needs an access token: enter it and press Start.");
+    notice(ui.token.value ? "Wrong access token: check it and press Start." : "This server needs an access token: enter it and press Start.", "error");
     ui.connect.disabled = false;
     return;
   }
@@ -321,8 +322,23 @@ async function start() {
   await open();
 }
 
+// The connection settings, or null when the server wants a (different) access token.
+async function fetchConfig() {
+  const headers = ui.token.value ? { authorization: `Bearer ${ui.token.value}` } : {};
+  const reply = await fetch("/v1/client-config", { headers, cache: "no-store" });
+  if (reply.status === 401) return null;
+  if (!reply.ok) throw new Error(`HTTP ${reply.status}`);
+  return reply.json();
+}
+
 async function open() {
   badge("Connecting…");
+  try {
+    // Fresh for every attempt: minted TURN credentials expire (webrtc.turn_ttl_s).
+    state.config = (await fetchConfig()) || state.config;
+  } catch (err) {
+    // Unreachable now: the connection attempt below says so and retries.
+  }
   try {
     state.transport = await connect({
       config: state.config,
@@ -333,7 +349,7 @@ async function open() {
       onAudio: (stream) => state.player && state.player.attachStream(stream),
     });
   } catch (err) {
-    const busy = err instanceof TransportError && err.code === "too_many_sessions";
+    const busy = err instanceof TransportError && ["too_many_sessions", "too_many_sessions_from_client"].includes(err.code);
     badge(busy ? "Server busy" : "Disconnected", "down");
     notice(busy ? "The server is busy (too many conversations). Retrying shortly…" : `Cannot connect: ${err.message}`, "error");
     retry();

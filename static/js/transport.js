@@ -124,7 +124,7 @@ export async function connectWebSocket({ stream, token, onEvent, onDrop }) {
   };
   ws.onmessage = (m) => {
     const event = JSON.parse(m.data);
-    if (event.type === "error" && ["too_many_sessions", "unauthorized", "forbidden_origin", "not_ready"].includes(event.error.code)) {
+    if (event.type === "error" && ["too_many_sessions", "too_many_sessions_from_client", "unauthorized", "forbidden_origin", "not_ready"].includes(event.error.code)) {
       refusal = event.error;
     }
     deliver(event);
@@ -198,7 +198,7 @@ export async function connect(options) {
       t.reason = null;
       return t;
     } catch (err) {
-      if (err instanceof TransportError && ["too_many_sessions", "unauthorized", "not_ready"].includes(err.code)) throw err;
+      if (err instanceof TransportError && ["too_many_sessions", "too_many_sessions_from_client", "unauthorized", "not_ready"].includes(err.code)) throw err;
       reason = err.message;
     }
   }

@@ -9,7 +9,9 @@ owns every peer connection and its tasks, closes a connection that is not connec
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
 from typing import Any
 
 import av
@@ -29,9 +31,10 @@ from fastapi.responses import PlainTextResponse, Response
 from ...models.audio import PCM16_SCALE, SAMPLE_RATE
 from .. import protocol as p
 from ..metrics import quoted
-from ..security import bearer_token, origin_allowed, token_matches
+from ..security import bearer_token, ice_servers, origin_allowed, token_matches
 from ..session import Session
 from ..state import EngineNotReady, ServerState, TooManySessions
+from .activity import IdleTimer
 from .audio_track import SpeechTrack
 
 logger = logging.getLogger(__name__)
@@ -40,6 +43,11 @@ router = APIRouter()
 EVENTS_CHANNEL = "oai-events"
 MAX_SDP_BYTES = 64 * 1024
 DRAIN_BYTES = 2 * 1024 * 1024  # read and dropped past the limit, so the 413 can be read
+FLUSH_S = 2.0  # how long a closing call waits for its last events to leave
+
+
+class TooManyPendingCalls(RuntimeError):
+    """webrtc.max_pending_calls calls are still connecting."""
 
 
 class DataChannelTransport:
@@ -65,6 +73,15 @@ class DataChannelTransport:
         elif channel.readyState == "open":
             channel.send(text)
 
+    async def flush(self) -> None:
+        """Until what was sent has been handed to the connection (bounded by the caller)."""
+        channel = self.channel
+        if channel is None or channel.readyState != "open" or channel.bufferedAmount == 0:
+            return
+        low = asyncio.Event()
+        channel.once("bufferedamountlow", low.set)
+        await low.wait()
+
 
 class Call:
     """One peer connection, its session and its tasks."""
@@ -83,6 +100,7 @@ class Call:
         # await, e.g. loading the VAD model; a task per message could reorder them).
         self.inbox: asyncio.Queue[str | bytes] = asyncio.Queue(1024)
         self.speech_track: SpeechTrack | None = None
+        self.activity = IdleTimer(manager.state.settings.server.idle_timeout_s)
 
     def spawn(self, coro: Any, name: str) -> None:
         task = asyncio.create_task(coro, name=f"{name}-{self.id}")
@@ -132,6 +150,22 @@ class Call:
                 limit_s,
             )
             await self.close()
+            return
+        self.manager.pending.discard(self)  # connected: no longer counts as pending
+
+    async def watch_idle(self) -> None:
+        """Close a call whose client has sent neither events nor audio for a while."""
+        await self.activity.expired()
+        logger.info(
+            "session=%s call=%s idle for %g s: closing",
+            self.session.id,
+            self.id,
+            self.activity.timeout_s,
+        )
+        self.transport.send(self.activity.event())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.transport.flush(), FLUSH_S)
+        self.spawn(self.close(), "close")  # not awaited here: close() cancels this task
 
     async def read_audio(self, track: MediaStreamTrack) -> None:
         resampler = av.AudioResampler(format="s16", layout="mono", rate=SAMPLE_RATE)
@@ -140,6 +174,7 @@ class Call:
                 frame = await track.recv()
             except MediaStreamError:
                 return
+            self.activity.touch()
             frame.pts = None  # the resampler rejects aiortc's timestamps
             for out in resampler.resample(frame):
                 pcm = out.to_ndarray().reshape(-1).astype(np.float32) / PCM16_SCALE
@@ -149,6 +184,7 @@ class Call:
                     self.session.transport.send(p.error_event(exc.code, str(exc)))
 
     def receive(self, message: str | bytes) -> None:
+        self.activity.touch()
         try:
             self.inbox.put_nowait(message)
         except asyncio.QueueFull:
@@ -170,21 +206,31 @@ class PeerManager:
     def __init__(self, state: ServerState) -> None:
         self.state = state
         self.calls: set[Call] = set()
+        # Calls not yet connected with their events channel open: a smaller budget
+        # (webrtc.max_pending_calls), so offers that never connect cannot hold every slot.
+        self.pending: set[Call] = set()
 
     def _configuration(self) -> RTCConfiguration:
         # Always explicit: aiortc's default configuration uses a public STUN server.
-        servers = [
-            RTCIceServer(urls=list(s.urls), username=s.username, credential=s.credential)
-            for s in self.state.settings.webrtc.ice_servers
-        ]
+        # TURN credentials minted from webrtc.turn_secret are fresh for each call.
+        servers = [RTCIceServer(**s) for s in ice_servers(self.state.settings, time.time())]
         return RTCConfiguration(iceServers=servers)
 
-    async def answer(self, offer_sdp: str) -> tuple[Call, str]:
+    async def answer(self, offer_sdp: str, client: str | None = None) -> tuple[Call, str]:
+        """The answer to an offer from address `client`. Raises TooManyPendingCalls,
+        TooManySessions (or TooManySessionsFromClient) and EngineNotReady."""
         state = self.state
-        session = state.open_session(DataChannelTransport())  # TooManySessions, EngineNotReady
+        limit = state.settings.webrtc.max_pending_calls
+        if len(self.pending) >= limit:
+            raise TooManyPendingCalls(
+                f"webrtc.max_pending_calls = {limit} calls are still connecting; "
+                "retry shortly or use the WebSocket"
+            )
+        session = state.open_session(DataChannelTransport(), client)
         pc = RTCPeerConnection(self._configuration())
         call = Call(self, pc, session)
         self.calls.add(call)
+        self.pending.add(call)
 
         def on_datachannel(channel: RTCDataChannel) -> None:
             if channel.label != EVENTS_CHANNEL:
@@ -239,10 +285,12 @@ class PeerManager:
             raise
         call.spawn(call.watchdog(state.settings.webrtc.connect_timeout_s), "watchdog")
         call.spawn(call.read_events(), "events-in")
+        call.spawn(call.watch_idle(), "idle")
         return call, pc.localDescription.sdp
 
     async def forget(self, call: Call) -> None:
         self.calls.discard(call)
+        self.pending.discard(call)
         await self.state.close_session(call.session)
 
     async def close(self) -> None:
@@ -303,12 +351,15 @@ async def create_call(request: Request) -> Response:
         return _problem(400, "invalid_sdp", "the body is not an SDP offer (no v=0 / m= lines)")
     if "a=fingerprint:" not in sdp:
         return _problem(400, "invalid_sdp", "the offer has no DTLS fingerprint (a=fingerprint)")
+    client = request.client.host if request.client is not None else None
     try:
-        call, answer = await peers.answer(sdp)
+        call, answer = await peers.answer(sdp, client)
     except EngineNotReady as exc:
         return _problem(503, "not_ready", str(exc))
-    except TooManySessions as exc:
-        return _problem(503, "too_many_sessions", str(exc))
+    except TooManySessions as exc:  # or TooManySessionsFromClient: its own code
+        return _problem(503, exc.code, str(exc))
+    except TooManyPendingCalls as exc:
+        return _problem(503, "too_many_pending_calls", str(exc))
     except Exception as exc:  # aiortc's parse and negotiation errors
         detail = f"{type(exc).__name__}: {exc}".rstrip(": ")
         return _problem(400, "invalid_sdp", f"cannot negotiate this offer ({detail})")

@@ -14,11 +14,13 @@ from ..security import bearer_token, origin_allowed, subprotocol_token, token_ma
 from ..session import Session
 from ..speech import WebSocketAudioOut
 from ..state import EngineNotReady, ServerState, TooManySessions
+from .activity import IDLE_CODE, IdleTimer
 
 logger = logging.getLogger(__name__)
 router = APIRouter()
 
 _OUTBOX = 1024  # events queued for a slow client before it is disconnected
+_FLUSH_S = 2.0  # how long a closing connection waits for its last events to be written
 
 
 def presented_token(ws: WebSocket) -> str | None:
@@ -43,6 +45,11 @@ class WebSocketTransport:
         while True:
             text = await self._outbox.get()
             await self.ws.send_text(text)
+            self._outbox.task_done()
+
+    async def flush(self) -> None:
+        """Until every queued event is written (the write loop must be running)."""
+        await self._outbox.join()
 
 
 async def _refuse(ws: WebSocket, code: str, message: str, close_code: int) -> None:
@@ -70,13 +77,14 @@ async def realtime_websocket(ws: WebSocket) -> None:
         await _refuse(ws, "unauthorized", "missing or wrong auth token", 1008)
         return
     transport = WebSocketTransport(ws)
+    client = ws.client.host if ws.client is not None else None
     try:
-        session = state.open_session(transport)
+        session = state.open_session(transport, client)
     except EngineNotReady as exc:
         await _refuse(ws, "not_ready", str(exc), 1013)
         return
-    except TooManySessions as exc:
-        await _refuse(ws, "too_many_sessions", str(exc), 1013)
+    except TooManySessions as exc:  # or TooManySessionsFromClient: its own code
+        await _refuse(ws, exc.code, str(exc), 1013)
         return
     audio_out = None
     if state.tts is not None:
@@ -85,13 +93,26 @@ async def realtime_websocket(ws: WebSocket) -> None:
     await ws.accept(subprotocol=_subprotocol(ws))
     writer = asyncio.create_task(transport.write_loop(), name=f"ws-writer-{session.id}")
     slow = asyncio.create_task(transport.too_slow.wait(), name=f"ws-slow-{session.id}")
+    activity = IdleTimer(settings.server.idle_timeout_s)
+    idle = asyncio.create_task(activity.expired(), name=f"ws-idle-{session.id}")
     reader: asyncio.Task[None] | None = None
+    close_code, close_reason = 1000, ""
     try:
         await session.start()  # session.created goes out before any client event is handled
-        reader = asyncio.create_task(_read_loop(ws, session), name=f"ws-reader-{session.id}")
-        done, _ = await asyncio.wait({writer, reader, slow}, return_when=asyncio.FIRST_COMPLETED)
+        reader = asyncio.create_task(
+            _read_loop(ws, session, activity), name=f"ws-reader-{session.id}"
+        )
+        done, _ = await asyncio.wait(
+            {writer, reader, slow, idle}, return_when=asyncio.FIRST_COMPLETED
+        )
         if slow in done:
             logger.warning("session=%s client too slow: %d events queued", session.id, _OUTBOX)
+        if idle in done and writer not in done:
+            logger.info("session=%s idle for %g s: closing", session.id, activity.timeout_s)
+            transport.send(activity.event())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(transport.flush(), _FLUSH_S)
+            close_code, close_reason = 1000, IDLE_CODE
         for task in done:  # a task that died must say why, not just close the connection
             if not task.cancelled() and task.exception() is not None:
                 logger.error(
@@ -101,7 +122,7 @@ async def realtime_websocket(ws: WebSocket) -> None:
                     exc_info=task.exception(),
                 )
     finally:
-        tasks = [t for t in (writer, reader, slow) if t is not None]
+        tasks = [t for t in (writer, reader, slow, idle) if t is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -110,15 +131,16 @@ async def realtime_websocket(ws: WebSocket) -> None:
         await state.close_session(session)  # last: the server is idle once it returns
         if ws.client_state == WebSocketState.CONNECTED:
             with contextlib.suppress(Exception):
-                await ws.close()
+                await ws.close(close_code, close_reason)
 
 
-async def _read_loop(ws: WebSocket, session: Session) -> None:
+async def _read_loop(ws: WebSocket, session: Session, activity: IdleTimer) -> None:
     try:
         while True:
             message = await ws.receive()
             if message["type"] == "websocket.disconnect":
                 return
+            activity.touch()  # any frame from the client, even one it gets an error for
             if message.get("text") is not None:
                 await session.handle_text(message["text"])
             elif message.get("bytes") is not None:
