@@ -32,9 +32,9 @@ Per level:
   RSS              the server's resident memory (this process: server and clients share it)
                    before the level and after it, once every session is closed
 The clients run in the server's process (their own event loop and thread, sharing the GIL),
-so at high C part of the client-side time is the clients' own work. engine.queue_size (16 by
-default) bounds the queue: a level above it shows `engine_busy` errors unless --queue-size
-raises it. Writes benchmarks/out/load.json and load.png.
+so at high C part of the client-side time is the clients' own work. engine.queue_size (at
+least server.max_sessions, 32 by default) holds one turn per session, so no level is refused.
+Writes benchmarks/out/load.json and load.png.
 """
 
 from __future__ import annotations
@@ -400,10 +400,12 @@ def main() -> int:
 
         args.model = str(build_tiny(Path(tempfile.mkdtemp()) / "tiny", script=ANSWER))
     settings = load_settings(args.config, {("model", "id"): args.model})
+    # the previous level's sessions may still be closing: room for both
+    sessions = max(settings.server.max_sessions, 2 * max(args.levels))
     overrides: dict[tuple[str, str], Any] = {
-        # the previous level's sessions may still be closing: room for both
-        ("server", "max_sessions"): max(settings.server.max_sessions, 2 * max(args.levels)),
-        ("engine", "queue_size"): args.queue_size,
+        ("server", "max_sessions"): sessions,
+        # one waiting turn per session (the server refuses a smaller queue)
+        ("engine", "queue_size"): args.queue_size or max(settings.engine.queue_size, sessions),
     }
     if args.vllm_endpoint:
         vllm = settings.engine.vllm.model_dump() | {"endpoints": args.vllm_endpoint}
