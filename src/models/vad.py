@@ -208,6 +208,16 @@ class VadWorker:
         with self._lock:
             if stream.closed:
                 return
+            if (
+                stream.silent_frames > IDLE_AFTER_FRAMES
+                and not stream.pending
+                and not stream.hysteresis.speaking
+                and np.abs(audio).max() < DIGITAL_SILENCE
+            ):
+                # Idle and still silent: nothing to judge, no thread to wake. Silence can
+                # neither start speech nor, as nobody speaks, stop it.
+                stream.offset += audio.size
+                return
             stream.chunks.append(audio.astype(np.float32, copy=False))
             stream.pending += audio.size
             if stream.pending >= FRAME_SAMPLES:
