@@ -37,7 +37,16 @@ import numpy as np
 import pytest
 from conftest import SAMPLE_WAV, SCRIPT
 from fakes import FakeTransport, frames
-from fuzz_events import Json, Message, any_message, encode, messages, valid_events
+from fuzz_events import (
+    SCALARS,
+    TEXT,
+    Json,
+    Message,
+    any_message,
+    encode,
+    messages,
+    valid_events,
+)
 from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 
@@ -51,6 +60,22 @@ from voxtral_server.models.voxtral import VoxtralEngine
 
 EXAMPLES = int(os.environ.get("VOXTRAL_FUZZ_EXAMPLES", "50"))
 WAIT_S = 30  # upper bound of any single wait; nothing here sleeps
+
+
+# Every field name of a client event, at any depth: an "unknown" field must not be one.
+_CLIENT_MODELS = (
+    p.SessionUpdate,
+    p.SessionConfig,
+    p.AudioConfig,
+    p.AudioInput,
+    p.TurnDetection,
+    p.Transcription,
+    p.InputAudioBufferAppend,
+    p.ResponseCancel,
+    p.ClientTiming,
+    p.ClientFallback,
+)
+KNOWN_FIELDS = {name for model in _CLIENT_MODELS for name in model.model_fields}
 
 
 def fuzz_settings(examples: int) -> settings:
@@ -127,11 +152,18 @@ def test_the_parser_returns_an_event_or_a_protocol_error(message: Message) -> No
     parses(encode(message, "resp_0123456789ab"))
 
 
-@given(valid_events(), st.booleans(), st.booleans())
+UNKNOWN_FIELDS = st.dictionaries(TEXT.filter(lambda k: k not in KNOWN_FIELDS), SCALARS, max_size=3)
+
+
+@given(valid_events(), UNKNOWN_FIELDS, st.booleans(), st.booleans())
 @fuzz_settings(EXAMPLES * 2)
-def test_every_valid_event_parses(valid: dict[str, Any], ascii_only: bool, raw: bool) -> None:
-    # The mutations start from these: they must really be valid.
-    parsed = parses(encode(Json(valid, ascii_only, raw), "resp_0123456789ab"))
+def test_every_valid_event_parses_and_unknown_fields_are_ignored(
+    valid: dict[str, Any], unknown: dict[str, Any], ascii_only: bool, raw: bool
+) -> None:
+    # The mutations start from these: they must really be valid. And as the README says,
+    # fields this server does not use (an OpenAI client's voice, tools, ...) are ignored.
+    message = Json({**unknown, **valid}, ascii_only, raw)
+    parsed = parses(encode(message, "resp_0123456789ab"))
     assert parsed is not None and parsed.type == valid["type"]
 
 
@@ -245,7 +277,8 @@ async def normal_turn(session: Session, t: WireTransport) -> None:
         await t.wait_for("response.done", done + 1, WAIT_S)
     errors = len(t.of("error"))
     await session.handle_text('{"type": "input_audio_buffer.clear"}')
-    for raw in CLIP:
+    # The clip, or as much as the session's audio.max_utterance_s takes (100 ms per append).
+    for raw in CLIP[: int(session.settings.audio.max_utterance_s * 0.75 * 10)]:
         await session.handle_text(raw)
     await session.handle_text('{"type": "input_audio_buffer.commit"}')
     created = len(t.of("response.created"))
@@ -264,13 +297,41 @@ async def normal_turn(session: Session, t: WireTransport) -> None:
     assert "".join(words) == SCRIPT
 
 
+def server_settings(changes: dict[str, dict[str, Any]]) -> Settings:
+    data = Settings().model_dump()
+    for section, values in changes.items():
+        data[section].update(values)
+    return Settings.model_validate(data)
+
+
+# The defaults, or limits small enough for the steps to reach: a 2 s utterance (the clip
+# overflows push-to-talk, and is cut as a monologue under server VAD), 8 KiB events (the
+# clip's appends fit), no conversation history.
+SETTINGS = st.builds(
+    server_settings,
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "audio": st.just({"max_utterance_s": 2.0}),
+            "server": st.just({"max_event_bytes": 8192}),
+            "conversation": st.just({"max_turns": 0}),
+        },
+    ),
+)
+
+
 async def fuzz_session(
-    engine: VoxtralEngine, pool: ModelPool, metrics: Metrics, steps: list[Step]
-) -> None:
+    engine: VoxtralEngine,
+    pool: ModelPool,
+    metrics: Metrics,
+    steps: list[Step],
+    settings: Settings,
+) -> WireTransport:
+    """Run `steps` then a normal turn on one session; check what it sent. Returns it."""
     loop_errors: list[dict[str, Any]] = []
     asyncio.get_running_loop().set_exception_handler(lambda _, ctx: loop_errors.append(ctx))
     t = WireTransport()
-    session = Session(engine, Settings(), t, metrics=metrics, vad_models=pool)
+    session = Session(engine, settings, t, metrics=metrics, vad_models=pool)
     await session.start()
     try:
         for step in steps:
@@ -292,11 +353,15 @@ async def fuzz_session(
         assert isinstance(error["error"]["message"], str) and error["error"]["message"], error
     created = [e["response"]["id"] for e in t.of("response.created")]
     assert sorted(e["response"]["id"] for e in t.of("response.done")) == sorted(created)
-    for label in {f"error: {e['error']['code']}" for e in t.of("error")}:
-        event(label)
-    for label in {f"response.done: {e['response']['status']}" for e in t.of("response.done")}:
-        event(label)
-    event(f"responses before the normal turn: {min(len(created) - 1, 3)}{'+' * (len(created) > 3)}")
+    return t
+
+
+def what_happened(t: WireTransport) -> set[str]:
+    """Labels for --hypothesis-show-statistics: how much of the session the steps reached."""
+    labels = {f"error: {e['error']['code']}" for e in t.of("error")}
+    labels |= {f"response.done: {e['response']['status']}" for e in t.of("response.done")}
+    before = len(t.of("response.created")) - 1
+    return labels | {f"responses before the normal turn: {min(before, 3)}{'+' * (before > 3)}"}
 
 
 @pytest.fixture(scope="module")
@@ -306,9 +371,12 @@ def vad_pool() -> Iterator[ModelPool]:
     yield pool
 
 
-@given(steps=STEPS)
+@given(steps=STEPS, limits=SETTINGS)
 @fuzz_settings(EXAMPLES)
 def test_a_session_survives_fuzzed_events_and_answers_the_next_turn(
-    scripted_engine: VoxtralEngine, vad_pool: ModelPool, steps: list[Step]
+    scripted_engine: VoxtralEngine, vad_pool: ModelPool, steps: list[Step], limits: Settings
 ) -> None:
-    asyncio.run(fuzz_session(scripted_engine, vad_pool, Metrics(), steps))
+    run = fuzz_session(scripted_engine, vad_pool, Metrics(), steps, limits)
+    transport = asyncio.run(run)
+    for label in what_happened(transport):
+        event(label)
