@@ -13,7 +13,7 @@ raw text and bytes). Two levels:
    words are the scripted answer.
 
 The runs are derandomized (the same examples every time, no example database), so CI is
-reproducible. The default is sized for `make test` (level 2: 50 sequences, each ending in a
+reproducible. The default is sized for `make test` (level 2: 80 sequences, each ending in a
 real turn; level 1: ten times as many messages). A longer soak run:
 
     VOXTRAL_FUZZ_EXAMPLES=2000 .venv/bin/python -m pytest tests/test_fuzz.py
@@ -58,7 +58,7 @@ from voxtral_server.models.audio import read_audio_file
 from voxtral_server.models.vad import ModelPool
 from voxtral_server.models.voxtral import VoxtralEngine
 
-EXAMPLES = int(os.environ.get("VOXTRAL_FUZZ_EXAMPLES", "50"))
+EXAMPLES = int(os.environ.get("VOXTRAL_FUZZ_EXAMPLES", "80"))
 WAIT_S = 30  # upper bound of any single wait; nothing here sleeps
 
 
@@ -272,9 +272,9 @@ async def normal_turn(session: Session, t: WireTransport) -> None:
     """What a client does after anything: push-to-talk, end what runs, clear, say, answer."""
     await session.handle_text(PUSH_TO_TALK)
     while session.responding:  # a server-VAD turn may start once the cancelled one is done
-        done = len(t.of("response.done"))
+        ended = len(t.of("response.done"))
         await session.handle_text('{"type": "response.cancel"}')
-        await t.wait_for("response.done", done + 1, WAIT_S)
+        await t.wait_for("response.done", ended + 1, WAIT_S)
     errors = len(t.of("error"))
     await session.handle_text('{"type": "input_audio_buffer.clear"}')
     # The clip, or as much as the session's audio.max_utterance_s takes (100 ms per append).
@@ -283,14 +283,16 @@ async def normal_turn(session: Session, t: WireTransport) -> None:
     await session.handle_text('{"type": "input_audio_buffer.commit"}')
     created = len(t.of("response.created"))
     await session.handle_text('{"type": "response.create"}')
-    response_id = (await t.wait_for("response.created", created + 1, 1))["response"]["id"]
+    # response.created goes out before response.create returns.
+    assert t.of("response.created")[created:], t.of("error")[errors:]
+    response_id = t.of("response.created")[created]["response"]["id"]
 
-    def done() -> list[dict[str, Any]]:
+    def finished() -> list[dict[str, Any]]:
         return [e for e in t.of("response.done") if e["response"]["id"] == response_id]
 
-    await t.wait_until(lambda: bool(done()))
+    await t.wait_until(lambda: bool(finished()))
     assert t.of("error")[errors:] == []
-    assert done()[0]["response"]["status"] == "completed"
+    assert finished()[0]["response"]["status"] == "completed"
     words = [
         e["delta"] for e in t.of("response.output_text.delta") if e["response_id"] == response_id
     ]
