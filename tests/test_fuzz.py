@@ -55,7 +55,7 @@ from voxtral_server.api.metrics import Metrics
 from voxtral_server.api.session import Session
 from voxtral_server.config import Settings
 from voxtral_server.models.audio import read_audio_file
-from voxtral_server.models.vad import ModelPool
+from voxtral_server.models.vad import VadWorker
 from voxtral_server.models.voxtral import VoxtralEngine
 
 EXAMPLES = int(os.environ.get("VOXTRAL_FUZZ_EXAMPLES", "80"))
@@ -324,7 +324,7 @@ SETTINGS = st.builds(
 
 async def fuzz_session(
     engine: VoxtralEngine,
-    pool: ModelPool,
+    vad_worker: VadWorker,
     metrics: Metrics,
     steps: list[Step],
     settings: Settings,
@@ -333,7 +333,7 @@ async def fuzz_session(
     loop_errors: list[dict[str, Any]] = []
     asyncio.get_running_loop().set_exception_handler(lambda _, ctx: loop_errors.append(ctx))
     t = WireTransport()
-    session = Session(engine, settings, t, metrics=metrics, vad_models=pool)
+    session = Session(engine, settings, t, metrics=metrics, vad_worker=vad_worker)
     await session.start()
     try:
         for step in steps:
@@ -367,18 +367,18 @@ def what_happened(t: WireTransport) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def vad_pool() -> Iterator[ModelPool]:
-    pool = ModelPool(max_idle=2)
-    pool.warm_up(1)
-    yield pool
+def vad_worker() -> Iterator[VadWorker]:
+    worker = VadWorker()  # shared by the examples, as the server shares one
+    yield worker
+    worker.close()
 
 
 @given(steps=STEPS, limits=SETTINGS)
 @fuzz_settings(EXAMPLES)
 def test_a_session_survives_fuzzed_events_and_answers_the_next_turn(
-    scripted_engine: VoxtralEngine, vad_pool: ModelPool, steps: list[Step], limits: Settings
+    scripted_engine: VoxtralEngine, vad_worker: VadWorker, steps: list[Step], limits: Settings
 ) -> None:
-    run = fuzz_session(scripted_engine, vad_pool, Metrics(), steps, limits)
+    run = fuzz_session(scripted_engine, vad_worker, Metrics(), steps, limits)
     transport = asyncio.run(run)
     for label in what_happened(transport):
         event(label)
