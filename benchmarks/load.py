@@ -404,6 +404,7 @@ def main() -> int:
     sessions = max(settings.server.max_sessions, 2 * max(args.levels))
     overrides: dict[tuple[str, str], Any] = {
         ("server", "max_sessions"): sessions,
+        ("server", "max_sessions_per_client"): sessions,  # every session comes from here
         # one waiting turn per session (the server refuses a smaller queue)
         ("engine", "queue_size"): args.queue_size or max(settings.engine.queue_size, sessions),
     }

@@ -190,7 +190,11 @@ def main(argv: list[str] | None = None) -> int:
                 {
                     "model": {"id": str(model), "warmup_runs": 1},
                     "tts": {"engine": engine},
-                    "server": {"max_sessions": max(args.sessions, 32)},
+                    # every session comes from this one address
+                    "server": {
+                        "max_sessions": max(args.sessions, 32),
+                        "max_sessions_per_client": None,
+                    },
                     "engine": {"queue_size": max(args.sessions, 32)},
                     "logging": {"file": None},
                 }
