@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,9 @@ class FakeTransport:
         self._changed = asyncio.Event()
 
     def send(self, event: p.ServerEvent) -> None:
-        self.events.append(event.model_dump(exclude_none=True))
+        # What a client would receive: the JSON text, read back (so an event that cannot be
+        # serialised fails the test that sent it).
+        self.events.append(json.loads(event.to_json().encode("utf-8")))
         self._changed.set()
 
     def types(self) -> list[str]:
