@@ -17,9 +17,10 @@ shows how fair admission is. Reports:
                 sessions x (median turn time) + 1 s that no turn may exceed
   RSS/fds/threads of this process before the run and after every session has closed
 
-With `--fuzz N`, each session first sends N random and mutated events (tests/fuzz_events.py
-strategies when available, else a built-in mutator) before its turns, and its turns must
-still complete. Writes benchmarks/out/soak.json.
+With `--fuzz N`, each session first sends N mutated events (valid events with keys replaced
+by junk, and non-JSON text) before its turns, and its turns must still complete (the
+hypothesis fuzz in tests/test_fuzz.py goes further, with `VOXTRAL_FUZZ_EXAMPLES` for a long
+run). Writes benchmarks/out/soak.json.
 """
 
 from __future__ import annotations
@@ -177,8 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     speech_out = shutil.which("espeak-ng") is not None
     run = Run(args.turns)
-    before: dict[str, float] = {}
-    after: dict[str, float] = {}
+    leaks: list[tuple[str, dict[str, float], dict[str, float]]] = []
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         model = build_tiny(Path(tmp) / "tiny", script=SCRIPT)
@@ -203,10 +203,10 @@ def main(argv: list[str] | None = None) -> int:
             with InProcessServer(create_app(settings)) as server:
                 # This process (server and clients) with the model loaded, before any session
                 # and after every one has closed: what grows is what the sessions left.
-                before = before or resources()
+                before = resources()
                 asyncio.run(soak(server.base_url, run, args.sessions, args.fuzz, engine))
                 server.run(server.state.idle.wait(), 60)
-                after = resources()
+                leaks.append((engine, before, resources()))
     elapsed = time.perf_counter() - started
     per_session = list(run.completed.values()) or [0]
     spread = max(per_session) / max(min(per_session), 1)
@@ -228,12 +228,21 @@ def main(argv: list[str] | None = None) -> int:
             f"{max(run.queue_wait_ms, default=0):.0f}",
         ],
         ["bound: sessions x median turn + 1 s (ms)", round(bound)],
-        [
-            "RSS with the model loaded / after (MB)",
-            f"{before['rss_mb']:.0f} / {after['rss_mb']:.0f}",
-        ],
-        ["fds before / after", f"{before['fds']} / {after['fds']}"],
-        ["threads before / after", f"{before['threads']} / {after['threads']}"],
+        *(
+            row
+            for tts, before, after in leaks
+            for row in (
+                [
+                    f"[tts {tts}] RSS before / after (MB)",
+                    f"{before['rss_mb']:.0f} / {after['rss_mb']:.0f}",
+                ],
+                [f"[tts {tts}] fds before / after", f"{before['fds']} / {after['fds']}"],
+                [
+                    f"[tts {tts}] threads before / after",
+                    f"{before['threads']} / {after['threads']}",
+                ],
+            )
+        ),
         ["wall time (s)", round(elapsed, 1)],
     ]
     print(table(["measure", "value"], rows))
@@ -256,8 +265,7 @@ def main(argv: list[str] | None = None) -> int:
                 "max": max(run.queue_wait_ms, default=0),
             },
             "bound_ms": bound,
-            "before": before,
-            "after": after,
+            "resources": [{"tts": t, "before": b, "after": a} for t, b, a in leaks],
             "wall_s": elapsed,
         },
     )

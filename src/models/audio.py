@@ -4,6 +4,7 @@ validation."""
 from __future__ import annotations
 
 import io
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -151,3 +152,55 @@ class PcmResampler:
         # differ by an LSB from a fresh resampler's).
         self._stream = self._new_stream()
         return out
+
+
+class AudioChunks:
+    """Samples [start, end) of a stream, kept as the chunks that brought them: appending
+    never copies, and what is taken is joined once."""
+
+    def __init__(self) -> None:
+        self._chunks: deque[np.ndarray] = deque()
+        self.start = 0  # stream offset of the first sample held
+        self.end = 0  # stream offset after the last sample held
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+    def append(self, audio: np.ndarray) -> None:
+        self._chunks.append(audio)
+        self.end += audio.size
+
+    def cut_before(self, sample: int) -> None:
+        """Drop what comes before stream offset `sample`."""
+        drop = min(max(sample - self.start, 0), self.size)
+        while drop:
+            head = self._chunks[0]
+            if head.size <= drop:
+                self._chunks.popleft()
+                drop -= head.size
+                self.start += head.size
+            else:
+                self._chunks[0] = head[drop:]
+                self.start += drop
+                drop = 0
+
+    def take_until(self, sample: int) -> np.ndarray:
+        """Remove and return the samples before stream offset `sample`, joined."""
+        parts: list[np.ndarray] = []
+        wanted = min(max(sample - self.start, 0), self.size)
+        while wanted:
+            head = self._chunks[0]
+            if head.size <= wanted:
+                parts.append(self._chunks.popleft())
+                wanted -= head.size
+            else:
+                parts.append(head[:wanted])
+                self._chunks[0] = head[wanted:]
+                wanted = 0
+        audio = np.concatenate(parts) if parts else np.zeros(0, np.float32)
+        self.start += audio.size
+        return audio
+
+    def take_all(self) -> np.ndarray:
+        return self.take_until(self.end)

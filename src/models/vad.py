@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .audio import SAMPLE_RATE
+from .audio import SAMPLE_RATE, AudioChunks
 
 # `import silero_vad` sets torch's thread count to 1 for the whole process; undo that.
 _threads = torch.get_num_threads()
@@ -125,8 +124,7 @@ class VadStream:
         self.epoch = 0  # bumped by reset(): events of an older epoch are stale
         # Worker-owned, under the worker's lock:
         self.offset = start  # stream offset of the next sample to judge
-        self.chunks: deque[np.ndarray] = deque()
-        self.pending = 0  # samples in chunks
+        self.audio = AudioChunks()  # fed, not yet judged
         self.context = np.zeros(CONTEXT_SAMPLES, np.float32)
         self.state = torch.zeros(STATE_SHAPE)
         self.silent_frames = 0  # consecutive frames of digital silence
@@ -143,21 +141,13 @@ class VadStream:
     def close(self) -> None:
         self._worker.discard(self)
 
+    @property
+    def pending(self) -> int:
+        return self.audio.size
+
     def take_frame(self) -> np.ndarray:
         """The next 512 samples (there are at least that many pending)."""
-        parts: list[np.ndarray] = []
-        wanted = FRAME_SAMPLES
-        while wanted:
-            head = self.chunks[0]
-            if head.size <= wanted:
-                parts.append(self.chunks.popleft())
-                wanted -= head.size
-            else:
-                parts.append(head[:wanted])
-                self.chunks[0] = head[wanted:]
-                wanted = 0
-        self.pending -= FRAME_SAMPLES
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return self.audio.take_until(self.audio.start + FRAME_SAMPLES)
 
 
 class VadWorker:
@@ -218,8 +208,7 @@ class VadWorker:
                 # neither start speech nor, as nobody speaks, stop it.
                 stream.offset += audio.size
                 return
-            stream.chunks.append(audio.astype(np.float32, copy=False))
-            stream.pending += audio.size
+            stream.audio.append(audio.astype(np.float32, copy=False))
             if stream.pending >= FRAME_SAMPLES:
                 self._ready.add(stream)
                 self._work.notify()
@@ -227,8 +216,7 @@ class VadWorker:
     def reset(self, stream: VadStream, offset: int) -> None:
         with self._lock:
             stream.epoch += 1
-            stream.chunks.clear()
-            stream.pending = 0
+            stream.audio = AudioChunks()
             stream.offset = offset
             stream.context = np.zeros(CONTEXT_SAMPLES, np.float32)
             stream.state = torch.zeros(STATE_SHAPE)
@@ -239,7 +227,7 @@ class VadWorker:
     def discard(self, stream: VadStream) -> None:
         with self._lock:
             stream.closed = True
-            stream.chunks.clear()
+            stream.audio = AudioChunks()
             self._streams.discard(stream)
             self._ready.discard(stream)
 

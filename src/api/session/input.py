@@ -10,13 +10,12 @@ into events, a response or a barge-in.
 from __future__ import annotations
 
 import time
-from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
 
 from ...models import vad
-from ...models.audio import SAMPLE_RATE
+from ...models.audio import SAMPLE_RATE, AudioChunks
 from .. import protocol as p
 
 TAIL_KEEP_S = 0.1  # audio kept after the detected end of speech
@@ -49,57 +48,6 @@ class TurnEnded:
 
 
 InputEvent = SpeechBegan | TurnEnded
-
-
-class AudioChunks:
-    """Samples [start, end) of a stream, as the chunks that brought them."""
-
-    def __init__(self) -> None:
-        self._chunks: deque[np.ndarray] = deque()
-        self.start = 0  # stream offset of the first sample held
-        self.end = 0  # stream offset after the last sample held
-
-    @property
-    def size(self) -> int:
-        return self.end - self.start
-
-    def append(self, audio: np.ndarray) -> None:
-        self._chunks.append(audio)
-        self.end += audio.size
-
-    def cut_before(self, sample: int) -> None:
-        """Drop what comes before stream offset `sample`."""
-        drop = min(max(sample - self.start, 0), self.size)
-        while drop:
-            head = self._chunks[0]
-            if head.size <= drop:
-                self._chunks.popleft()
-                drop -= head.size
-                self.start += head.size
-            else:
-                self._chunks[0] = head[drop:]
-                self.start += drop
-                drop = 0
-
-    def take_until(self, sample: int) -> np.ndarray:
-        """Remove and return the samples before stream offset `sample`, joined."""
-        parts: list[np.ndarray] = []
-        wanted = min(max(sample - self.start, 0), self.size)
-        while wanted:
-            head = self._chunks[0]
-            if head.size <= wanted:
-                parts.append(self._chunks.popleft())
-                wanted -= head.size
-            else:
-                parts.append(head[:wanted])
-                self._chunks[0] = head[wanted:]
-                wanted = 0
-        audio = np.concatenate(parts) if parts else np.zeros(0, np.float32)
-        self.start += audio.size
-        return audio
-
-    def take_all(self) -> np.ndarray:
-        return self.take_until(self.end)
 
 
 class InputBuffer:
