@@ -7,7 +7,7 @@ time and memory are its own) and measures:
   floods `input_audio_buffer.append` events of ~1 MiB (24 s of audio each) under server VAD;
 - CPU of open, silent WebRTC sessions (aiortc peers sending 20 ms frames of silence), in
   cores per session: server CPU time with N sessions minus with none;
-- memory per idle session: the server's RSS after opening M WebSocket sessions (server VAD
+- memory per idle session: the server's RSS after opening 8 WebSocket sessions (server VAD
   on), minus before, divided by M.
 
 `--baseline-python PATH` runs the same measurements against another installation (e.g. a
@@ -202,7 +202,8 @@ def measure(python: str, model: Path, workdir: Path, label: str) -> dict[str, An
         base_cpu = asyncio.run(_silent_calls(base, 0, 10, pid))
         four_cpu = asyncio.run(_silent_calls(base, 4, 10, pid))
         one_cpu = asyncio.run(_silent_calls(base, 1, 10, pid))
-        mb = asyncio.run(_idle_sessions_mb(base, 16, pid))
+        # 8: the default per-address cap (server.max_sessions_per_client)
+        mb = asyncio.run(_idle_sessions_mb(base, 8, pid))
     result = {
         "label": label,
         "python": python,
@@ -245,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
             "CPU per silent WebRTC session, 4 open (cores, target <= 0.03)",
             "cpu_per_silent_webrtc_session_4",
         ),
-        ("memory per idle session, 16 open (MB, target <= 2)", "mb_per_idle_session"),
+        ("memory per idle session, 8 open (MB, target <= 2)", "mb_per_idle_session"),
     ]
     headers = ["measure", *(r["label"] for r in results)]
     print(table(headers, [[name, *(float(r[key]) for r in results)] for name, key in rows]))

@@ -75,6 +75,7 @@ class ConversationSettings(_Section):
 
 class AudioSettings(_Section):
     max_utterance_s: float = Field(default=30.0, gt=0, le=600)
+    max_input_rate: float = Field(default=10.0, ge=1, le=1000)
 
 
 class VllmSettings(_Section):

@@ -425,3 +425,20 @@ async def test_every_conversation_may_have_a_turn_waiting_none_is_refused(
             session.close()
     finally:
         worker.close()
+
+
+def test_a_client_sending_audio_faster_than_allowed_is_made_to_wait() -> None:
+    """One client flooding audio (1 MiB appends back to back) took the event loop and the
+    VAD from everyone; past a burst it may now send at most `rate` x real time."""
+    from voxtral_server.api.session.input import InputPacer
+
+    now = [0.0]
+    pacer = InputPacer(rate=10.0, burst_s=30.0, clock=lambda: now[0])
+    assert pacer.delay_after(30.0) == 0.0  # a whole utterance at once: the free burst
+    assert pacer.delay_after(24.0) == pytest.approx(2.4)  # 24 s more: wait 2.4 s
+    now[0] += 2.4
+    assert pacer.delay_after(0.0) == pytest.approx(0.0)  # caught up
+    now[0] += 10.0  # ten seconds later, a live microphone's 40 ms never waits
+    for _ in range(250):
+        assert pacer.delay_after(0.04) == 0.0
+        now[0] += 0.04

@@ -23,7 +23,7 @@ import numpy as np
 
 from ...config import Settings
 from ...models import vad
-from ...models.audio import AudioInputError, pcm16_to_float
+from ...models.audio import SAMPLE_RATE, AudioInputError, pcm16_to_float
 from ...models.engine import Engine
 from ...models.tts import TtsEngine
 from ...models.types import Chunk, Conversation, EngineError, Request
@@ -31,7 +31,7 @@ from .. import protocol as p
 from ..metrics import Metrics, quoted
 from ..speech import AudioOut, Speech
 from . import report
-from .input import InputBuffer, InputEvent, SpeechBegan, TurnEnded
+from .input import InputBuffer, InputEvent, InputPacer, SpeechBegan, TurnEnded
 from .response import Answer, settled, sink, status_of
 from .settings import SessionSettings
 
@@ -67,6 +67,8 @@ class Session:
         self.config = SessionSettings.from_config(settings)  # what session.update changes
         self.conversation = Conversation(settings.conversation.max_turns)
         self.input = InputBuffer(settings.audio.max_utterance_s)
+        a = settings.audio
+        self._pacer = InputPacer(a.max_input_rate, a.max_utterance_s, time.monotonic)
         self._committed: TurnEnded | None = None  # a user turn awaiting its answer
         self._last_item: str | None = None
         self._answer: Answer | None = None
@@ -151,6 +153,11 @@ class Session:
         elif isinstance(event, p.InputAudioBufferAppend):
             assert audio is not None
             self.append_audio(audio)
+            delay = self._pacer.delay_after(audio.size / SAMPLE_RATE)
+            if delay:
+                # Faster than audio.max_input_rate: this client's next event waits (its
+                # transport reads nothing meanwhile, so its socket pushes back).
+                await asyncio.sleep(delay)
         elif isinstance(event, p.InputAudioBufferCommit):
             self._commit(event.event_id)
         elif isinstance(event, p.InputAudioBufferClear):

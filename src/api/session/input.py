@@ -10,6 +10,7 @@ into events, a response or a barge-in.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,6 +49,24 @@ class TurnEnded:
 
 
 InputEvent = SpeechBegan | TurnEnded
+
+
+class InputPacer:
+    """How long to wait before reading more audio from a client that sends it faster than
+    `rate` x real time, after a free burst of `burst_s` seconds (a token bucket)."""
+
+    def __init__(self, rate: float, burst_s: float, clock: Callable[[], float]) -> None:
+        self.rate = rate
+        self.burst_s = burst_s
+        self.clock = clock
+        self._start = clock()
+        self._received_s = 0.0
+
+    def delay_after(self, seconds: float) -> float:
+        """`seconds` of audio arrived: how long to wait before taking the next event."""
+        self._received_s += seconds
+        allowed = self.burst_s + self.rate * (self.clock() - self._start)
+        return max(0.0, (self._received_s - allowed) / self.rate)
 
 
 class InputBuffer:
