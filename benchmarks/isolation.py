@@ -192,6 +192,12 @@ async def _idle_sessions_mb(base: str, count: int, pid: int) -> float:
 
 def measure(python: str, model: Path, workdir: Path, label: str) -> dict[str, Any]:
     with server(python, model, workdir) as (base, pid):
+        # Quiet measurements first: the flood leaves work behind it.
+        base_cpu = asyncio.run(_silent_calls(base, 0, 10, pid))
+        four_cpu = asyncio.run(_silent_calls(base, 4, 10, pid))
+        one_cpu = asyncio.run(_silent_calls(base, 1, 10, pid))
+        # 8: the default per-address cap (server.max_sessions_per_client)
+        mb = asyncio.run(_idle_sessions_mb(base, 8, pid))
         healthz_ms(base, 50)  # warm the connection path
         idle = healthz_ms(base)
         with Flood(base) as flood:
@@ -199,11 +205,6 @@ def measure(python: str, model: Path, workdir: Path, label: str) -> dict[str, An
                 time.sleep(0.05)
             flooded = healthz_ms(base)
             events = flood.sent
-        base_cpu = asyncio.run(_silent_calls(base, 0, 10, pid))
-        four_cpu = asyncio.run(_silent_calls(base, 4, 10, pid))
-        one_cpu = asyncio.run(_silent_calls(base, 1, 10, pid))
-        # 8: the default per-address cap (server.max_sessions_per_client)
-        mb = asyncio.run(_idle_sessions_mb(base, 8, pid))
     result = {
         "label": label,
         "python": python,

@@ -149,6 +149,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    # The event loop shares the GIL with the VAD and engine threads; when it wants the GIL
+    # back it waits up to the switch interval (5 ms by default): 1 ms keeps every session's
+    # events and /healthz prompt while those threads work.
+    sys.setswitchinterval(0.001)
     _log_to_file(settings)
     _log_config_source(args.config)
     logger.info("serving on http://%s:%d/ (model %s)", host, port, settings.model.id)
