@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from clients import TtftLines
 from conftest import REPO, SAMPLE_WAV, SCRIPT
 from servers import running_server
 
@@ -95,8 +96,6 @@ def server(scripted_engine: VoxtralEngine) -> Iterator[str]:
 
 def test_webrtc_words_appear_in_order(browser: Any, server: str) -> None:
     import logging
-
-    from test_metrics import TtftLines
 
     from voxtral_server.api.metrics import TTFT_LOGGER
 
@@ -200,8 +199,6 @@ def test_the_page_plays_the_spoken_answer(
     browser: Any, scripted_engine: VoxtralEngine, transport: str
 ) -> None:
     import logging
-
-    from test_metrics import TtftLines
 
     from voxtral_server.api.metrics import TTFT_LOGGER
 

@@ -8,18 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import REPO, SAMPLE_WAV, SCRIPT
-
-
-def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "voxtral_server.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=REPO,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
-    )
+from clients import cli
+from conftest import SAMPLE_WAV, SCRIPT
 
 
 def test_transcribe_prints_the_scripted_words_one_chunk_per_line(tiny_scripted: Path) -> None:

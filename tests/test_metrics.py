@@ -17,11 +17,10 @@ import httpx
 import numpy as np
 import pytest
 import websockets
+from clients import Client, TtftLines, cli, ptt_events, ws_until
 from conftest import REPO
 from prometheus_client.parser import text_string_to_metric_families
 from servers import running_server
-from test_lifecycle import ptt_events, ws_until
-from test_webrtc import Client
 
 from voxtral_server import ttft
 from voxtral_server.api.metrics import (
@@ -34,27 +33,6 @@ from voxtral_server.api.metrics import (
 )
 from voxtral_server.config import Settings
 from voxtral_server.models.voxtral import VoxtralEngine
-
-
-class TtftLines(logging.Handler):
-    """Collects the TTFT log lines as they are written, and waits for them."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lines: list[str] = []
-        self.arrived = threading.Condition()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        with self.arrived:
-            self.lines.append(record.getMessage())
-            self.arrived.notify_all()
-
-    def wait_for(self, session_count: int, within_s: float = 30) -> list[TurnRecord]:
-        with self.arrived:
-            assert self.arrived.wait_for(lambda: len(self.lines) >= session_count, within_s)
-        records = [parse_line(line) for line in self.lines]
-        assert all(r is not None for r in records)
-        return records  # type: ignore[return-value]
 
 
 @pytest.fixture
@@ -298,8 +276,6 @@ def test_ttft_follow_picks_up_new_lines(tmp_path: Path) -> None:
 
 
 def test_ttft_on_a_missing_file_is_a_clear_error(tmp_path: Path) -> None:
-    from test_cli import cli
-
     run = cli("ttft", str(tmp_path / "nope.log"))
     assert run.returncode == 2 and "no such log file" in run.stderr
 

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import websockets
 from aiortc.mediastreams import MediaStreamError
+from clients import Client
 from conftest import SAMPLE_WAV, SCRIPT
-from servers import running_server
-from test_webrtc import Client
+from servers import idle, on_server, running_server
 
 from voxtral_server.config import Settings
 from voxtral_server.models.audio import PcmResampler, read_audio_file
@@ -140,7 +140,7 @@ async def test_websocket_audio_is_the_answer_spoken(
 
 
 class ListeningClient(Client):
-    """test_webrtc's browser stand-in that also hears the server's speech track: every
+    """The browser stand-in that also hears the server's speech track: every
     frame's arrival time and 48 kHz mono samples in `frames`. Without `mic`, audio goes as
     appends on the channel and the offer only receives audio."""
 
@@ -244,10 +244,8 @@ async def test_the_webrtc_track_is_silent_from_the_frame_after_a_barge_in() -> N
 async def test_disconnect_while_speaking_leaves_nothing_running(
     server: tuple[str, Any],
 ) -> None:
-    from test_lifecycle import _idle, on_server
-
     base_url, app = server
-    baseline = on_server(app, _idle(app))
+    baseline = on_server(app, idle(app))
     async with websockets.connect(base_url.replace("http", "ws") + "/v1/realtime") as ws:
         for message in appends(SPEECH):
             await ws.send(message)
@@ -256,7 +254,7 @@ async def test_disconnect_while_speaking_leaves_nothing_running(
         ):
             pass
     # The session closed mid-answer: its speech, audio pump and finishing task all ended.
-    assert on_server(app, _idle(app)) == baseline
+    assert on_server(app, idle(app)) == baseline
     events, _ = await ws_turn(base_url.replace("http", "ws") + "/v1/realtime")  # next one works
     assert of(events, "response.done")[0]["response"]["status"] == "completed"
 
