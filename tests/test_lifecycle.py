@@ -14,6 +14,7 @@ import websockets
 from clients import Client, cli, ptt_events, ws_until
 from conftest import engine_settings
 from fakes import StubEngine
+from patience import scaled
 from servers import SharedEngine, idle, on_server, running_server
 
 from voxtral_server.config import Settings
@@ -134,7 +135,7 @@ async def test_unconnected_peer_is_closed_by_the_watchdog(long_engine: VoxtralEn
         assert reply.status_code == 201
         assert len(app.state.server.peers.calls) == 1
         # The answer is never applied: ICE cannot complete, and the watchdog closes the call.
-        on_server(app, idle(app), within_s=10)
+        on_server(app, idle(app), within_s=scaled(10, 60))
         assert not app.state.server.sessions
         await client.close()
 
