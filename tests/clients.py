@@ -12,6 +12,8 @@ import os
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import httpx
@@ -21,7 +23,7 @@ from aiortc.contrib.media import MediaPlayer
 from conftest import REPO, SAMPLE_WAV
 from patience import scaled
 
-from voxtral_server.api.metrics import TurnRecord, parse_line
+from voxtral_server.api.metrics import TTFT_LOGGER, TurnRecord, parse_line
 from voxtral_server.models.audio import read_audio_file
 
 SPEECH = read_audio_file(SAMPLE_WAV)  # 0.3 s silence, speech to 2.7 s, then silence
@@ -130,3 +132,19 @@ class TtftLines(logging.Handler):
         records = [parse_line(line) for line in self.lines]
         assert all(r is not None for r in records)
         return records  # type: ignore[return-value]
+
+
+@contextmanager
+def ttft_lines() -> Iterator[TtftLines]:
+    """The TTFT lines written meanwhile. The TTFT logger's level and handlers are put back
+    afterwards: a test must not leave logging configured for the tests that run after it."""
+    handler = TtftLines()
+    log = logging.getLogger(TTFT_LOGGER)
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        yield handler
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)

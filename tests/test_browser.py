@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from clients import TtftLines
+from clients import ttft_lines
 from conftest import REPO, SAMPLE_WAV, SCRIPT
 from patience import LineWatcher, NotReady, scaled
 from servers import running_server
@@ -118,22 +118,13 @@ def server(scripted_engine: VoxtralEngine) -> Iterator[str]:
 
 
 def test_webrtc_words_appear_in_order(browser: Any, server: str) -> None:
-    import logging
-
-    from voxtral_server.api.metrics import TTFT_LOGGER
-
-    lines = TtftLines()
-    logging.getLogger(TTFT_LOGGER).addHandler(lines)
-    logging.getLogger(TTFT_LOGGER).setLevel(logging.INFO)
-    try:
+    with ttft_lines() as lines:
         _webrtc_words_appear_in_order(browser, server)
         # The page reported what the user saw; it is in the turn's log line.
         record = lines.wait_for(1)[0]
         assert record.transport == "webrtc" and record.client_first_word_ms is not None
         shown = browser.locator("[data-metric=browser_first_word_ms]").first.inner_text()
         assert abs(record.client_first_word_ms - int(shown.removesuffix(" ms"))) <= 1
-    finally:
-        logging.getLogger(TTFT_LOGGER).removeHandler(lines)
 
 
 def _webrtc_words_appear_in_order(browser: Any, server: str) -> None:
@@ -263,49 +254,40 @@ HEARING_PROBE = """
 def test_the_page_plays_the_spoken_answer(
     browser: Any, scripted_engine: VoxtralEngine, transport: str
 ) -> None:
-    import logging
-
-    from voxtral_server.api.metrics import TTFT_LOGGER
-
     sections: dict[str, Any] = {"tts": {"engine": "espeak"}}
     if transport == "websocket":  # relay-only ICE with no TURN server: the page falls back
         sections["webrtc"] = {"ice_transport_policy": "relay"}
-    lines = TtftLines()
-    logging.getLogger(TTFT_LOGGER).addHandler(lines)
-    logging.getLogger(TTFT_LOGGER).setLevel(logging.INFO)
-    try:
-        with running_server(Settings.model_validate(sections), scripted_engine) as (url, _app):
-            browser.add_init_script(HEARING_PROBE)
-            browser.goto(url)
-            browser.click("#connect")
-            browser.wait_for_function(
-                f"document.getElementById('badge').className.includes('{transport}')",
-                timeout=within_ms(10),
-            )
-            # The words being spoken are marked, and the page plays the answer: sound comes
-            # out of its playback analyser.
-            browser.wait_for_selector(".turn.bot .bubble .spoken", timeout=within_ms(30))
-            first_answer(browser)
-            browser.wait_for_function("window.__hearing.heardAt !== null")
-            strip = browser.locator(".turn.bot .latency").first.inner_text()
-            assert "server first audio" in strip
-            spoken = browser.locator(".turn.bot .bubble .spoken").first.inner_text()
-            assert SCRIPT.startswith(spoken) and spoken
-            record = lines.wait_for(1)[0]
-            assert record.transport == transport and record.ttfa_ms is not None
-            # The page measures "you heard it after" until response.done builds the strip;
-            # on a busy machine playback may start only after that. Order decides, not time:
-            # heard before the strip, the figure is on it and in the turn's log line.
-            probe = browser.evaluate("window.__hearing")
-            if probe["pageHeardAt"] is not None and probe["pageHeardAt"] < probe["doneAt"]:
-                assert "you heard it after" in strip
-                assert record.client_first_audio_ms is not None
-            else:
-                assert "you heard it after" not in strip, probe
-                assert record.client_first_audio_ms is None
-            snap(browser, f"speech-{transport}")
-    finally:
-        logging.getLogger(TTFT_LOGGER).removeHandler(lines)
+    settings = Settings.model_validate(sections)
+    with ttft_lines() as lines, running_server(settings, scripted_engine) as (url, _app):
+        browser.add_init_script(HEARING_PROBE)
+        browser.goto(url)
+        browser.click("#connect")
+        browser.wait_for_function(
+            f"document.getElementById('badge').className.includes('{transport}')",
+            timeout=within_ms(10),
+        )
+        # The words being spoken are marked, and the page plays the answer: sound comes
+        # out of its playback analyser.
+        browser.wait_for_selector(".turn.bot .bubble .spoken", timeout=within_ms(30))
+        first_answer(browser)
+        browser.wait_for_function("window.__hearing.heardAt !== null")
+        strip = browser.locator(".turn.bot .latency").first.inner_text()
+        assert "server first audio" in strip
+        spoken = browser.locator(".turn.bot .bubble .spoken").first.inner_text()
+        assert SCRIPT.startswith(spoken) and spoken
+        record = lines.wait_for(1)[0]
+        assert record.transport == transport and record.ttfa_ms is not None
+        # The page measures "you heard it after" until response.done builds the strip;
+        # on a busy machine playback may start only after that. Order decides, not time:
+        # heard before the strip, the figure is on it and in the turn's log line.
+        probe = browser.evaluate("window.__hearing")
+        if probe["pageHeardAt"] is not None and probe["pageHeardAt"] < probe["doneAt"]:
+            assert "you heard it after" in strip
+            assert record.client_first_audio_ms is not None
+        else:
+            assert "you heard it after" not in strip, probe
+            assert record.client_first_audio_ms is None
+        snap(browser, f"speech-{transport}")
     assert browser.console_errors == []
 
 

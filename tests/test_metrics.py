@@ -17,7 +17,7 @@ import httpx
 import numpy as np
 import pytest
 import websockets
-from clients import Client, TtftLines, cli, ptt_events, ws_until
+from clients import Client, TtftLines, cli, ptt_events, ttft_lines, ws_until
 from conftest import REPO
 from prometheus_client.parser import text_string_to_metric_families
 from servers import running_server
@@ -25,7 +25,6 @@ from servers import running_server
 from voxtral_server import ttft
 from voxtral_server.api.metrics import (
     FIELDS,
-    TTFT_LOGGER,
     Metrics,
     TurnRecord,
     format_line,
@@ -37,12 +36,8 @@ from voxtral_server.models.voxtral import VoxtralEngine
 
 @pytest.fixture
 def lines() -> Iterator[TtftLines]:
-    handler = TtftLines()
-    log = logging.getLogger(TTFT_LOGGER)
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    yield handler
-    log.removeHandler(handler)
+    with ttft_lines() as handler:
+        yield handler
 
 
 @pytest.fixture(scope="module")
@@ -286,7 +281,10 @@ def test_serve_logs_turns_to_the_rotating_file(tmp_path: Path) -> None:
     path = tmp_path / "logs" / "voxtral_streaming.log"
     settings = Settings.model_validate({"logging": {"file": str(path)}})
     root = logging.getLogger()
-    handlers = list(root.handlers)
+    handlers, level = list(root.handlers), root.level
+    # What `serve`'s entry point sets up (basicConfig at INFO); this test used to pass only
+    # after others had left the TTFT logger at INFO.
+    root.setLevel(logging.INFO)
     _log_to_file(settings)
     try:
         Metrics().turn(_record(1, np.random.default_rng(1)))
@@ -296,5 +294,6 @@ def test_serve_logs_turns_to_the_rotating_file(tmp_path: Path) -> None:
         for handler in set(root.handlers) - set(handlers):
             root.removeHandler(handler)
             handler.close()
+        root.setLevel(level)
     parsed = [r for r in map(parse_line, path.read_text().splitlines()) if r is not None]
     assert len(parsed) == 1 and parsed[0].turn == 1
