@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 from voxtral_server.api.app import create_app
 from voxtral_server.api.inprocess import InProcessServer, free_port
@@ -12,7 +13,9 @@ from voxtral_server.config import Settings
 from voxtral_server.models.chunking import ChunkSink
 from voxtral_server.models.types import Request, RequestHandle
 
-__all__ = ["InProcessServer", "SharedEngine", "free_port", "running_server"]
+__all__ = ["InProcessServer", "SharedEngine", "free_port", "idle", "on_server", "running_server"]
+
+T = TypeVar("T")
 
 
 class SharedEngine:
@@ -46,3 +49,17 @@ def running_server(settings: Settings, engine: Any) -> Iterator[tuple[str, Any]]
     app = create_app(settings, engine_factory=lambda s: SharedEngine(engine))
     with InProcessServer(app) as server:
         yield server.base_url, app
+
+
+def on_server(app: Any, coro: Coroutine[Any, Any, T], within_s: float = 30) -> T:
+    """Run `coro` on the server's own event loop and wait for its result."""
+    loop = app.state.server_loop
+    return asyncio.run_coroutine_threadsafe(coro, loop).result(within_s)
+
+
+async def idle(app: Any) -> dict[str, int]:
+    """(On the server loop.) Wait until the server holds no session or call; count its tasks."""
+    await app.state.server.idle.wait()
+    assert not app.state.server.peers.calls
+    current = asyncio.current_task()
+    return {"tasks": len([t for t in asyncio.all_tasks() if t is not current])}

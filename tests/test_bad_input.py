@@ -693,7 +693,7 @@ async def test_offer_without_dtls_fingerprint_is_refused(scripted_engine: Voxtra
 
 @pytest.mark.asyncio
 async def test_webrtc_turn_after_bad_channel_messages(main: Running) -> None:
-    """Runs after every bad case above on the same server: a real call with the wav as track."""
+    """Bad channel messages on a real call (the wav as its track), then its turn answered."""
     async with rtc_call(main.base_url) as client:
         client.channel.send("{this is not json")
         client.channel.send(b"\x00\x01binary")
@@ -708,6 +708,15 @@ async def test_webrtc_turn_after_bad_channel_messages(main: Running) -> None:
 
 @pytest.mark.asyncio
 async def test_websocket_turn_after_all_bad_input(main: Running) -> None:
+    """Every bad case in a row on one connection, then a turn on it and on a new one. (This
+    used to be a bare turn that counted on running after the cases above, on the same
+    server: alone, or first, it tested nothing.)"""
+    async with ws_session(main.ws) as ws:
+        for case in [*WS_CASES.values(), *WS_REGRESSION_CASES.values()]:
+            for frame in case.frames:
+                await ws.send(frame)
+            await expect_error(ws, case.code, *case.fragments, event_id=case.event_id)
+        await good_turn(ws)
     async with ws_session(main.ws) as ws:
         await good_turn(ws)
 

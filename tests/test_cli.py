@@ -8,18 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import REPO, SAMPLE_WAV, SCRIPT
-
-
-def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "voxtral_server.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=REPO,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
-    )
+import pytest
+from clients import cli
+from conftest import SAMPLE_WAV, SCRIPT
+from patience import LineWatcher, NotReady, scaled
 
 
 def test_transcribe_prints_the_scripted_words_one_chunk_per_line(tiny_scripted: Path) -> None:
@@ -118,18 +110,23 @@ def test_demo_serves_the_page_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> Non
         env={**os.environ, "HF_HUB_OFFLINE": "1", "XDG_CACHE_HOME": str(tmp_path)},
     )
     assert proc.stderr is not None
+    stderr = LineWatcher(proc.stderr, "`voxtral-server demo`")
     try:
-        for line in proc.stderr:  # the server's own word that the model is ready
-            if "engine ready" in line:
-                break
-        else:
-            raise AssertionError("demo exited before the engine was ready")
+        try:  # the server's own word that the model is ready
+            stderr.wait_for(lambda line: "engine ready" in line, base_s=120, cap_s=600)
+        except NotReady as exc:
+            pytest.fail(str(exc), pytrace=False)
         base = f"http://127.0.0.1:{port}"
         assert httpx.get(f"{base}/readyz").json()["status"] == "ready"
         assert "<title>voxtral-server</title>" in httpx.get(f"{base}/").text
     finally:
         proc.send_signal(signal.SIGINT)
-        rest = proc.communicate(timeout=30)[1]
-    assert proc.returncode == 0
+        try:
+            proc.wait(scaled(30, 120))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    rest = stderr.rest(timeout=10)  # the stream is closed: this returns at once
+    assert proc.returncode == 0, stderr.tail_text()
     assert "server stopped" in rest
     assert (tmp_path / "logs" / "voxtral_streaming.log").is_file()

@@ -32,6 +32,12 @@ from voxtral_server.models.voxtral import VoxtralEngine
 
 MAX_NEW = 24
 
+# A test holds the engine's worker in a sink until it sets the gate itself (every test sets
+# it, also when it fails). The bound only keeps a broken test from holding the worker forever:
+# if it ran out while the test was still arranging the queue on a busy machine, the hold
+# would end early and the test would see the wrong state.
+HOLD_S = 300.0
+
 
 def collect(engine: VoxtralEngine, request: Request) -> list[Chunk]:
     return list(engine.stream(request))
@@ -177,12 +183,14 @@ def test_cancel_while_queued_never_generates(scripted_engine: VoxtralEngine) -> 
 
     def hold(chunk: Chunk) -> None:  # keeps the worker busy until the test says so
         first.append(chunk)
-        gate.wait(10)
+        gate.wait(HOLD_S)
 
     scripted_engine.submit(Request(speech_like(1.0), "chat"), hold)
-    queued = scripted_engine.stream(Request(speech_like(1.0), "chat"))
-    queued.cancel()
-    gate.set()
+    try:
+        queued = scripted_engine.stream(Request(speech_like(1.0), "chat"))
+        queued.cancel()
+    finally:
+        gate.set()
     totals = _final(list(queued))
     assert totals.status == "cancelled" and totals.tokens == 0
 
@@ -246,7 +254,7 @@ def test_full_queue_answers_busy_and_recovers(tiny_scripted: Path) -> None:
 
     def hold(chunk: Chunk) -> None:  # the worker is busy with this request until released
         running.set()
-        gate.wait(10)
+        gate.wait(HOLD_S)
 
     try:
         engine.submit(Request(speech_like(1.0), "chat"), hold)
@@ -265,7 +273,7 @@ def test_full_queue_answers_busy_and_recovers(tiny_scripted: Path) -> None:
 def test_close_ends_queued_requests_and_refuses_new_ones(tiny_scripted: Path) -> None:
     engine = VoxtralEngine.load(engine_settings(tiny_scripted))
     gate = threading.Event()
-    engine.submit(Request(speech_like(1.0), "chat"), lambda c: gate.wait(10))
+    engine.submit(Request(speech_like(1.0), "chat"), lambda c: gate.wait(HOLD_S))
     queued = engine.stream(Request(speech_like(1.0), "chat"))
     closer = threading.Thread(target=engine.close)
     closer.start()

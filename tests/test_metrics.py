@@ -17,16 +17,14 @@ import httpx
 import numpy as np
 import pytest
 import websockets
+from clients import Client, TtftLines, cli, ptt_events, ttft_lines, ws_until
 from conftest import REPO
 from prometheus_client.parser import text_string_to_metric_families
 from servers import running_server
-from test_lifecycle import ptt_events, ws_until
-from test_webrtc import Client
 
 from voxtral_server import ttft
 from voxtral_server.api.metrics import (
     FIELDS,
-    TTFT_LOGGER,
     Metrics,
     TurnRecord,
     format_line,
@@ -36,35 +34,10 @@ from voxtral_server.config import Settings
 from voxtral_server.models.voxtral import VoxtralEngine
 
 
-class TtftLines(logging.Handler):
-    """Collects the TTFT log lines as they are written, and waits for them."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lines: list[str] = []
-        self.arrived = threading.Condition()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        with self.arrived:
-            self.lines.append(record.getMessage())
-            self.arrived.notify_all()
-
-    def wait_for(self, session_count: int, within_s: float = 30) -> list[TurnRecord]:
-        with self.arrived:
-            assert self.arrived.wait_for(lambda: len(self.lines) >= session_count, within_s)
-        records = [parse_line(line) for line in self.lines]
-        assert all(r is not None for r in records)
-        return records  # type: ignore[return-value]
-
-
 @pytest.fixture
 def lines() -> Iterator[TtftLines]:
-    handler = TtftLines()
-    log = logging.getLogger(TTFT_LOGGER)
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    yield handler
-    log.removeHandler(handler)
+    with ttft_lines() as handler:
+        yield handler
 
 
 @pytest.fixture(scope="module")
@@ -298,8 +271,6 @@ def test_ttft_follow_picks_up_new_lines(tmp_path: Path) -> None:
 
 
 def test_ttft_on_a_missing_file_is_a_clear_error(tmp_path: Path) -> None:
-    from test_cli import cli
-
     run = cli("ttft", str(tmp_path / "nope.log"))
     assert run.returncode == 2 and "no such log file" in run.stderr
 
@@ -310,7 +281,10 @@ def test_serve_logs_turns_to_the_rotating_file(tmp_path: Path) -> None:
     path = tmp_path / "logs" / "voxtral_streaming.log"
     settings = Settings.model_validate({"logging": {"file": str(path)}})
     root = logging.getLogger()
-    handlers = list(root.handlers)
+    handlers, level = list(root.handlers), root.level
+    # What `serve`'s entry point sets up (basicConfig at INFO); this test used to pass only
+    # after others had left the TTFT logger at INFO.
+    root.setLevel(logging.INFO)
     _log_to_file(settings)
     try:
         Metrics().turn(_record(1, np.random.default_rng(1)))
@@ -320,5 +294,6 @@ def test_serve_logs_turns_to_the_rotating_file(tmp_path: Path) -> None:
         for handler in set(root.handlers) - set(handlers):
             root.removeHandler(handler)
             handler.close()
+        root.setLevel(level)
     parsed = [r for r in map(parse_line, path.read_text().splitlines()) if r is not None]
     assert len(parsed) == 1 and parsed[0].turn == 1

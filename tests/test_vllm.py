@@ -25,6 +25,7 @@ import websockets
 from conftest import speech_like
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from patience import scaled
 from vllm_server import VllmServer, VllmUnavailable, ensure_vllm, free_port
 
 from voxtral_server.api.app import create_app
@@ -37,7 +38,7 @@ from voxtral_server.models.types import Request as EngineRequest
 from voxtral_server.models.vllm import VllmEngine, probe_delays
 
 AUDIO = speech_like(1.0)
-WAIT_S = 30.0  # upper bound for one event to arrive; never a pass/fail threshold
+WAIT_S = scaled(30.0, 120.0)  # upper bound for one event to arrive; never a pass/fail threshold
 
 
 # --------------------------------------------------------------------------- fakes
@@ -443,7 +444,10 @@ def replicas(
             server.work_dir.mkdir(parents=True, exist_ok=True)
             server.start()
         for server in servers:
-            server.wait_ready()
+            try:
+                server.wait_ready()
+            except VllmUnavailable as exc:  # vLLM is installed: not starting is a failure
+                pytest.fail(f"the vLLM replicas did not start: {exc}", pytrace=False)
         yield servers
     finally:
         for server in servers:
