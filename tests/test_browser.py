@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 from clients import ttft_lines
 from conftest import REPO, SAMPLE_WAV, SCRIPT
-from patience import LineWatcher, NotReady, scaled
+from coturn import coturn
+from patience import scaled
 from servers import running_server
 
 from voxtral_server.config import Settings
@@ -343,55 +344,10 @@ class Forwarder:
             s.close()
 
 
-def _own_ipv4() -> str:
-    import ifaddr
-
-    for adapter in ifaddr.get_adapters():
-        for ip in adapter.ips:
-            if isinstance(ip.ip, str) and not ip.ip.startswith("127."):
-                return ip.ip
-    pytest.skip("no non-loopback IPv4 address for the TURN relay")
-
-
 @pytest.fixture
 def turn_server() -> Iterator[int]:
-    """coturn listening on TCP only (no UDP port is assumed on the way to the GPU host)."""
-    import subprocess
-
-    from servers import free_port
-
-    turnserver = shutil.which("turnserver")
-    if turnserver is None:
-        pytest.skip("coturn is not installed (apt-get install coturn)")
-    port = free_port()
-    workdir = tempfile.mkdtemp(prefix="voxtral-turn-")
-    proc = subprocess.Popen(
-        [
-            turnserver, "-n", "--no-udp", "--no-tls", "--no-dtls", "--no-cli",
-            "-L", "127.0.0.1", "-p", str(port), "--relay-ip", _own_ipv4(),
-            "--lt-cred-mech", "--user", "voxtral:tunnel-secret", "--realm", "voxtral",
-            "--log-file", "stdout", "--simple-log", "--pidfile", f"{workdir}/turn.pid",
-            "--db", f"{workdir}/turndb", "--min-port", "49152", "--max-port", "49999",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )  # fmt: skip
-    assert proc.stdout is not None
-    log = LineWatcher(proc.stdout, f"coturn ({turnserver}) on TCP port {port}")  # keeps reading
-    try:  # its own word that the listeners are up
-        log.wait_for(lambda line: "Total General servers" in line, base_s=20, cap_s=120)
-    except NotReady as exc:
-        proc.kill()
-        proc.wait()
-        shutil.rmtree(workdir, ignore_errors=True)
-        pytest.fail(str(exc), pytrace=False)
-    try:
+    with coturn("--lt-cred-mech", "--user", "voxtral:tunnel-secret") as port:
         yield port
-    finally:
-        proc.terminate()
-        proc.wait(10)
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def test_webrtc_through_an_ssh_tunnel_via_tcp_turn(

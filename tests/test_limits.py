@@ -20,10 +20,7 @@ import hashlib
 import hmac
 import json
 import os
-import shutil
 import socket
-import subprocess
-import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -39,11 +36,12 @@ from aiortc import (
     RTCPeerConnection,
     RTCSessionDescription,
 )
+from coturn import coturn
 from servers import SharedEngine
 
 from voxtral_server.api.app import create_app
 from voxtral_server.api.http_limits import uvicorn_options
-from voxtral_server.api.inprocess import InProcessServer, free_port
+from voxtral_server.api.inprocess import InProcessServer
 from voxtral_server.api.security import turn_credential
 from voxtral_server.config import ConfigError, Settings, load_settings
 from voxtral_server.models.voxtral import VoxtralEngine
@@ -224,48 +222,11 @@ def test_bad_turn_and_limit_settings_stop_start_up_naming_the_key(tmp_path: Any)
         load_settings(path, environ={})
 
 
-def _own_ipv4() -> str:
-    import ifaddr
-
-    for adapter in ifaddr.get_adapters():
-        for ip in adapter.ips:
-            if isinstance(ip.ip, str) and not ip.ip.startswith("127."):
-                return ip.ip
-    pytest.skip("no non-loopback IPv4 address for the TURN relay")
-
-
 @pytest.fixture
 def coturn_rest() -> Iterator[int]:
-    """coturn in REST-API mode (shared secret), TCP only, on loopback: its port."""
-    turnserver = shutil.which("turnserver")
-    if turnserver is None:
-        pytest.skip("coturn is not installed (apt-get install coturn)")
-    port = free_port()
-    workdir = tempfile.mkdtemp(prefix="voxtral-turn-")
-    proc = subprocess.Popen(
-        [
-            turnserver, "-n", "--no-udp", "--no-tls", "--no-dtls", "--no-cli",
-            "-L", "127.0.0.1", "-p", str(port), "--relay-ip", _own_ipv4(),
-            "--use-auth-secret", f"--static-auth-secret={TURN_SECRET}", "--realm", "voxtral",
-            "--log-file", "stdout", "--simple-log", "--pidfile", f"{workdir}/turn.pid",
-            "--db", f"{workdir}/turndb", "--min-port", "49152", "--max-port", "49999",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )  # fmt: skip
-    assert proc.stdout is not None
-    for line in proc.stdout:  # its own word that the listeners are up
-        if "Total General servers" in line:
-            break
-    else:
-        pytest.fail("turnserver exited before it was ready")
-    try:
+    """coturn in REST-API mode (shared secret): its port."""
+    with coturn("--use-auth-secret", f"--static-auth-secret={TURN_SECRET}") as port:
         yield port
-    finally:
-        proc.terminate()
-        proc.wait(10)
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 async def _allocate(port: int, username: str, password: str) -> None:
