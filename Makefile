@@ -64,6 +64,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/transport.py
 	$(PY) benchmarks/ttft_suite.py --baseline seed
 	$(PY) benchmarks/load.py
+	$(PY) benchmarks/isolation.py
+	$(PY) benchmarks/soak.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
