@@ -442,3 +442,27 @@ def test_a_client_sending_audio_faster_than_allowed_is_made_to_wait() -> None:
     for _ in range(250):
         assert pacer.delay_after(0.04) == 0.0
         now[0] += 0.04
+
+
+def test_speech_cut_at_the_utterance_limit_is_not_answered_twice() -> None:
+    """A monologue is committed at audio.max_utterance_s; the VAD's later 'speech stopped'
+    (its verdicts arrive after the audio) found nothing left and committed an empty turn,
+    which the engine refused (empty_audio) — under load only, since it is a race."""
+    from voxtral_server.api.session.input import InputBuffer, SpeechBegan, TurnEnded
+    from voxtral_server.models.vad import SpeechStarted, SpeechStopped
+
+    class HeardEverything:  # a VAD stream that has judged all the audio fed to it
+        offset = 0
+
+        def feed(self, audio: np.ndarray) -> None:
+            self.offset += audio.size
+
+    buffer = InputBuffer(max_utterance_s=2.0)
+    buffer.use_vad(HeardEverything(), prefix_padding_ms=300)  # type: ignore[arg-type]
+    tone = np.full(16000, 0.1, np.float32)
+    assert isinstance(buffer.on_vad([SpeechStarted(0)])[0], SpeechBegan)
+    events = [e for _ in range(3) for e in buffer.append(tone)]  # 3 s of speech
+    assert [type(e) for e in events] == [TurnEnded]  # cut at 2 s
+    assert events[0].audio.size == 2 * 16000
+    assert buffer.on_vad([SpeechStopped(2 * 16000)]) == []  # nothing after the cut
+    assert not buffer.speaking

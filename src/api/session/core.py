@@ -10,8 +10,6 @@ this module dispatches events and owns the session's lifecycle and `session.upda
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import logging
 import time
@@ -23,7 +21,7 @@ import numpy as np
 
 from ...config import Settings
 from ...models import vad
-from ...models.audio import SAMPLE_RATE, AudioInputError, pcm16_to_float
+from ...models.audio import SAMPLE_RATE, AudioInputError
 from ...models.engine import Engine
 from ...models.tts import TtsEngine
 from ...models.types import Chunk, Conversation, EngineError, Request
@@ -31,8 +29,15 @@ from .. import protocol as p
 from ..metrics import Metrics, quoted
 from ..speech import AudioOut, Speech
 from . import report
-from .input import InputBuffer, InputEvent, InputPacer, SpeechBegan, TurnEnded
-from .response import Answer, settled, sink, status_of
+from .input import (
+    InputBuffer,
+    InputEvent,
+    InputPacer,
+    SpeechBegan,
+    TurnEnded,
+    parse_event,
+)
+from .response import Answer, settled, sink, speak, status_of
 from .settings import SessionSettings
 
 logger = logging.getLogger(__name__)
@@ -136,9 +141,9 @@ class Session:
         big = size > _BIG_EVENT_BYTES
         try:
             if big:
-                event, audio = await asyncio.to_thread(_parse, raw)
+                event, audio = await asyncio.to_thread(parse_event, raw)
             else:
-                event, audio = _parse(raw)
+                event, audio = parse_event(raw)
         except p.ProtocolError as exc:
             self._error(exc.code, str(exc), exc.event_id)
             return
@@ -301,16 +306,16 @@ class Session:
     def _speech(self, response_id: str, item_id: str) -> Speech:
         assert self.tts is not None and self.audio_out is not None
 
-        def spoken(phrase: str) -> None:
-            self.transport.send(
-                p.TranscriptDelta(response_id=response_id, item_id=item_id, delta=phrase)
-            )
-
         def failed(code: str, message: str) -> None:
             self._error(code, f"speech stopped: {message}")
 
-        speech = Speech(
-            self.tts, self.audio_out, self.settings.tts, (response_id, item_id), spoken, failed
+        speech = speak(
+            self.tts,
+            self.audio_out,
+            self.settings.tts,
+            (response_id, item_id),
+            self.transport,
+            failed,
         )
         self._tasks.add(speech.task)  # so that wait_closed() covers its synthesis
         speech.task.add_done_callback(self._tasks.discard)
@@ -430,27 +435,3 @@ class Session:
 def _fields_set(event: p.SessionUpdate) -> set[str]:
     audio_in = event.session.audio.input if event.session.audio else None
     return set(audio_in.model_fields_set) if audio_in is not None else set()
-
-
-def _parse(raw: str | bytes) -> tuple[p.ClientEvent, np.ndarray | None]:
-    """The event, and an append's audio decoded (ProtocolError for either)."""
-    event = p.parse_client_event(raw)
-    if isinstance(event, p.InputAudioBufferAppend):
-        try:
-            return event, _decode_pcm16(event.audio)
-        except p.ProtocolError as exc:
-            exc.event_id = exc.event_id or event.event_id
-            raise
-    return event, None
-
-
-def _decode_pcm16(b64: str) -> np.ndarray:
-    """input_audio_buffer.append's audio -> float32 samples, or a ProtocolError."""
-    try:
-        pcm = base64.b64decode(b64, validate=True)
-    except (binascii.Error, ValueError):
-        raise p.ProtocolError("invalid_audio", "audio is not valid base64") from None
-    try:
-        return pcm16_to_float(pcm)
-    except AudioInputError as exc:
-        raise p.ProtocolError("invalid_audio", str(exc)) from None

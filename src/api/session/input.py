@@ -9,6 +9,8 @@ into events, a response or a barge-in.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ...models import vad
-from ...models.audio import SAMPLE_RATE, AudioChunks
+from ...models.audio import SAMPLE_RATE, AudioChunks, AudioInputError, pcm16_to_float
 from .. import protocol as p
 
 TAIL_KEEP_S = 0.1  # audio kept after the detected end of speech
@@ -121,8 +123,15 @@ class InputBuffer:
         for event in events:
             if isinstance(event, vad.SpeechStarted):
                 out.append(self._speech_started(event.sample))
-            else:
-                out.append(self._speech_stopped(event.sample))
+                continue
+            if event.sample - self._audio.start < MIN_COMMIT_S * SAMPLE_RATE:
+                # The speech was already committed at audio.max_utterance_s and nothing (or
+                # a sliver) followed it: no turn to answer.
+                self._audio.cut_before(event.sample)
+                self.speaking = False
+                self._speech_item = None
+                continue
+            out.append(self._speech_stopped(event.sample))
         return out
 
     def commit(self, event_id: str | None) -> np.ndarray:
@@ -189,3 +198,27 @@ class InputBuffer:
             self._speech_item = p.new_id("item")
             return [ended]
         return []
+
+
+def parse_event(raw: str | bytes) -> tuple[p.ClientEvent, np.ndarray | None]:
+    """The event, and an append's audio decoded (ProtocolError for either)."""
+    event = p.parse_client_event(raw)
+    if isinstance(event, p.InputAudioBufferAppend):
+        try:
+            return event, decode_pcm16(event.audio)
+        except p.ProtocolError as exc:
+            exc.event_id = exc.event_id or event.event_id
+            raise
+    return event, None
+
+
+def decode_pcm16(b64: str) -> np.ndarray:
+    """input_audio_buffer.append's audio -> float32 samples, or a ProtocolError."""
+    try:
+        pcm = base64.b64decode(b64, validate=True)
+    except (binascii.Error, ValueError):
+        raise p.ProtocolError("invalid_audio", "audio is not valid base64") from None
+    try:
+        return pcm16_to_float(pcm)
+    except AudioInputError as exc:
+        raise p.ProtocolError("invalid_audio", str(exc)) from None

@@ -16,10 +16,12 @@ from typing import Any, Literal
 
 import numpy as np
 
+from ...config import TtsSettings
 from ...models.chunking import ChunkSink
+from ...models.tts import TtsEngine
 from ...models.types import Chunk, RequestHandle, Totals
 from .. import protocol as p
-from ..speech import Speech
+from ..speech import AudioOut, Speech
 from .report import TurnClock
 
 ResponseStatus = Literal["completed", "cancelled", "failed"]
@@ -138,3 +140,20 @@ def sink(
                 h.cancel()
 
     return deliver
+
+
+def speak(
+    tts: TtsEngine,
+    out: AudioOut,
+    settings: TtsSettings,
+    ids: tuple[str, str],
+    transport: p.Transport,
+    on_error: Callable[[str, str], None],
+) -> Speech:
+    """The answer `ids` (response, item) spoken: each phrase is announced to the client as
+    a transcript delta when its first audio leaves."""
+
+    def spoken(phrase: str) -> None:
+        transport.send(p.TranscriptDelta(response_id=ids[0], item_id=ids[1], delta=phrase))
+
+    return Speech(tts, out, settings, ids, spoken, on_error)
