@@ -71,6 +71,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import shutil
@@ -174,30 +175,34 @@ async def recv_until(
             return at, event
 
 
-async def calibrate(base_url: str, audio_events: list[str]) -> tuple[int, dict[str, Any]]:
-    """Index of the append whose VAD pass ends the turn (fresh conversation, no answer)."""
+async def calibrate(
+    base_url: str, audio_events: list[str], min_silence_ms: int
+) -> tuple[int, dict[str, Any]]:
+    """Index of the append whose audio completes the VAD's silence (fresh conversation, no
+    answer). The VAD judges audio off the event loop, so its verdict may come after later
+    appends: the index is derived from where it says speech ended, in 32 ms frames."""
     client = WebSocketClient()
     await client.connect(base_url)
     try:
         await recv_until(client, "session.created")
         await client.send(CALIBRATE)
         await recv_until(client, "session.updated")
-        for i, text in enumerate(audio_events):
+        for text in audio_events:
             await client.send(text)
-            await client.send(BARRIER)
-            stopped = None
-            while True:
-                _, event = await asyncio.wait_for(client.recv(), EVENT_TIMEOUT_S)
-                if event["type"] == "error":
-                    raise RuntimeError(f"calibration: server error {event['error']}")
-                if event["type"] == "input_audio_buffer.speech_stopped":
-                    stopped = event
-                if event["type"] == "session.updated":
-                    break
-            if stopped is not None:
-                return i, stopped
+        stopped = None
+        with contextlib.suppress(TimeoutError):
+            _, stopped = await recv_until(client, "input_audio_buffer.speech_stopped")
     finally:
         await client.close()
+    if stopped is not None:
+        frame = 512  # the VAD's frame (samples)
+        end = stopped["audio_end_ms"] * 16
+        # The stop is decided on the frame that completes min_silence_ms after the speech
+        # end (and at the earliest on the second silent frame).
+        needed = max(end + min_silence_ms * 16, end + 2 * frame)
+        needed = -(-needed // frame) * frame  # that frame's end
+        chunk = 16 * CHUNK_MS
+        return -(-needed // chunk) - 1, stopped
     raise RuntimeError(
         "the server's VAD never ended the turn on this clip: it needs speech followed by at "
         "least vad.min_silence_ms of silence"
@@ -452,7 +457,8 @@ def measure_variant(
     print(f"  server up at {base_url} in {load_s:.1f} s (load + warm-up)")
     try:
         t1 = time.perf_counter()
-        k, stopped = asyncio.run(calibrate(base_url, audio_events))
+        silence_ms = settings.vad.min_silence_ms
+        k, stopped = asyncio.run(calibrate(base_url, audio_events, silence_ms))
         print(
             f"  VAD calibration: append #{k} of {len(audio_events)} ends the turn "
             f"(speech ends at {stopped['audio_end_ms']} ms, detected at "
