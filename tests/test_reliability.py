@@ -466,3 +466,43 @@ def test_speech_cut_at_the_utterance_limit_is_not_answered_twice() -> None:
     assert events[0].audio.size == 2 * 16000
     assert buffer.on_vad([SpeechStopped(2 * 16000)]) == []  # nothing after the cut
     assert not buffer.speaking
+
+
+@pytest.mark.asyncio
+async def test_one_sessions_audio_flood_does_not_hold_up_another_session(
+    scripted_engine: VoxtralEngine,
+) -> None:
+    """Server-VAD audio was judged on the event loop inside the append: 24 s of audio held
+    every other session (and /healthz) until its last frame was judged. Now the append only
+    queues it: another session's event is answered before the flood's verdicts exist."""
+    from voxtral_server.models.vad import VadWorker
+
+    worker = VadWorker()
+    order: list[str] = []
+
+    class Recording(FakeTransport):
+        def __init__(self, who: str) -> None:
+            super().__init__()
+            self.who = who
+
+        def send(self, event: Any) -> None:
+            super().send(event)
+            order.append(f"{self.who}:{self.events[-1]['type']}")
+
+    try:
+        flood_t, other_t = Recording("flood"), Recording("other")
+        flood = Session(scripted_engine, Settings(), flood_t, vad_worker=worker)
+        other = Session(scripted_engine, Settings(), other_t, vad_worker=worker)
+        await flood.start()
+        await other.start()
+        speech = np.tile(SPEECH, 6)  # 24 s: speech starts 0.3 s in
+        await flood.handle_text(append_event(speech))
+        await other.handle_text('{"type": "session.update", "session": {}}')
+        await flood_t.wait_for("input_audio_buffer.speech_started")
+        assert order.index("other:session.updated") < order.index(
+            "flood:input_audio_buffer.speech_started"
+        ), order
+        flood.close()
+        other.close()
+    finally:
+        worker.close()
