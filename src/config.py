@@ -154,9 +154,15 @@ class ServerSettings(_Section):
 
 
 class VadSettings(_Section):
+    type: Literal["server_vad", "semantic_vad"] = "server_vad"
     threshold: float = Field(default=0.5, gt=0, lt=1)
     min_silence_ms: int = Field(default=500, ge=32, le=10_000)
     prefix_padding_ms: int = Field(default=300, ge=0, le=5000)
+    eagerness: Literal["low", "medium", "high", "auto"] = "auto"
+    speculative: bool = True
+    revision_window_ms: int = Field(default=1000, ge=0, le=10_000)
+    judge: Literal["smart_turn"] = "smart_turn"
+    judge_fallback: bool = False
 
 
 class IceServer(_Section):

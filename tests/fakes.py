@@ -58,6 +58,9 @@ class StubEngine:
     def submit(self, request: Request, sink: ChunkSink) -> RequestHandle:
         raise AssertionError("not used")
 
+    def promote(self, handle: RequestHandle) -> None:
+        handle.speculative = False
+
     def describe(self) -> dict[str, Any]:
         return {"engine": "stub"}
 

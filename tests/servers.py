@@ -28,6 +28,9 @@ class SharedEngine:
         handle: RequestHandle = self._engine.submit(request, sink)
         return handle
 
+    def promote(self, handle: RequestHandle) -> None:
+        self._engine.promote(handle)
+
     @property
     def ready(self) -> bool:
         return bool(self._engine.ready)

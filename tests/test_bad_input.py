@@ -310,6 +310,9 @@ class HoldingEngine:
         handle: RequestHandle = self._engine.submit(request, held.wrap(sink) if held else sink)
         return handle
 
+    def promote(self, handle: RequestHandle) -> None:
+        self._engine.promote(handle)
+
 
 async def wait_idle(app: Any) -> None:
     """Until the server holds no session (and so no call) at all."""

@@ -63,6 +63,9 @@ class HeldAnswers:
 
         return self.engine.submit(request, hold)
 
+    def promote(self, handle: RequestHandle) -> None:
+        self.engine.promote(handle)
+
     # The rest of the Engine contract, from the real engine.
     ready = property(lambda self: self.engine.ready)
     queue_depth = property(lambda self: self.engine.queue_depth)

@@ -180,6 +180,9 @@ class _BusyOnce:
             raise EngineError("engine_busy", "16 requests are already waiting (engine.queue_size)")
         return self.engine.submit(request, sink)
 
+    def promote(self, handle):  # type: ignore[no-untyped-def]
+        self.engine.promote(handle)
+
 
 @pytest.mark.asyncio
 async def test_a_busy_engine_keeps_the_turn_for_a_retry(scripted_engine: VoxtralEngine) -> None:

@@ -70,6 +70,14 @@ class TurnRecord:
     cancel_latency_ms: float | None = None
     ttfa_ms: float | None = None  # server: end of speech / commit -> first audio frame sent
     client_first_audio_ms: float | None = None  # browser: end of speech -> first audio played
+    end_of_turn: str | None = None  # silence | semantic | limit | commit
+    silence_ms: float | None = None  # silence heard after the speech when the turn ended
+    speech_to_first_word_ms: float | None = None  # last speech sample arrived -> first delta
+    speculative: str | None = None  # yes: the answer was started during the pause
+    spec_started: int | None = None  # speculative runs since the previous turn's line
+    spec_discarded: int | None = None  # ... of which thrown away (the speaker went on)
+    spec_wasted_ms: float | None = None  # engine time spent on those
+    retracted: int | None = None  # answers taken back since the previous line (revisions)
 
 
 FIELDS = tuple(f.name for f in fields(TurnRecord))
@@ -83,8 +91,11 @@ TIMING_FIELDS = (
     "tok_s",
     "ttfa_ms",
     "client_first_audio_ms",
+    "silence_ms",
+    "speech_to_first_word_ms",
+    "spec_wasted_ms",
 )
-_INTS = ("turn", "words", "tokens")
+_INTS = ("turn", "words", "tokens", "spec_started", "spec_discarded", "retracted")
 
 
 def _fmt(value: object) -> str:
@@ -168,6 +179,32 @@ class Metrics:
         self.fallbacks = Counter(
             "voxtral_transport_fallbacks", "Clients that fell back from WebRTC", registry=r
         )
+        self.speech_to_first_word = hist(
+            "voxtral_speech_to_first_word_seconds",
+            "Last speech sample arrived to first delta handed out",
+        )
+        self.turn_ends = Counter(
+            "voxtral_turn_ends",
+            "How turns ended (silence, semantic, limit, commit)",
+            ["how"],
+            registry=r,
+        )
+        self.speculative = Counter(
+            "voxtral_speculative_runs",
+            "Answers started while the speaker paused, by outcome (started, kept, discarded)",
+            ["outcome"],
+            registry=r,
+        )
+        self.speculative_wasted = Counter(
+            "voxtral_speculative_wasted_seconds",
+            "Engine time spent on discarded runs",
+            registry=r,
+        )
+        self.retractions = Counter(
+            "voxtral_turn_retractions",
+            "Answers taken back because the speaker went on",
+            registry=r,
+        )
         self.sessions = Gauge("voxtral_sessions", "Open conversations", registry=r)
         self.queue_depth = Gauge(
             "voxtral_queue_depth", "Requests waiting for the model", registry=r
@@ -189,10 +226,19 @@ class Metrics:
             (self.cancel_latency, record.cancel_latency_ms),
             (self.ttfa, record.ttfa_ms),
             (self.browser_first_audio, record.client_first_audio_ms),
+            (self.speech_to_first_word, record.speech_to_first_word_ms),
         ):
             if value is not None:
                 hist.labels(transport=t).observe(value / 1000.0)
         self.turns.labels(status=record.status, transport=t).inc()
+        if record.end_of_turn is not None:
+            self.turn_ends.labels(how=record.end_of_turn).inc()
+        if record.speculative == "yes":
+            self.speculative.labels(outcome="kept").inc()
+        self.speculative.labels(outcome="started").inc(record.spec_started or 0)
+        self.speculative.labels(outcome="discarded").inc(record.spec_discarded or 0)
+        self.speculative_wasted.inc((record.spec_wasted_ms or 0) / 1000.0)
+        self.retractions.inc(record.retracted or 0)
 
     def error(self, session: str, code: str, message: str) -> None:
         _events.warning("ERROR session=%s code=%s message=%s", session, code, quoted(message))

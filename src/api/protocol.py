@@ -21,6 +21,7 @@ from pydantic import (
     Field,
     TypeAdapter,
     ValidationError,
+    model_validator,
 )
 
 from ..models.languages import check_language
@@ -43,8 +44,18 @@ class TurnDetection(_Loose):
     threshold: float | None = Field(default=None, gt=0, lt=1)
     prefix_padding_ms: int | None = Field(default=None, ge=0, le=5000)
     silence_duration_ms: int | None = Field(default=None, ge=32, le=10_000)
+    # semantic_vad: how soon a turn that does not sound finished is ended anyway.
+    eagerness: Literal["low", "medium", "high", "auto"] | None = None
     create_response: bool = True
     interrupt_response: bool = True
+
+    @model_validator(mode="after")
+    def _eagerness_is_semantic(self) -> TurnDetection:
+        if self.eagerness is not None and self.type != "semantic_vad":
+            raise ValueError(
+                f"eagerness applies to turn_detection.type semantic_vad, not {self.type}"
+            )
+        return self
 
 
 class Transcription(_Loose):
@@ -340,6 +351,21 @@ class Timings(BaseModel):
     cancel_latency_ms: float | None = None
     # Speech out: end of speech (or commit) -> first audio frame sent; None without speech.
     ttfa_ms: float | None = None
+    # How the turn ended (silence, semantic, limit, commit), after how much silence (ms of
+    # audio heard after the last speech), and the last speech sample's arrival -> first
+    # delta handed out (the latency a speaker lives, on the server's clock).
+    end_of_turn: str | None = None
+    silence_ms: float | None = None
+    speech_to_first_word_ms: float | None = None
+    # Did the answer come from a run started while the speaker paused (speculative)?
+    speculative: bool | None = None
+
+
+class ItemDeleted(ServerEvent):
+    """An answer taken back: the speaker went on talking, so the turn was not over."""
+
+    type: Literal["conversation.item.deleted"] = "conversation.item.deleted"
+    item_id: str
 
 
 class ResponseDone(ServerEvent):

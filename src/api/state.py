@@ -14,6 +14,7 @@ from ..config import Settings
 from ..models import vad
 from ..models.engine import Engine
 from ..models.tts import TtsEngine, load_tts
+from ..models.turn.worker import JudgeWorker, load_judge
 from .metrics import Metrics
 from .session import Session, Transport
 
@@ -54,6 +55,7 @@ class ServerState:
         self._client_of: dict[Session, str] = {}  # the address each session came from
         self.metrics = Metrics()
         self.vad: vad.VadWorker | None = None  # every session's VAD, loaded with the engine
+        self.judge: JudgeWorker | None = None  # semantic_vad's end-of-turn judge
         self.metrics.queue_depth.set_function(
             lambda: float(self.engine.queue_depth if self.engine is not None else 0)
         )
@@ -72,6 +74,17 @@ class ServerState:
         try:
             # One VAD model and thread for every conversation, warmed up.
             self.vad = await asyncio.to_thread(vad.VadWorker)
+            v = self.settings.vad
+            required = v.type == "semantic_vad" and not v.judge_fallback
+            self.judge, why = await asyncio.to_thread(load_judge, v.judge, required)
+            if self.judge is None:
+                logger.warning(
+                    "semantic_vad is unavailable (%s)%s",
+                    why,
+                    "; sessions use server_vad (vad.judge_fallback)"
+                    if v.type == "semantic_vad"
+                    else "",
+                )
             self.tts = await asyncio.to_thread(load_tts, self.settings)
             if self.tts is not None:
                 logger.info("speech out: tts=%s rate=%d Hz", self.tts.name, self.tts.sample_rate)
@@ -112,7 +125,9 @@ class ServerState:
                 f"server.max_sessions_per_client = {per_client} conversations are open "
                 "from your address"
             )
-        session = Session(self.engine, self.settings, transport, self.metrics, self.vad, self.tts)
+        session = Session(
+            self.engine, self.settings, transport, self.metrics, self.vad, self.tts, self.judge
+        )
         self.sessions.add(session)
         if client is not None:
             self._client_of[session] = client
@@ -148,4 +163,6 @@ class ServerState:
             await asyncio.to_thread(self.tts.close)
         if self.vad is not None:
             await asyncio.to_thread(self.vad.close)
+        if self.judge is not None:
+            await asyncio.to_thread(self.judge.close)
         logger.info("server stopped")

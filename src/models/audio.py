@@ -204,3 +204,14 @@ class AudioChunks:
 
     def take_all(self) -> np.ndarray:
         return self.take_until(self.end)
+
+    def peek_until(self, sample: int) -> np.ndarray:
+        """The samples before stream offset `sample`, joined, left in place."""
+        parts: list[np.ndarray] = []
+        wanted = min(max(sample - self.start, 0), self.size)
+        for chunk in self._chunks:
+            if not wanted:
+                break
+            parts.append(chunk[:wanted])
+            wanted -= parts[-1].size
+        return np.concatenate(parts) if parts else np.zeros(0, np.float32)

@@ -22,6 +22,11 @@ class Engine(Protocol):
         when the engine cannot take it (`engine_busy`, `engine_closed`, `no_endpoint`)."""
         ...
 
+    def promote(self, handle: RequestHandle) -> None:
+        """A speculative request's turn was confirmed: from now on it is served like any
+        other (no-op for one that is not speculative)."""
+        ...
+
     @property
     def ready(self) -> bool:
         """True while the engine can answer (loaded, not closed, a backend up)."""

@@ -57,6 +57,11 @@ class Conversation:
     def clear(self) -> None:
         self._turns.clear()
 
+    def drop_last(self) -> None:
+        """Forget the newest exchange (its answer was taken back)."""
+        if self._turns:
+            self._turns.pop()
+
     @property
     def history(self) -> tuple[Turn, ...]:
         return tuple(self._turns)
@@ -73,6 +78,9 @@ class Request:
     temperature: float | None = None  # None = chat.temperature (chat) / 0 (transcribe)
     top_p: float | None = None
     min_new_tokens: int = 0  # benchmarks: keep a random model from stopping at once
+    # Started before the turn is confirmed (the speaker paused): served after every confirmed
+    # request and stopped for one, until `Engine.promote` makes it an ordinary request.
+    speculative: bool = False
     # Named in every engine log line about this request (the server passes its response id).
     id: str = field(default_factory=lambda: f"req_{secrets.token_hex(6)}")
 
@@ -139,6 +147,11 @@ class RequestHandle:
     cancel_requested_at: float | None = None
     tokens: int = 0  # generated so far; written by the worker, read by cancel()
     tokens_at_cancel: int | None = None
+    speculative: bool = False  # still speculative (the engine sets it; `promote` clears it)
+    preempted: bool = False  # cancelled by the engine for a confirmed request
+
+    def __post_init__(self) -> None:
+        self.speculative = self.request.speculative
 
     def cancel(self) -> None:
         """Stop generation at the next decode step (idempotent, from any thread)."""

@@ -42,6 +42,11 @@ MAX_BATCH = 256  # streams per forward pass (more wait for the next pass)
 # utterance) go through the model like any other audio.
 DIGITAL_SILENCE = 1.5 / 32768
 IDLE_AFTER_FRAMES = 1000 // FRAME_MS  # ~1 s of digital silence
+QUIET_DB = 40  # a frame this far below the utterance's loudest is not speech, whatever Silero says
+QUIET = 10 ** (-QUIET_DB / 20)
+# Silence after speech before it counts as a pause (not a stop consonant or a breath).
+PAUSE_MS = 64
+PAUSE_SAMPLES = SAMPLE_RATE * PAUSE_MS // 1000
 
 
 @dataclass(frozen=True)
@@ -50,48 +55,98 @@ class SpeechStarted:
 
 
 @dataclass(frozen=True)
+class SpeechPaused:
+    """The first clearly silent frame after speech: the speaker may be done (or pausing)."""
+
+    sample: int  # where the speech before the pause ended (end of its last speech frame)
+
+
+@dataclass(frozen=True)
+class SpeechResumed:
+    """Speech again after a `SpeechPaused`, before the silence ended the turn."""
+
+    sample: int  # start of the frame heard as speech
+
+
+@dataclass(frozen=True)
+class SilenceGrew:
+    """During a pause, every frame (only for streams opened with `report_silence`)."""
+
+    sample: int  # where the speech ended (as in the `SpeechPaused` before it)
+    silence_ms: int  # silence heard since then
+
+
+@dataclass(frozen=True)
 class SpeechStopped:
     sample: int  # offset in the stream where speech ended (before the silence)
 
 
-VadEvent = SpeechStarted | SpeechStopped
+VadEvent = SpeechStarted | SpeechPaused | SpeechResumed | SilenceGrew | SpeechStopped
 OnEvents = Callable[[int, list[VadEvent]], None]  # (epoch, events), on the worker thread
 
 
 class Hysteresis:
-    """Frame probabilities -> speech started / stopped (pure): speech starts at a frame over
-    `threshold`, and stops after `min_silence_ms` of frames under `threshold - 0.15` (as
-    Silero's own VADIterator)."""
+    """Frame probabilities and levels -> speech started / paused / resumed / stopped (pure).
 
-    def __init__(self, threshold: float, min_silence_ms: int) -> None:
+    Speech starts at a frame over `threshold`. After speech, a frame under `threshold - 0.15`
+    (as Silero's own VADIterator) or one `QUIET_DB` below the loudest frame of the utterance
+    is a pause, and the pause becomes the end of the turn once `min_silence_ms` have passed
+    since the end of the last frame that was speech: over `threshold` *and* audible. Silero's
+    probability decays over the 2-3 frames after the last word even when they are digital
+    silence (its "hangover", ~60-100 ms); counting from the last audible speech frame leaves
+    that out, so the turn ends `min_silence_ms` after the speech did, to within one frame.
+    """
+
+    def __init__(self, threshold: float, min_silence_ms: int, report_silence: bool = False) -> None:
         if not 0 < threshold < 1:
             raise ValueError(f"threshold must be between 0 and 1, got {threshold}")
         self.threshold = threshold
         self.release = max(threshold - 0.15, 0.01)
         self.min_silence = int(min_silence_ms * SAMPLE_RATE / 1000)
+        self.report_silence = report_silence
         self.speaking = False
-        self._silence_from: int | None = None
+        self.paused = False
+        self._speech_end = 0  # end of the last frame heard as speech
+        self._loudest = 0.0  # peak level of the utterance so far
 
     def reset(self) -> None:
         self.speaking = False
-        self._silence_from = None
+        self.paused = False
 
-    def judge(self, start: int, prob: float) -> VadEvent | None:
-        """The frame starting at stream offset `start` had speech probability `prob`."""
-        if prob >= self.threshold:
-            self._silence_from = None
-            if not self.speaking:
-                self.speaking = True
-                return SpeechStarted(start)
-        elif self.speaking and prob < self.release:
-            if self._silence_from is None:
-                self._silence_from = start
-            elif start + FRAME_SAMPLES - self._silence_from >= self.min_silence:
-                stopped = SpeechStopped(self._silence_from)
+    def judge(self, start: int, prob: float, level: float = 1.0) -> list[VadEvent]:
+        """The frame starting at stream offset `start` had speech probability `prob` and
+        peak level `level` (|sample| max, full scale 1)."""
+        end = start + FRAME_SAMPLES
+        if not self.speaking:
+            if prob < self.threshold:
+                return []
+            self.speaking = True
+            self.paused = False
+            self._speech_end = end
+            self._loudest = level
+            return [SpeechStarted(start)]
+        audible = level >= max(self._loudest * QUIET, DIGITAL_SILENCE)
+        if prob >= self.threshold and audible:
+            self._speech_end = end
+            self._loudest = max(self._loudest, level)
+            if self.paused:
+                self.paused = False
+                return [SpeechResumed(start)]
+            return []
+        events: list[VadEvent] = []
+        quiet = prob < self.release or not audible
+        if not self.paused and quiet and end - self._speech_end >= PAUSE_SAMPLES:
+            self.paused = True
+            events.append(SpeechPaused(self._speech_end))
+        if self.paused:
+            silence = end - self._speech_end
+            if silence >= self.min_silence:
                 self.speaking = False
-                self._silence_from = None
-                return stopped
-        return None
+                self.paused = False
+                events.append(SpeechStopped(self._speech_end))
+            elif self.report_silence:
+                events.append(SilenceGrew(self._speech_end, silence * 1000 // SAMPLE_RATE))
+        return events
 
 
 class SileroBatch:
@@ -138,6 +193,11 @@ class VadStream:
         """Forget what was heard: the next audio fed starts at stream offset `offset`."""
         self._worker.reset(self, offset)
 
+    def end_turn(self) -> None:
+        """The session ended the turn itself (before the silence did): speech heard from
+        now on starts a new one. Verdicts still on their way are stale (a new epoch)."""
+        self._worker.end_turn(self)
+
     def close(self) -> None:
         self._worker.discard(self)
 
@@ -178,10 +238,16 @@ class VadWorker:
             )
 
     def open(
-        self, threshold: float, min_silence_ms: int, start: int, on_events: OnEvents
+        self,
+        threshold: float,
+        min_silence_ms: int,
+        start: int,
+        on_events: OnEvents,
+        report_silence: bool = False,
     ) -> VadStream:
         """A stream whose first sample fed is stream offset `start`."""
-        stream = VadStream(self, Hysteresis(threshold, min_silence_ms), start, on_events)
+        hysteresis = Hysteresis(threshold, min_silence_ms, report_silence)
+        stream = VadStream(self, hysteresis, start, on_events)
         with self._lock:
             if self._closed:
                 raise RuntimeError("the VAD worker is closed")
@@ -224,6 +290,11 @@ class VadWorker:
             stream.hysteresis.reset()
             self._ready.discard(stream)
 
+    def end_turn(self, stream: VadStream) -> None:
+        with self._lock:
+            stream.epoch += 1
+            stream.hysteresis.reset()
+
     def discard(self, stream: VadStream) -> None:
         with self._lock:
             stream.closed = True
@@ -253,10 +324,11 @@ class VadWorker:
                 contexts = np.stack([s.context for s in batch])
                 states = torch.cat([s.state for s in batch], dim=1)
                 idle = np.zeros(len(batch), bool)
+                levels = np.abs(frames).max(axis=1)
                 for i, (s, frame) in enumerate(zip(batch, frames, strict=True)):
                     s.offset += FRAME_SAMPLES
                     s.context = frame[-CONTEXT_SAMPLES:]
-                    silent = bool(np.abs(frame).max() < DIGITAL_SILENCE)
+                    silent = bool(levels[i] < DIGITAL_SILENCE)
                     s.silent_frames = s.silent_frames + 1 if silent else 0
                     idle[i] = s.silent_frames > IDLE_AFTER_FRAMES
                     if s.pending < FRAME_SAMPLES:
@@ -280,9 +352,9 @@ class VadWorker:
                     if stream.closed or stream.epoch != epochs[i]:
                         continue  # closed or reset meanwhile: this frame is stale
                     stream.state = new_states[:, i : i + 1].clone()
-                    event = stream.hysteresis.judge(starts[i], float(probs[i]))
-                if event is not None:
+                    events = stream.hysteresis.judge(starts[i], float(probs[i]), float(levels[i]))
+                if events:
                     try:
-                        stream.on_events(epochs[i], [event])
+                        stream.on_events(epochs[i], events)
                     except Exception:
                         logger.exception("VAD event callback failed")

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Coroutine
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -24,21 +24,28 @@ from ...models import vad
 from ...models.audio import SAMPLE_RATE, AudioInputError
 from ...models.engine import Engine
 from ...models.tts import TtsEngine
-from ...models.types import Chunk, Conversation, EngineError, Request
+from ...models.turn.worker import JudgeWorker
+from ...models.types import Chunk, Conversation, EngineError, Request, RequestHandle
 from .. import protocol as p
 from ..metrics import Metrics, quoted
 from ..speech import AudioOut, Speech
 from . import report
+from .endpointing import PauseWatch
 from .input import (
     InputBuffer,
     InputEvent,
     InputPacer,
+    Paused,
+    Resumed,
+    Silence,
     SpeechBegan,
     TurnEnded,
+    ms_to_samples,
     parse_event,
 )
 from .response import Answer, settled, sink, speak, status_of
 from .settings import SessionSettings
+from .speculation import Speculation, SpeculationStats, engine_ms
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +62,7 @@ class Session:
         metrics: Metrics | None = None,
         vad_worker: vad.VadWorker | None = None,
         tts: TtsEngine | None = None,
+        judge: JudgeWorker | None = None,
     ) -> None:
         self.id = p.new_id("sess")
         self.engine = engine
@@ -70,6 +78,10 @@ class Session:
         self._tasks: set[asyncio.Task[None]] = set()
         self._log = report.TurnLog(metrics, settings.logging.client_report_wait_ms / 1000)
         self.config = SessionSettings.from_config(settings)  # what session.update changes
+        td = self.config.turn_detection
+        if td is not None and td.semantic is not None and judge is None:
+            # semantic_vad configured, its judge missing, vad.judge_fallback allowed this.
+            self.config = replace(self.config, turn_detection=replace(td, type="server_vad"))
         self.conversation = Conversation(settings.conversation.max_turns)
         self.input = InputBuffer(settings.audio.max_utterance_s)
         a = settings.audio
@@ -78,6 +90,17 @@ class Session:
         self._last_item: str | None = None
         self._answer: Answer | None = None
         self._answer_next = False  # a VAD turn waits for the current answer to end
+        # Turn-taking: the judge (semantic_vad), the pause being judged, the answer run
+        # speculatively during it, and the last turn while speech resuming may still revise it.
+        self._judge = judge
+        self._pause: Paused | None = None
+        self._watch: PauseWatch | None = None
+        self._spec: Speculation | None = None
+        self._discarded: set[str] = set()  # speculative runs cancelled, final chunk to come
+        self.spec_stats = SpeculationStats()
+        self._revisable: _Revisable | None = None
+        self._merge: _Revisable | None = None  # a revised turn the resumed speech extends
+        self._retracted = 0  # answers taken back since the last logged turn
         self._loop: asyncio.AbstractEventLoop | None = None
         self.closed = False
         self.turns = 0
@@ -99,6 +122,7 @@ class Session:
             # Also ends an answer that is being spoken: its finishing task runs on at once
             # and logs the turn (nothing is sent any more).
             self._answer.stop()
+        self._end_pause()
         self._stop_vad()
         if self._own_vad is not None:
             self._own_vad.close()
@@ -192,6 +216,12 @@ class Session:
         for event in events:
             if isinstance(event, SpeechBegan):
                 self._speech_started(event)
+            elif isinstance(event, Paused):
+                self._paused(event)
+            elif isinstance(event, Resumed):
+                self._end_pause()
+            elif isinstance(event, Silence):
+                self._silence(event)
             else:
                 self._turn_ended(event)
 
@@ -206,18 +236,133 @@ class Session:
     def _speech_started(self, event: SpeechBegan) -> None:
         td = self.config.turn_detection
         assert td is not None
-        self.transport.send(
-            p.SpeechStarted(audio_start_ms=event.audio_start_ms, item_id=event.item_id)
-        )
+        item_id = event.item_id
+        revised = self._revisable
+        self._revisable = None
+        window = self.settings.vad.revision_window_ms
+        if revised is not None and event.audio_start_ms - revised.turn.audio_end_ms <= window:
+            self._revise(revised)
+            item_id = revised.turn.item_id
+        self.transport.send(p.SpeechStarted(audio_start_ms=event.audio_start_ms, item_id=item_id))
         if self._answer is not None and td.interrupt_response:
             logger.info("session=%s barge-in cancels response=%s", self.id, self._answer.id)
+            self._answer.barged_in = True
             self._answer.stop()
+
+    def _revise(self, revised: _Revisable) -> None:
+        """The speaker went on within `vad.revision_window_ms` of a turn the judge ended: it
+        was not over. Its answer is taken back (cancelled if running, out of the history
+        either way, `conversation.item.deleted`), and the speech that follows extends it."""
+        turn = revised.turn
+        logger.info("session=%s speech resumed: turn %s revised", self.id, turn.item_id)
+        answer = self._answer
+        if answer is not None and answer.item_id == turn.item_id:
+            answer.retracted = True
+            answer.stop()
+        elif self._committed is not None and self._committed.item_id == turn.item_id:
+            self._committed = None  # committed, its answer not started yet
+            self._answer_next = False
+        elif revised.in_history:
+            self.conversation.drop_last()
+        self._retracted += 1
+        self._merge = revised
+        self._last_item = revised.previous_item
+        self.transport.send(p.ItemDeleted(item_id=turn.item_id))
+
+    def _paused(self, pause: Paused) -> None:
+        """Speech stopped: maybe the end of the turn. Start answering now, unseen."""
+        td = self.config.turn_detection
+        assert td is not None
+        self._end_pause()
+        self._pause = pause
+        semantic = td.semantic
+        if semantic is not None and self._judge is not None:
+            self._watch = PauseWatch(semantic, pause.end)
+        if td.create_response and self.settings.vad.speculative:
+            self._speculate(pause)
+
+    def _silence(self, silence: Silence) -> None:
+        """The pause goes on: ask the judge whether the turn is over, when due."""
+        watch, judge, pause = self._watch, self._judge, self._pause
+        if watch is None or judge is None or pause is None or watch.speech_end != silence.end:
+            return
+        if not watch.due(silence.silence_ms):
+            return
+        watch.asked(silence.silence_ms)
+        audio = self.input.peek(silence.end + ms_to_samples(silence.silence_ms))
+        if self._merge is not None:
+            audio = np.concatenate([self._merge.turn.audio, audio])
+        loop = self._loop
+        assert loop is not None
+        ms = silence.silence_ms
+
+        def verdict(probability: float | None, took_ms: float) -> None:  # judge thread
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody listens
+                loop.call_soon_threadsafe(self._on_verdict, watch, ms, probability)
+
+        judge.ask(self.id, audio, verdict)
+
+    def _on_verdict(self, watch: PauseWatch, silence_ms: int, probability: float | None) -> None:
+        if self.closed or watch is not self._watch or self._pause is None:
+            return  # the pause is over (speech resumed, or the silence ended the turn)
+        if not watch.answered(silence_ms, probability):
+            return
+        turn = self.input.end_turn(self._pause, silence_ms, "semantic")
+        if turn is not None:
+            self._turn_ended(turn)
+
+    def _end_pause(self) -> None:
+        """The pause is over (speech resumed, the turn ended, or the session closed)."""
+        self._pause = None
+        if self._watch is not None:
+            self._watch = None
+            if self._judge is not None:
+                self._judge.forget(self.id)
+        self._discard_speculation()
+
+    def _speculate(self, pause: Paused) -> None:
+        if self._answer is not None or self._committed is not None or self.closed:
+            return  # an answer runs or waits: this pause's turn would wait behind it anyway
+        audio = self.input.peek(pause.turn_end)
+        if self._merge is not None:
+            audio = np.concatenate([self._merge.turn.audio, audio])
+        response_id = p.new_id("resp")
+        try:
+            handle = self._submit(audio, response_id, speculative=True)
+        except (AudioInputError, EngineError):
+            return  # too short to answer, or no room: the turn will be submitted as usual
+        self._spec = Speculation(response_id, handle, pause.turn_end, self.turns)
+        self.spec_stats.started += 1
+
+    def _discard_speculation(self) -> None:
+        spec = self._spec
+        if spec is None:
+            return
+        self._spec = None
+        spec.handle.cancel()
+        self.spec_stats.discarded += 1
+        final = spec.final
+        if final is not None:
+            self.spec_stats.wasted_ms += engine_ms(final)
+        else:
+            self._discarded.add(spec.id)  # its engine time is counted when it ends
 
     def _turn_ended(self, turn: TurnEnded) -> None:
         td = self.config.turn_detection
         assert td is not None
+        spec, self._spec = self._spec, None  # kept past _end_pause: the answer may use it
+        self._end_pause()
+        self._spec = spec
+        merged = self._merge
+        if merged is not None:  # the speech that revised a turn: one turn, one item
+            self._merge = None
+            audio = np.concatenate([merged.turn.audio, turn.audio])
+            turn = replace(turn, item_id=merged.turn.item_id, audio=audio)
         self.transport.send(p.SpeechStopped(audio_end_ms=turn.audio_end_ms, item_id=turn.item_id))
+        previous = self._last_item
         self._committed_turn(turn)
+        if turn.how == "semantic" and self.settings.vad.revision_window_ms > 0:
+            self._revisable = _Revisable(turn, previous)
         if td.create_response:
             if self._answer is not None:
                 # The previous answer is still ending (cancelled by this very speech, or
@@ -227,6 +372,7 @@ class Session:
                 self._create_response(None)
 
     def _commit(self, event_id: str | None) -> None:
+        self._revisable = None
         now = time.perf_counter()
         audio = self.input.commit(event_id)
         self._committed_turn(TurnEnded(p.new_id("item"), audio, 0, now))
@@ -237,6 +383,7 @@ class Session:
         self._committed = turn
 
     def _clear(self) -> None:
+        self._revisable = self._merge = None
         self._answer_next = False
         self._committed = None
         self.input.clear()
@@ -258,37 +405,75 @@ class Session:
                 "nothing to answer: commit the input audio buffer first",
                 event_id,
             )
-        chat = self.mode == "chat"
         response_id = p.new_id("resp")
+        spec = self._kept_speculation(turn)
+        if spec is not None:
+            handle = spec.handle
+            response_id = spec.id
+            self.engine.promote(handle)
+        else:
+            try:
+                handle = self._submit(turn.audio, response_id)
+            except (AudioInputError, EngineError) as exc:
+                # The turn stays committed: a client may retry response.create (engine_busy).
+                self._error(exc.code, str(exc), event_id)
+                return
+        self._committed = None
+        clock = report.TurnClock(
+            turn.at, how=turn.how, silence_ms=turn.silence_ms, speech_end_at=turn.speech_end_at
+        )
+        clock.speculative = spec is not None
+        self._answer = Answer(response_id, turn.item_id, handle, turn.audio, clock, self.transport)
+        if self.mode == "chat" and self.tts is not None and self.audio_out is not None:
+            self._answer.speech = self._speech(response_id, turn.item_id)
+        self.transport.send(
+            p.ResponseCreated(response=p.Response(id=response_id, status="in_progress"))
+        )
+        if spec is not None:  # the words it has so far go out now, the rest as they come
+            self.spec_stats.kept += 1
+            for chunk in spec.held:
+                self._on_chunk(response_id, chunk)
+
+    def _kept_speculation(self, turn: TurnEnded) -> Speculation | None:
+        """The run started at this turn's pause, if it answers exactly this turn; any other
+        is discarded."""
+        spec, self._spec = self._spec, None
+        if spec is None:
+            return None
+        if (
+            turn.how in ("silence", "semantic")
+            and spec.turn_end == turn.end
+            and spec.turns == self.turns
+            and spec.usable
+        ):
+            return spec
+        self._spec = spec
+        self._discard_speculation()
+        return None
+
+    def _submit(
+        self, audio: np.ndarray, response_id: str, speculative: bool = False
+    ) -> RequestHandle:
+        chat = self.mode == "chat"
         request = Request(
-            turn.audio,
+            audio,
             "chat" if chat else "transcribe",
             language=self.config.language,
             instructions=self.config.instructions,
             history=self.conversation.history if chat else (),
             id=response_id,  # the engine's log lines name the response
+            speculative=speculative,
         )
         loop = self._loop
         assert loop is not None, "start() the session first"
 
-        def current() -> Any:
-            answer = self._answer
-            return answer.handle if answer is not None and answer.id == response_id else None
+        def current() -> RequestHandle | None:
+            answer, spec = self._answer, self._spec
+            if answer is not None and answer.id == response_id:
+                return answer.handle
+            return spec.handle if spec is not None and spec.id == response_id else None
 
-        try:
-            handle = self.engine.submit(request, sink(loop, self._on_chunk, response_id, current))
-        except (AudioInputError, EngineError) as exc:
-            # The turn stays committed: a client may retry response.create (e.g. engine_busy).
-            self._error(exc.code, str(exc), event_id)
-            return
-        self._committed = None
-        clock = report.TurnClock(turn.at)
-        self._answer = Answer(response_id, turn.item_id, handle, turn.audio, clock, self.transport)
-        if chat and self.tts is not None and self.audio_out is not None:
-            self._answer.speech = self._speech(response_id, turn.item_id)
-        self.transport.send(
-            p.ResponseCreated(response=p.Response(id=response_id, status="in_progress"))
-        )
+        return self.engine.submit(request, sink(loop, self._on_chunk, response_id, current))
 
     def _cancel(self, event_id: str | None, response_id: str | None) -> None:
         if self._answer is None:
@@ -322,6 +507,15 @@ class Session:
         return speech
 
     def _on_chunk(self, response_id: str, chunk: Chunk) -> None:
+        spec = self._spec
+        if spec is not None and spec.id == response_id:
+            spec.held.append(chunk)  # nobody sees it unless the turn ends at its pause
+            return
+        if response_id in self._discarded:
+            if chunk.is_final:
+                self._discarded.discard(response_id)
+                self.spec_stats.wasted_ms += engine_ms(chunk)
+            return
         answer = self._answer
         if answer is None or answer.id != response_id:
             return
@@ -357,6 +551,8 @@ class Session:
     def _finish(self, answer: Answer, chunk: Chunk) -> None:
         assert chunk.totals is not None
         totals = settled(answer, chunk.totals)
+        if answer.retracted:
+            totals = replace(totals, status="cancelled")
         self._answer = None
         self.turns += 1
         if answer.speech is not None:
@@ -369,7 +565,14 @@ class Session:
         if totals.status == "completed" and self.mode == "chat" and text.strip():
             # Only whole answers the client saw; the model refuses an empty assistant turn.
             self.conversation.add(answer.audio, text)
-        turn = report.record(self.id, self.turns, self.mode, status, timings, totals)
+            revisable = self._revisable
+            if revisable is not None and revisable.turn.item_id == answer.item_id:
+                revisable.in_history = True
+        spec_stats, retracted = self.spec_stats.reset(), self._retracted
+        self._retracted = 0
+        turn = report.record(
+            self.id, self.turns, self.mode, status, timings, totals, spec_stats, retracted
+        )
         self._log.add(answer.id, turn, None if self.closed else self._loop)
         if self.closed:
             return
@@ -384,7 +587,16 @@ class Session:
     # ----------------------------------------------------------------- session.update
 
     async def _update(self, event: p.SessionUpdate) -> None:
-        self.config = self.config.updated(event.session, self.settings.vad)
+        config = self.config.updated(event.session, self.settings.vad)
+        td = config.turn_detection
+        if td is not None and td.semantic is not None and self._judge is None:
+            raise p.ProtocolError(
+                "semantic_vad_unavailable",
+                "session.audio.input.turn_detection.type: semantic_vad needs the turn judge "
+                "(Smart Turn), which this server has not loaded; use server_vad",
+                event.event_id,
+            )
+        self.config = config
         if "turn_detection" in _fields_set(event):
             await self._use_vad()
         self.transport.send(p.SessionUpdated(session=self._state()))
@@ -411,7 +623,11 @@ class Session:
                 loop.call_soon_threadsafe(self._on_vad, stream, epoch, events)
 
         stream = worker.open(
-            td.threshold, td.silence_duration_ms, self.input.stream_samples, on_events
+            td.threshold,
+            td.silence_ends_turn_ms,
+            self.input.stream_samples,
+            on_events,
+            report_silence=td.semantic is not None and self._judge is not None,
         )
         self.input.use_vad(stream, td.prefix_padding_ms)
 
@@ -430,6 +646,15 @@ class Session:
             logger.warning("session=%s error code=%s: %s", self.id, code, quoted(message))
         if not self.closed:
             self.transport.send(p.error_event(code, message, event_id))
+
+
+@dataclass
+class _Revisable:
+    """A turn the judge ended, while speech resuming may still show it was not over."""
+
+    turn: TurnEnded
+    previous_item: str | None  # the item before it (a revised turn is committed again)
+    in_history: bool = False  # its answer completed and went into the conversation
 
 
 def _fields_set(event: p.SessionUpdate) -> set[str]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -41,6 +42,31 @@ class SpeechBegan:
 
 
 @dataclass(frozen=True)
+class Paused:
+    """Speech stopped at stream offset `end` (the turn may be over): the audio a turn
+    ending here would commit ends at `turn_end`."""
+
+    item_id: str
+    end: int
+    turn_end: int
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """Speech again before the pause ended the turn."""
+
+    item_id: str
+
+
+@dataclass(frozen=True)
+class Silence:
+    """The pause after the speech that ended at `end` has lasted `silence_ms`."""
+
+    end: int
+    silence_ms: int
+
+
+@dataclass(frozen=True)
 class TurnEnded:
     """A spoken turn is over (the speaker paused, or reached audio.max_utterance_s)."""
 
@@ -48,9 +74,14 @@ class TurnEnded:
     audio: np.ndarray
     audio_end_ms: int
     at: float  # perf_counter when the end was detected
+    how: str = "commit"  # silence | semantic | limit | commit
+    end: int = 0  # stream offset where the committed audio ends
+    silence_ms: float | None = None  # silence heard after the speech when the turn ended
+    speech_end_at: float | None = None  # perf_counter when the last speech sample arrived
 
 
-InputEvent = SpeechBegan | TurnEnded
+InputEvent = SpeechBegan | Paused | Resumed | Silence | TurnEnded
+_ARRIVALS_KEPT = 512  # appends remembered for `arrived_at` (10 s of 20 ms packets)
 
 
 class InputPacer:
@@ -81,6 +112,8 @@ class InputBuffer:
         self.speaking = False  # between a SpeechBegan and its TurnEnded
         self._audio = AudioChunks()
         self._speech_item: str | None = None
+        self._pause: Paused | None = None  # the speech paused here (no turn end yet)
+        self._arrivals: deque[tuple[int, float]] = deque(maxlen=_ARRIVALS_KEPT)
 
     @property
     def samples(self) -> int:
@@ -103,6 +136,7 @@ class InputBuffer:
         if not np.isfinite(audio).all():
             raise p.ProtocolError("invalid_audio", "audio contains NaN or infinite samples")
         self._audio.append(audio)
+        self._arrivals.append((self._audio.end, time.perf_counter()))
         if self.vad is None:
             if self._audio.size > self.max_samples and continuous:
                 self._audio.cut_before(self._audio.end - self.max_samples)
@@ -123,16 +157,46 @@ class InputBuffer:
         for event in events:
             if isinstance(event, vad.SpeechStarted):
                 out.append(self._speech_started(event.sample))
-                continue
-            if event.sample - self._audio.start < MIN_COMMIT_S * SAMPLE_RATE:
+            elif not self.speaking:
+                continue  # the turn this was about has already ended (limit, early end)
+            elif isinstance(event, vad.SpeechPaused):
+                turn_end = min(event.sample + int(TAIL_KEEP_S * SAMPLE_RATE), self._audio.end)
+                self._pause = Paused(self._item(), event.sample, turn_end)
+                out.append(self._pause)
+            elif isinstance(event, vad.SpeechResumed):
+                self._pause = None
+                out.append(Resumed(self._item()))
+            elif isinstance(event, vad.SilenceGrew):
+                out.append(Silence(event.sample, event.silence_ms))
+            elif event.sample - self._audio.start < MIN_COMMIT_S * SAMPLE_RATE:
                 # The speech was already committed at audio.max_utterance_s and nothing (or
                 # a sliver) followed it: no turn to answer.
                 self._audio.cut_before(event.sample)
-                self.speaking = False
-                self._speech_item = None
-                continue
-            out.append(self._speech_stopped(event.sample))
+                self._end_speech()
+            else:
+                silence = self.vad.hysteresis.min_silence if self.vad is not None else 0
+                out.append(self._speech_stopped(event.sample, "silence", samples_to_ms(silence)))
         return out
+
+    def end_turn(self, pause: Paused, silence_ms: int, how: str) -> TurnEnded | None:
+        """End the turn at `pause` before the silence does (the judge says it is over);
+        None if that pause is no longer the current one."""
+        if self._pause is None or self._pause.end != pause.end or not self.speaking:
+            return None
+        if self.vad is not None:
+            self.vad.end_turn()  # speech from now on is a new turn
+        return self._speech_stopped(pause.end, how, silence_ms)
+
+    def peek(self, until: int) -> np.ndarray:
+        """The turn's audio up to stream offset `until` (a copy; nothing is taken)."""
+        return self._audio.peek_until(until)
+
+    def arrived_at(self, sample: int) -> float | None:
+        """perf_counter when stream offset `sample` arrived (None: too long ago)."""
+        for end, at in self._arrivals:
+            if end >= sample:
+                return at
+        return None
 
     def commit(self, event_id: str | None) -> np.ndarray:
         """Everything buffered, as the user's turn (push-to-talk or a manual commit)."""
@@ -163,22 +227,40 @@ class InputBuffer:
     def _restart_vad(self) -> None:
         if self.vad is not None:
             self.vad.reset(self._audio.end)  # verdicts still on their way are stale
+        self._end_speech()
+
+    def _end_speech(self) -> None:
         self.speaking = False
         self._speech_item = None
+        self._pause = None
+
+    def _item(self) -> str:
+        if self._speech_item is None:
+            self._speech_item = p.new_id("item")
+        return self._speech_item
 
     def _speech_started(self, sample: int) -> SpeechBegan:
         self._audio.cut_before(max(sample - ms_to_samples(self.prefix_padding_ms), 0))
         self.speaking = True
+        self._pause = None
         self._speech_item = p.new_id("item")
         return SpeechBegan(self._speech_item, samples_to_ms(sample))
 
-    def _speech_stopped(self, sample: int) -> TurnEnded:
+    def _speech_stopped(self, sample: int, how: str, silence_ms: float | None) -> TurnEnded:
         now = time.perf_counter()
-        item = self._speech_item or p.new_id("item")
-        self._speech_item = None
-        self.speaking = False
-        audio = self._audio.take_until(sample + int(TAIL_KEEP_S * SAMPLE_RATE))
-        return TurnEnded(item, audio, samples_to_ms(sample), now)
+        item = self._item()
+        pause = self._pause
+        # The same audio a run started at the pause was given, so that it can be kept.
+        if pause is not None and pause.end == sample:
+            end = pause.turn_end
+        else:
+            end = min(sample + int(TAIL_KEEP_S * SAMPLE_RATE), self._audio.end)
+        self._end_speech()
+        audio = self._audio.take_until(end)
+        speech_end_at = self.arrived_at(sample)
+        return TurnEnded(
+            item, audio, samples_to_ms(sample), now, how, end, silence_ms, speech_end_at
+        )
 
     def _bound(self) -> list[InputEvent]:
         """Idle: keep only what prefix padding may need. Speaking: end the turn at the limit."""
@@ -193,7 +275,7 @@ class InputBuffer:
             # A monologue longer than the model takes: end the turn here, as if paused. The
             # VAD still hears speech, so going on talking is not a barge-in; the rest becomes
             # the next turn when the speaker does pause.
-            ended = self._speech_stopped(self._audio.end)
+            ended = self._speech_stopped(self._audio.end, "limit", 0)
             self.speaking = True
             self._speech_item = p.new_id("item")
             return [ended]

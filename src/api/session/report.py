@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from ...models.types import Totals, ms_between
 from .. import protocol as p
 from ..metrics import Metrics, TurnRecord
+from .speculation import SpeculationStats
 
 
 @dataclass
@@ -24,6 +25,10 @@ class TurnClock:
     first_token_at: float | None = None  # the engine's first token (same clock)
     first_chunk_out_at: float | None = None  # the first word left the engine
     first_audio_at: float | None = None  # speech out: first audio frame sent
+    how: str = "commit"  # how the turn ended: silence | semantic | limit | commit
+    silence_ms: float | None = None  # silence heard after the speech when it ended
+    speech_end_at: float | None = None  # the last speech sample arrived
+    speculative: bool = False  # the answer is a run started during the pause
 
     def since_turn_end(self, at: float | None) -> float | None:
         return ms_between(self.turn_ended_at, at) if at is not None else None
@@ -47,13 +52,25 @@ def timings(clock: TurnClock, totals: Totals, text: str, transport: str, now: fl
         delivery_ms=_between(clock.first_chunk_out_at, clock.first_delta_at),
         cancel_latency_ms=totals.cancel_latency_ms,
         ttfa_ms=clock.since_turn_end(clock.first_audio_at),
+        end_of_turn=clock.how,
+        silence_ms=clock.silence_ms,
+        speech_to_first_word_ms=_between(clock.speech_end_at, clock.first_delta_at),
+        speculative=clock.speculative,
     )
 
 
 def record(
-    session: str, turn: int, mode: str, status: str, t: p.Timings, totals: Totals
+    session: str,
+    turn: int,
+    mode: str,
+    status: str,
+    t: p.Timings,
+    totals: Totals,
+    spec: SpeculationStats,
+    retracted: int,
 ) -> TurnRecord:
-    """The TTFT log record of a turn, from its timings (the client's fields come later)."""
+    """The TTFT log record of a turn, from its timings (the client's fields come later),
+    with the speculative runs and answers taken back since the previous one."""
     return TurnRecord(
         session=session,
         turn=turn,
@@ -70,6 +87,14 @@ def record(
         tok_s=totals.tokens_per_s or None,
         cancel_latency_ms=t.cancel_latency_ms,
         ttfa_ms=t.ttfa_ms,
+        end_of_turn=t.end_of_turn,
+        silence_ms=t.silence_ms,
+        speech_to_first_word_ms=t.speech_to_first_word_ms,
+        speculative="yes" if t.speculative else "no",
+        spec_started=spec.started,
+        spec_discarded=spec.discarded,
+        spec_wasted_ms=round(spec.wasted_ms, 3),
+        retracted=retracted,
     )
 
 

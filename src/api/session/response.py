@@ -38,6 +38,8 @@ class Answer:
     speech: Speech | None = None  # the answer spoken (chat mode with speech out)
     text: list[str] = field(default_factory=list)  # the words the client was sent
     cut_short: bool = False  # a cancel stopped words from reaching the client
+    retracted: bool = False  # taken back: the speaker went on (the turn was not over)
+    barged_in: bool = False  # stopped by the user's speech
 
     def deliver(self, chunk: Chunk) -> None:
         """A word chunk (not the final one): to the client, and to the speech."""
@@ -93,7 +95,9 @@ class Answer:
                 "content": [{"type": "output_text", "text": text}],
             }
         ]
-        details = status_details(totals)
+        # OpenAI's reasons: the user's speech (a barge-in, or a turn taken back) or the client.
+        reason = "turn_detected" if self.retracted or self.barged_in else "client_cancelled"
+        details = status_details(totals, reason)
         response = p.Response(id=self.id, status=status, status_details=details, output=output)
         send(p.ResponseDone(response=response, timings=timings))
 
@@ -111,11 +115,11 @@ def status_of(totals: Totals) -> ResponseStatus:
     return "failed" if totals.status == "error" else totals.status
 
 
-def status_details(totals: Totals) -> dict[str, Any] | None:
+def status_details(totals: Totals, reason: str = "client_cancelled") -> dict[str, Any] | None:
     if totals.status == "error":
         return {"type": "failed", "error": {"code": totals.error_code, "message": totals.error}}
     if totals.status == "cancelled":
-        return {"type": "cancelled", "reason": "client_cancelled"}
+        return {"type": "cancelled", "reason": reason}
     return None
 
 

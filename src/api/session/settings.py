@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from ...config import Settings, VadSettings
 from ...models.audio import SAMPLE_RATE
 from ...models.types import Mode
 from .. import protocol as p
+from .endpointing import EAGERNESS, Eagerness
+
+TurnType = Literal["server_vad", "semantic_vad"]
+EagernessName = Literal["low", "medium", "high", "auto"]
 
 T = TypeVar("T")
 
@@ -19,19 +23,40 @@ def _given(value: T | None, default: T) -> T:
 
 @dataclass(frozen=True)
 class TurnDetection:
-    """Server VAD settings of a session (`turn_detection` of session.update)."""
+    """Turn detection settings of a session (`turn_detection` of session.update)."""
 
     threshold: float
     prefix_padding_ms: int
     silence_duration_ms: int
     create_response: bool = True
     interrupt_response: bool = True
+    type: TurnType = "server_vad"
+    eagerness: EagernessName = "auto"
 
     @classmethod
     def defaults(cls, v: VadSettings) -> TurnDetection:
-        return cls(v.threshold, v.prefix_padding_ms, v.min_silence_ms)
+        return cls(
+            v.threshold, v.prefix_padding_ms, v.min_silence_ms, type=v.type, eagerness=v.eagerness
+        )
+
+    @property
+    def semantic(self) -> Eagerness | None:
+        return EAGERNESS[self.eagerness] if self.type == "semantic_vad" else None
+
+    @property
+    def silence_ends_turn_ms(self) -> int:
+        """The silence after which the turn ends whatever was said."""
+        semantic = self.semantic
+        return semantic.max_wait_ms if semantic is not None else self.silence_duration_ms
 
     def describe(self) -> dict[str, Any]:
+        if self.type == "semantic_vad":
+            return {
+                "type": "semantic_vad",
+                "eagerness": self.eagerness,
+                "create_response": self.create_response,
+                "interrupt_response": self.interrupt_response,
+            }
         return {
             "type": "server_vad",
             "threshold": self.threshold,
@@ -81,6 +106,8 @@ class SessionSettings:
                     _given(td.silence_duration_ms, vad.min_silence_ms),
                     td.create_response,
                     td.interrupt_response,
+                    td.type,
+                    _given(td.eagerness, vad.eagerness),
                 )
             new = replace(new, turn_detection=detection)
         return new

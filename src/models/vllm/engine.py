@@ -208,6 +208,11 @@ class VllmEngine:
         )
         return handle
 
+    def promote(self, handle: RequestHandle) -> None:
+        """vLLM batches every request it is sent, so a speculative one holds nobody up:
+        there is no order to change."""
+        handle.speculative = False
+
     def _none_up_message(self) -> str:
         reasons = "; ".join(f"{e.url}: {e.error or 'down'}" for e in self._endpoints)
         return (

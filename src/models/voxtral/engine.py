@@ -1,7 +1,8 @@
 """The Voxtral engine: load, compile, warm up, then stream words for one request at a time.
 
 One worker thread owns the model and every tensor: it warms up (compile and CUDA graphs are
-per-thread), then serves requests in the order they were submitted from a bounded queue.
+per-thread), then serves requests from a bounded queue: confirmed ones in the order they were
+submitted, speculative ones (started while the speaker pauses) only when no confirmed one waits.
 Callers get a `RequestHandle` (cancel) and receive `Chunk`s through a sink they pass in,
 called on the worker thread: a `queue.Queue.put` for threads, `loop.call_soon_threadsafe`
 for asyncio.
@@ -13,6 +14,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -47,10 +49,6 @@ _PROMPT_TEXT_MARGIN = 64  # control and language tokens around each user turn
 class _Job:
     handle: RequestHandle
     sink: ChunkSink
-
-
-class _Shutdown:
-    """Sentinel that stops the worker."""
 
 
 class ChunkStream:
@@ -88,11 +86,12 @@ class VoxtralEngine:
                 "the processor's feature extractor dithers; the exact mel needs none"
             )
         self._mel = LogMel(np.asarray(fe.mel_filters), runtime.device)
-        self._jobs: queue.Queue[_Job | _Shutdown] = queue.Queue(settings.engine.queue_size)
+        self._jobs: deque[_Job] = deque()  # waiting, in submission order
         self._ready = threading.Event()
         self._startup_error: BaseException | None = None
         self._closed = False
         self._lock = threading.Lock()
+        self._work = threading.Condition(self._lock)
         self._current: RequestHandle | None = None
         self._thread = threading.Thread(target=self._run, name="voxtral-engine", daemon=True)
         self._gen_defaults = self._generation_defaults()
@@ -144,7 +143,7 @@ class VoxtralEngine:
 
     @property
     def queue_depth(self) -> int:
-        return self._jobs.qsize()
+        return len(self._jobs)
 
     def describe(self) -> dict[str, Any]:
         """For /readyz: which model runs where."""
@@ -163,16 +162,14 @@ class VoxtralEngine:
             self._closed = True
             if self._current is not None:
                 self._current.cancel()
-        while True:  # queued requests end as cancelled, so no caller waits forever
-            try:
-                job = self._jobs.get_nowait()
-            except queue.Empty:
-                break
-            if isinstance(job, _Job):
-                job.handle.cancel()
-                self._finish(job, None, None, None)
+            # Queued requests end as cancelled, so no caller waits forever.
+            waiting = list(self._jobs)
+            self._jobs.clear()
+            self._work.notify_all()
+        for job in waiting:
+            job.handle.cancel()
+            self._finish(job, None, None, None)
         if self._thread.is_alive():
-            self._jobs.put(_Shutdown())
             self._thread.join(timeout)
             if self._thread.is_alive():
                 logger.warning("engine worker did not stop within %.0f s", timeout)
@@ -182,23 +179,70 @@ class VoxtralEngine:
     def submit(self, request: Request, sink: ChunkSink) -> RequestHandle:
         """Queue a request; chunks go to `sink` on the worker thread, the last with totals.
 
-        Raises `AudioInputError` for audio the model cannot answer and `EngineError` when
-        the engine is closed or its queue is full; the engine keeps serving either way.
+        Confirmed requests are served in the order they were submitted, speculative ones
+        (`Request.speculative`) after them, and a running speculative one is stopped when a
+        confirmed request arrives. Raises `AudioInputError` for audio the model cannot
+        answer and `EngineError` when the engine is closed or its queue is full; the engine
+        keeps serving either way.
         """
         check_request(request, self.settings.audio.max_utterance_s)
         handle = RequestHandle(request)
         with self._lock:
             if self._closed:
                 raise EngineError("engine_closed", "the engine is shutting down")
-            try:
-                self._jobs.put_nowait(_Job(handle, sink))
-            except queue.Full:
-                raise EngineError(
-                    "engine_busy",
-                    f"{self.settings.engine.queue_size} requests are already waiting "
-                    "(engine.queue_size); try again shortly",
-                ) from None
+            dropped = self._drop_cancelled()
+            if len(self._jobs) >= self.settings.engine.queue_size:
+                busy = True
+            else:
+                busy = False
+                self._jobs.append(_Job(handle, sink))
+                self._preempt()
+                self._work.notify()
+        for job in dropped:  # their callers hear of it now, not when the worker gets there
+            self._finish(job, None, None, None)
+        if busy:
+            raise EngineError(
+                "engine_busy",
+                f"{self.settings.engine.queue_size} requests are already waiting "
+                "(engine.queue_size); try again shortly",
+            )
         return handle
+
+    def promote(self, handle: RequestHandle) -> None:
+        with self._lock:
+            if handle.speculative:
+                handle.speculative = False
+                self._preempt()
+
+    def _drop_cancelled(self) -> list[_Job]:
+        """Take cancelled requests out of the queue (under the lock): a speculative turn
+        cancelled while it waited must not hold a slot that a confirmed one needs."""
+        dropped = [job for job in self._jobs if job.handle.cancelled]
+        if dropped:
+            self._jobs = deque(job for job in self._jobs if not job.handle.cancelled)
+        return dropped
+
+    def _preempt(self) -> None:
+        """(Under the lock.) A speculative request must never hold up a confirmed one: stop
+        the running one if a confirmed request waits."""
+        current = self._current
+        if current is None or not current.speculative or current.cancelled:
+            return
+        if any(not job.handle.speculative and not job.handle.cancelled for job in self._jobs):
+            current.preempted = True
+            current.cancel()
+
+    def _next_job(self) -> _Job | None:
+        """The next request to serve (blocking), or None once closed."""
+        with self._lock:
+            while not self._jobs and not self._closed:
+                self._work.wait()
+            if self._closed:
+                return None
+            job = next((j for j in self._jobs if not j.handle.speculative), self._jobs[0])
+            self._jobs.remove(job)
+            self._current = job.handle
+            return job
 
     def stream(self, request: Request) -> ChunkStream:
         """Submit and read the chunks from this thread: `for chunk in engine.stream(r)`."""
@@ -218,13 +262,9 @@ class VoxtralEngine:
             return
         self._ready.set()
         while True:
-            job = self._jobs.get()
-            if isinstance(job, _Shutdown):
+            job = self._next_job()
+            if job is None:
                 return
-            with self._lock:
-                self._current = job.handle
-                if self._closed:  # close() ran between get() and here: it could not see us
-                    job.handle.cancel()
             try:
                 self._serve(job)
             finally:
