@@ -105,6 +105,7 @@ ERROR_CODES = PARSE_CODES | {
     "engine_busy",
     "audio_too_long",
     "generation_failed",
+    "semantic_vad_unavailable",
 }
 
 
