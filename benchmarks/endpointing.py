@@ -118,6 +118,9 @@ class ClipRun:
             "server_first_word_ms": (self.timings.get(answer) or {}).get("first_word_ms"),
             "model_ttft_ms": (self.timings.get(answer) or {}).get("model_ttft_ms"),
             "timed_out": self.timed_out,
+            # On the stream's clock (ms from its first sample), to place the commits.
+            "speech_end_at_ms": end,
+            "pause_at_ms": self.pause_ms,
         }
 
 

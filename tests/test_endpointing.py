@@ -56,5 +56,4 @@ def test_quick_server_vad_run_reports_a_turn_per_complete_clip_and_cuts_long_pau
     summary = result["summary"]
     assert summary["complete_one_turn"] == summary["complete_clips"] == bench.QUICK_CLIPS
     assert summary["paused_premature"] == summary["paused_clips"]
-    assert summary["retractions"] == 0  # the tiny answer is done before the speaker resumes
     assert (bench.OUT / "endpointing_test.png").is_file()
