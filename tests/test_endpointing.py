@@ -1,5 +1,6 @@
-"""The endpointing benchmark runs in its quick mode: a turn per complete clip, and a pause
-longer than the silence timer is reported as a premature commit."""
+"""The endpointing benchmark runs in its quick mode over both transports (the WebRTC one with
+a real aiortc microphone track): a turn per complete clip, and a pause longer than the
+silence timer is reported as a premature commit."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import importlib.util
 import json
 import sys
 from types import ModuleType
+from typing import Any
 
 import pytest
 from conftest import REPO
@@ -29,20 +31,28 @@ def load(name: str) -> ModuleType:
         sys.path.remove(str(BENCHMARKS))
 
 
-def test_quick_server_vad_run_reports_a_turn_per_complete_clip_and_cuts_long_pauses(
+def test_quick_server_vad_run_on_both_transports_reports_a_turn_per_complete_clip(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     bench = load("endpointing")
     mode = '{"type": "server_vad", "silence_duration_ms": 500}'
     # A 1000 ms pause is twice the timer: every paused clip must be committed in its pause.
     argv = ["--quick", "--mode", mode, "--pause-ms", "1000", "--name", "endpointing_test"]
-    assert bench.main(argv) == 0
+    assert bench.main([*argv, "--transport", "websocket", "--transport", "webrtc"]) == 0
     out = capsys.readouterr().out
-    assert '{"type":"server_vad","silence_duration_ms":500}' in out and "websocket" in out
+    assert '{"type":"server_vad","silence_duration_ms":500}' in out
 
     data = json.loads((bench.OUT / "endpointing_test.json").read_text())
-    (result,) = data["results"].values()
-    assert result["mode"] == json.loads(mode)
+    results = list(data["results"].values())
+    assert [r["transport"] for r in results] == ["websocket", "webrtc"]
+    for result in results:
+        assert result["transport"] in out
+        check(bench, result, json.loads(mode))
+    assert (bench.OUT / "endpointing_test.png").is_file()
+
+
+def check(bench: ModuleType, result: dict[str, Any], mode: dict[str, Any]) -> None:
+    assert result["mode"] == mode
     clips = result["clips"]
     complete = [c for c in clips if c["kind"] == "complete"]
     paused = [c for c in clips if c["kind"] == "paused"]
@@ -56,4 +66,3 @@ def test_quick_server_vad_run_reports_a_turn_per_complete_clip_and_cuts_long_pau
     summary = result["summary"]
     assert summary["complete_one_turn"] == summary["complete_clips"] == bench.QUICK_CLIPS
     assert summary["paused_premature"] == summary["paused_clips"]
-    assert (bench.OUT / "endpointing_test.png").is_file()

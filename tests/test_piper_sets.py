@@ -87,3 +87,20 @@ def test_silence_goes_in_with_fades_and_the_cut_finds_the_quiet_spot(sets: Modul
     audio = np.ones(200, dtype=np.float32)
     audio[120:130] = 0.0
     assert 120 <= sets.quietest(audio, 100, 150, 10) <= 130
+
+
+def test_the_smart_turn_evaluation_cuts_inside_the_pause_and_pads_after_the_end(
+    sets: ModuleType,
+) -> None:
+    import smart_turn_eval
+
+    complete, paused = sets.complete_set()[:1], sets.paused_set()[:1]
+    cases = smart_turn_eval.conditions(complete, paused)
+    clip, audio = cases["paused @200 ms"][1][0]
+    assert cases["paused @200 ms"][0] is False
+    assert audio.size == clip.labels.pause_start + SAMPLE_RATE // 5
+    assert not audio[clip.labels.pause_start :].any()  # only pause, no speech after the cut
+    clip, audio = cases["complete +300 ms"][1][0]
+    assert cases["complete +300 ms"][0] is True
+    assert audio.size == clip.labels.speech_end + 1 + SAMPLE_RATE * 3 // 10
+    assert abs(audio[clip.labels.speech_end]) >= sets.AUDIBLE
