@@ -24,6 +24,7 @@ was recorded, so the real end of speech, the clip's last audible sample, is at
   turns        `input_audio_buffer.committed` events
   premature    a commit that arrived before the real end of speech (for a paused clip, one
                made in its pause; a paused clip with two turns has one)
+  answers      `response.done` with status completed
   retractions  `response.done` with status cancelled (this client never cancels)
   first word   the first delta (`response.output_text.delta`, or a transcript or audio
                delta) of the answer that stood (the last completed one), minus the real end
@@ -106,6 +107,7 @@ class ClipRun:
             "clip": self.clip,
             "kind": self.kind,
             "turns": len(commits),
+            "answers": len(stood),  # responses that completed (the client saw them whole)
             "premature": any(at < end for at in commits),
             "retractions": sum(s == "cancelled" for s in self.statuses.values()),
             "first_word_ms": first[0] - end if first else None,
@@ -331,6 +333,7 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "paused_one_turn": sum(r["turns"] == 1 and not r["premature"] for r in paused),
         "complete_premature": sum(r["premature"] for r in complete),
         "retractions": sum(r["retractions"] for r in rows),
+        "paused_two_answers": sum(r["answers"] > 1 for r in paused),
         "timed_out": sum(r["timed_out"] for r in rows),
     }
 
