@@ -66,6 +66,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/load.py
 	$(PY) benchmarks/isolation.py
 	$(PY) benchmarks/soak.py
+	$(PY) benchmarks/smart_turn_eval.py
+	$(PY) benchmarks/endpointing.py --transport websocket --transport webrtc
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

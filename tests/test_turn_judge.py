@@ -117,7 +117,7 @@ def test_a_closed_judge_says_so() -> None:
         judge.completeness(silence(100))
 
 
-def test_loading_a_judge_brings_no_web_code() -> None:
+def test_loading_a_judge_brings_no_web_code_and_no_banner() -> None:
     """pipecat is a voice-agent framework: the judge must take its model and features only."""
     code = (
         "import sys\n"
@@ -130,3 +130,4 @@ def test_loading_a_judge_brings_no_web_code() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
     )
     assert out.stdout.strip() == "[]", out.stdout
+    assert "Pipecat" not in out.stderr  # pipecat's import banner stays out of the server's log

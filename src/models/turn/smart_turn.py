@@ -51,6 +51,11 @@ def _runtime() -> tuple[Any, FeatureFn]:
     """(onnxruntime, pipecat's Whisper log-mel function), or TurnJudgeUnavailable."""
     try:
         import onnxruntime
+        from loguru import logger as loguru_logger  # pipecat's logger, a dependency of it
+
+        # pipecat logs a banner to stderr when imported; only its model and features are
+        # used here, so its own log lines have nothing to say to this server's operator.
+        loguru_logger.disable("pipecat")
         from pipecat.audio.turn.smart_turn._whisper_features import (
             compute_whisper_log_mel_features,
         )
