@@ -21,11 +21,16 @@ until every response the server started is done.
 Per clip, on the client's clock (the clock's zero is the wall-clock time the first sample
 was recorded, so the real end of speech, the clip's last audible sample, is at
 (lead + speech_end + 1) / 16 kHz):
-  turns        `input_audio_buffer.committed` events
-  premature    a commit that arrived before the real end of speech (for a paused clip, one
-               made in its pause; a paused clip with two turns has one)
+  turns        user items committed (`input_audio_buffer.committed`; a turn the server
+               revised is committed again under the same item id: still one turn)
+  premature    an item whose last commit arrived before the real end of speech (for a
+               paused clip, a turn ended in its pause and never revised)
   answers      `response.done` with status completed
-  retractions  `response.done` with status cancelled (this client never cancels)
+  retractions  `conversation.item.deleted`: answers the server took back (revisions)
+  cancelled    `response.done` with status cancelled (this client never cancels: barge-ins
+               and retractions)
+  start late   the first `speech_started.audio_start_ms` minus the real start of speech;
+               the start is clipped when that exceeds the prefix padding kept (300 ms)
   first word   the first delta (`response.output_text.delta`, or a transcript or audio
                delta) of the answer that stood (the last completed one), minus the real end
                of speech; `first_any_ms` is the first delta of any answer
@@ -74,6 +79,7 @@ DELTAS = (
 )
 EVENT_TIMEOUT_S = 60.0  # after the last audio: time for the server to finish its answers
 QUICK_CLIPS = 2  # per set with --quick
+PREFIX_PADDING_MS = 300  # audio the server keeps before the detected start (vad default)
 
 
 def ms_to_samples(ms: int) -> int:
@@ -88,7 +94,11 @@ class ClipRun:
     kind: str
     speech_end_ms: float  # the real end of speech (last audible sample)
     pause_ms: tuple[float, float] | None  # the mid-sentence pause, for paused clips
+    speech_start_ms: float = 0.0  # the real start of speech (first audible sample)
     events: list[tuple[float, str, str | None]] = field(default_factory=list)  # (ms, type, id)
+    commits: list[tuple[float, str]] = field(default_factory=list)  # (ms, item id)
+    deleted: list[str] = field(default_factory=list)  # item ids taken back
+    starts: list[int] = field(default_factory=list)  # speech_started.audio_start_ms
     statuses: dict[str, str] = field(default_factory=dict)  # response id -> final status
     timings: dict[str, dict[str, Any]] = field(default_factory=dict)  # response id -> timings
     timed_out: bool = False
@@ -98,6 +108,9 @@ class ClipRun:
 
     def summary(self) -> dict[str, Any]:
         commits = self.times("input_audio_buffer.committed")
+        last_commit: dict[str, float] = {}
+        for at, item in self.commits:
+            last_commit[item] = at
         stood = [rid for rid, status in self.statuses.items() if status == "completed"]
         answer = stood[-1] if stood else None
         first = [at for at, t, rid in self.events if t in DELTAS and rid == answer]
@@ -106,10 +119,12 @@ class ClipRun:
         return {
             "clip": self.clip,
             "kind": self.kind,
-            "turns": len(commits),
+            "turns": len(last_commit),
             "answers": len(stood),  # responses that completed (the client saw them whole)
-            "premature": any(at < end for at in commits),
-            "retractions": sum(s == "cancelled" for s in self.statuses.values()),
+            "premature": any(at < end for at in last_commit.values()),
+            "retractions": len(self.deleted),
+            "cancelled": sum(s == "cancelled" for s in self.statuses.values()),
+            "start_late_ms": self.starts[0] - self.speech_start_ms if self.starts else None,
             "first_word_ms": first[0] - end if first else None,
             "first_any_ms": first_any[0] - end if first_any else None,
             "committed_ms": commits[-1] - end if commits else None,
@@ -236,6 +251,7 @@ async def run_clip(
         clip=clip.name,
         kind=lab.kind,
         speech_end_ms=(lead + lab.speech_end + 1) * 1000 / SAMPLE_RATE,
+        speech_start_ms=(lead + lab.speech_start) * 1000 / SAMPLE_RATE,
         pause_ms=(
             (
                 (lead + lab.pause_start) * 1000 / SAMPLE_RATE,
@@ -297,6 +313,11 @@ async def _read(client: Any, run: ClipRun, t0: float, create: bool) -> None:
         run.events.append((ms, kind, rid))
         if kind == "input_audio_buffer.committed":
             commits += 1
+            run.commits.append((ms, event["item_id"]))
+        elif kind == "conversation.item.deleted":
+            run.deleted.append(event["item_id"])
+        elif kind == "input_audio_buffer.speech_started":
+            run.starts.append(event["audio_start_ms"])
         elif kind == "response.created":
             created += 1
         elif kind == "response.done":
@@ -333,6 +354,13 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "paused_one_turn": sum(r["turns"] == 1 and not r["premature"] for r in paused),
         "complete_premature": sum(r["premature"] for r in complete),
         "retractions": sum(r["retractions"] for r in rows),
+        "cancelled": sum(r["cancelled"] for r in rows),
+        "clipped_starts": sum(
+            r["start_late_ms"] is not None and r["start_late_ms"] > PREFIX_PADDING_MS for r in rows
+        ),
+        "start_late_max_ms": max(
+            (r["start_late_ms"] for r in rows if r["start_late_ms"] is not None), default=None
+        ),
         "paused_two_answers": sum(r["answers"] > 1 for r in paused),
         "timed_out": sum(r["timed_out"] for r in rows),
     }
@@ -384,9 +412,11 @@ async def run_all(
             label = f"{mode_label(mode)} {transport}"
             rows = []
             t0 = time.perf_counter()
-            for clip in clips:
+            leads = np.random.default_rng(7).integers(0, 501, len(clips))
+            for clip, random_lead in zip(clips, leads, strict=True):
+                lead_ms = int(random_lead) if args.random_lead else args.lead_ms
                 run = await run_clip(
-                    base_url, transport, mode, clip, args.lead_ms, args.tail_ms, args.chunk_ms
+                    base_url, transport, mode, clip, lead_ms, args.tail_ms, args.chunk_ms
                 )
                 rows.append(run.summary())
             print(f"{label}: {len(clips)} clips in {time.perf_counter() - t0:.0f} s", flush=True)
@@ -419,6 +449,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--pause-ms", type=int, help="one pause length for every paused clip (default 400-1000)"
     )
     parser.add_argument("--lead-ms", type=int, default=300, help="silence before each clip")
+    parser.add_argument(
+        "--random-lead", action="store_true", help="a random 0-500 ms lead per clip instead"
+    )
     parser.add_argument(
         "--tail-ms",
         type=int,
@@ -468,6 +501,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "complete: 1 turn",
         "paused: premature",
         "retractions",
+        "clipped starts",
     ]
     rows = []
     for result in results.values():
@@ -482,6 +516,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{s['complete_one_turn']} of {s['complete_clips']}",
                 f"{s['paused_premature']} of {s['paused_clips']}",
                 s["retractions"],
+                f"{s['clipped_starts']} of {s['complete_clips'] + s['paused_clips']}",
             ]
         )
     print(table(heads, rows))

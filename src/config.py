@@ -154,7 +154,7 @@ class ServerSettings(_Section):
 
 
 class VadSettings(_Section):
-    type: Literal["server_vad", "semantic_vad"] = "server_vad"
+    type: Literal["server_vad", "semantic_vad"] = "semantic_vad"
     threshold: float = Field(default=0.5, gt=0, lt=1)
     min_silence_ms: int = Field(default=500, ge=32, le=10_000)
     prefix_padding_ms: int = Field(default=300, ge=0, le=5000)

@@ -183,7 +183,7 @@ async def test_a_sure_judge_ends_the_turn_before_the_silence_would(
     assert done["response"]["status"] == "completed"
     timings = done["timings"]
     assert timings["end_of_turn"] == "semantic"
-    assert 100 <= timings["silence_ms"] < 500  # eagerness high: first asked after 100 ms
+    assert 64 <= timings["silence_ms"] < 500  # first asked at the pause (64 ms of silence)
     assert judge.calls >= 1
     session.close()
 

@@ -1,11 +1,20 @@
 """When a pause ends the turn under `semantic_vad` (pure: no clock, no thread, no model).
 
-The VAD reports a pause the moment speech stops and how much silence has followed; the turn
-judge (Smart Turn) says how likely the speaker is to have finished. `eagerness` sets how much
-silence the judge is first asked after, how sure it must be, and the longest a turn that does
-not sound finished may wait (OpenAI's maxima: 8 s low, 4 s medium, 2 s high; auto = medium).
-The judge is asked again every `CHECK_EVERY_MS` of silence: its answer moves with the silence
-after the words, and a check that comes too early must not be the last word.
+The VAD reports a pause the moment speech stops (64 ms of silence) and how much silence has
+followed; the turn judge (Smart Turn) says how likely the speaker is to have finished. It is
+asked at the pause, then again every `CHECK_EVERY_MS` of silence (its answer moves with the
+silence after the words: a check that comes too early must not be the last word). The turn
+ends at the first verdict at or above `threshold`, or after `max_wait_ms` of silence
+whatever the judge says. `eagerness`:
+
+  high     P >= 0.3, at most 2 s     (OpenAI's maximum waits: 2 s high, 4 s medium, 8 s low)
+  medium   P >= 0.5, at most 4 s
+  low      P >= 0.7, first asked after 200 ms, at most 8 s
+  auto     P >= 0.5, at most 500 ms: the default, chosen by measurement (RESULTS.md). On the
+           speech available here the judge mostly follows the length of the silence, so a
+           finished sentence it misreads would wait seconds; auto caps that at a short timer
+           and leaves a sentence that goes on to the session's revision (the answer is taken
+           back and the turn continues), which keeps it one turn.
 """
 
 from __future__ import annotations
@@ -21,11 +30,11 @@ class Eagerness:
 
 
 EAGERNESS = {
-    "high": Eagerness(0.3, 100, 2000),
-    "medium": Eagerness(0.5, 200, 4000),
-    "low": Eagerness(0.7, 300, 8000),
+    "high": Eagerness(0.3, 0, 2000),
+    "medium": Eagerness(0.5, 0, 4000),
+    "low": Eagerness(0.7, 200, 8000),
+    "auto": Eagerness(0.5, 0, 500),
 }
-EAGERNESS["auto"] = EAGERNESS["medium"]
 CHECK_EVERY_MS = 100
 
 
