@@ -204,3 +204,7 @@ class AudioChunks:
 
     def take_all(self) -> np.ndarray:
         return self.take_until(self.end)
+
+    def peak(self) -> float:
+        """The largest absolute sample held (0.0 when empty)."""
+        return max((float(np.abs(c).max()) for c in self._chunks if c.size), default=0.0)
