@@ -59,6 +59,13 @@ def test_kept_keys_of_the_original_system_exist() -> None:
             "min_words_per_chunk",
         ),
         ("model:\n  device: tpu\n", "model.device"),
+        ("webrtc:\n  jitter_capacity: 12\n", "jitter_capacity must be a power of two"),
+        ("webrtc:\n  jitter_capacity: 2\n", "webrtc.jitter_capacity"),
+        ("webrtc:\n  jitter_prefetch: -1\n", "webrtc.jitter_prefetch"),
+        (
+            "webrtc:\n  jitter_capacity: 8\n  jitter_prefetch: 5\n",
+            r"jitter_prefetch \(5\) must be at most half of jitter_capacity \(8\)",
+        ),
         ("audio:\n  max_utterance_s: -1\n", "audio.max_utterance_s"),
         ("- just\n- a list\n", "mapping"),
         ("model: [unclosed\n", "not valid YAML"),
