@@ -15,19 +15,21 @@ call cost the server.
   `webrtc.jitter_prefetch`;
 - the decoder queue, for a `DirectDecoder`: `_handle_rtp_packet` calls its `put()` on the
   event loop, which decodes the frame there and then and hands 16 kHz mono float32 audio to
-  `on_audio`. The receiver's decoder thread still starts; it waits in `get()` until the
-  receiver stops, then ends the track as before. Nothing reads the track.
+  `on_audio`: Opus through libopus at 16 kHz (`opus.py`, no resampler), concealing short
+  gaps; other codecs, or Opus when libopus cannot be loaded, through aiortc's decoder and
+  PyAV's resampler. The receiver's decoder thread still starts; it waits in `get()` until
+  the receiver stops, then ends the track as before. Nothing reads the track.
 
 Checked against aiortc 1.16.0: `receive_audio` raises if those attributes are missing.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import av
 import numpy as np
@@ -37,6 +39,7 @@ from aiortc.jitterbuffer import JitterBuffer, JitterFrame
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 
 from ...models.audio import PCM16_SCALE, SAMPLE_RATE
+from . import opus
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +47,11 @@ logger = logging.getLogger(__name__)
 _JITTER = "_RTCRtpReceiver__jitter_buffer"
 _QUEUE = "_RTCRtpReceiver__decoder_queue"
 _THREAD = "_RTCRtpReceiver__decoder_thread"
+
+_RTP_TICKS_PER_SAMPLE = 48000 // SAMPLE_RATE  # Opus's RTP clock is 48 kHz whatever it carries
+_CONCEAL_STEP = SAMPLE_RATE // 400  # libopus conceals multiples of 2.5 ms
+MAX_CONCEAL_MS = 120  # longer gaps (the sender paused) are not filled
+_MAX_CONCEAL = SAMPLE_RATE * MAX_CONCEAL_MS // 1000
 
 OnAudio = Callable[[np.ndarray, int], None]
 """(16 kHz mono float32 samples, the frame's RTP timestamp from the stream's start in the
@@ -59,34 +67,53 @@ class Buffering:
     prefetch: int = 4
 
 
-class _Decoder:
-    """One codec's frames -> 16 kHz mono float32. Opus is decoded to mono by libopus itself."""
+class _OpusDecoder:
+    """Opus through libopus at 16 kHz. A frame whose RTP timestamp shows up to MAX_CONCEAL_MS
+    of audio missing before it (lost, or dropped late by the jitter buffer) first gets that
+    much of libopus's concealment, so the session's clock stays the sender's."""
 
-    def __init__(self, codec: RTCRtpCodecParameters) -> None:
-        self.name = codec.name
-        self._context: Any = None
-        self._aiortc: Any = None
-        if codec.mimeType.lower() == "audio/opus":
-            self._context = av.CodecContext.create("libopus", "r")
-            self._context.format = "s16"
-            self._context.layout = "mono"
-            self._context.sample_rate = 48000
-        else:  # G.711, G.722: whatever aiortc decodes them to
-            self._aiortc = get_decoder(codec)
-        self._resampler = av.AudioResampler(format="s16", layout="mono", rate=SAMPLE_RATE)
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        self._opus = opus.OpusDecoder(lib)
+        self._next: int | None = None  # the RTP timestamp the next frame should have
+        self.concealed = 0  # samples (for tests and benchmarks)
 
     def decode(self, frame: JitterFrame) -> list[np.ndarray]:
-        if self._context is not None:
-            decoded = self._context.decode(av.Packet(frame.data))
-        else:
-            decoded = self._aiortc.decode(frame)
         out = []
-        for piece in decoded:
+        if self._next is not None:
+            missing = (frame.timestamp - self._next) // _RTP_TICKS_PER_SAMPLE
+            missing -= missing % _CONCEAL_STEP
+            if 0 < missing <= _MAX_CONCEAL:
+                out.append(self._opus.decode(None, missing))
+                self.concealed += missing
+        pcm = self._opus.decode(frame.data)
+        out.append(pcm)
+        self._next = frame.timestamp + pcm.size * _RTP_TICKS_PER_SAMPLE
+        return out
+
+
+class _PyAVDecoder:
+    """Any codec aiortc decodes (Opus too, when libopus cannot be loaded), resampled."""
+
+    def __init__(self, codec: RTCRtpCodecParameters) -> None:
+        self._decoder = get_decoder(codec)
+        self._resampler = av.AudioResampler(format="s16", layout="mono", rate=SAMPLE_RATE)
+        self.concealed = 0
+
+    def decode(self, frame: JitterFrame) -> list[np.ndarray]:
+        out = []
+        for piece in self._decoder.decode(frame):
             piece.pts = None  # the resampler rejects timestamps it did not expect
             for mono in self._resampler.resample(piece):
                 pcm = np.frombuffer(mono.planes[0], dtype=np.int16, count=mono.samples)
                 out.append(pcm.astype(np.float32) / PCM16_SCALE)
         return out
+
+
+def _decoder_for(codec: RTCRtpCodecParameters) -> _OpusDecoder | _PyAVDecoder:
+    lib = opus.load_libopus()
+    if codec.mimeType.lower() == "audio/opus" and lib is not None:
+        return _OpusDecoder(lib)
+    return _PyAVDecoder(codec)
 
 
 class DirectDecoder:
@@ -100,8 +127,10 @@ class DirectDecoder:
     def __init__(self, on_audio: OnAudio, on_error: Callable[[BaseException], None]) -> None:
         self.on_audio = on_audio
         self.on_error = on_error
-        self.frames = 0  # frames decoded (for tests)
-        self._decoder: _Decoder | None = None
+        self.frames = 0  # frames decoded (for tests and benchmarks)
+        self.concealed = 0  # samples of lost audio filled in by the decoder
+        self._decoder: _OpusDecoder | _PyAVDecoder | None = None
+        self._codec: str | None = None
         self._stopped = threading.Event()
         self._failed = False
 
@@ -113,10 +142,10 @@ class DirectDecoder:
             return
         codec, frame = item
         try:
-            if self._decoder is None or self._decoder.name != codec.name:
-                self._decoder = _Decoder(codec)
+            if self._decoder is None or self._codec != codec.name:
+                self._decoder, self._codec = _decoder_for(codec), codec.name
             pieces = self._decoder.decode(frame)
-        except av.FFmpegError as exc:
+        except (av.FFmpegError, opus.OpusError) as exc:
             # As aiortc does: keep the decoder (resetting it would not help the next frame).
             logger.warning("cannot decode a %s frame: %s", codec.name, exc)
             return
@@ -124,6 +153,7 @@ class DirectDecoder:
             self._fail(exc)
             return
         self.frames += 1
+        self.concealed = self._decoder.concealed
         for pcm in pieces:
             try:
                 self.on_audio(pcm, frame.timestamp)

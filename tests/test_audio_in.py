@@ -1,0 +1,106 @@
+"""The WebRTC receive path's decoding, without a network: aiortc's own Opus encoder in,
+16 kHz mono out, with libopus (the fast path) and with PyAV (the fallback)."""
+
+from __future__ import annotations
+
+import fractions
+
+import av
+import numpy as np
+import pytest
+from aiortc.codecs.opus import OpusEncoder
+from aiortc.jitterbuffer import JitterFrame
+from aiortc.rtcrtpparameters import RTCRtpCodecParameters
+from clients import SPEECH
+
+from voxtral_server.api.transports import audio_in, opus
+from voxtral_server.models.audio import SAMPLE_RATE
+
+OPUS = RTCRtpCodecParameters(mimeType="audio/opus", clockRate=48000, channels=2, payloadType=111)
+FRAME = SAMPLE_RATE // 50  # 20 ms
+
+
+def encoded(audio: np.ndarray) -> list[JitterFrame]:
+    """16 kHz float audio -> the frames aiortc's sender would put on the wire."""
+    encoder = OpusEncoder()
+    pcm = (np.clip(audio, -1, 1) * 32767).astype(np.int16)
+    frames = []
+    for i in range(0, pcm.size - FRAME + 1, FRAME):
+        frame = av.AudioFrame.from_ndarray(pcm[None, i : i + FRAME], format="s16", layout="mono")
+        frame.sample_rate, frame.pts = SAMPLE_RATE, i
+        frame.time_base = fractions.Fraction(1, SAMPLE_RATE)
+        packets, timestamp = encoder.encode(frame)
+        frames += [JitterFrame(p, timestamp) for p in packets]
+    return frames
+
+
+def decoded(frames: list[JitterFrame]) -> tuple[np.ndarray, audio_in.DirectDecoder]:
+    heard: list[np.ndarray] = []
+    errors: list[BaseException] = []
+    sink = audio_in.DirectDecoder(lambda pcm, ts: heard.append(pcm), errors.append)
+    for frame in frames:
+        sink.put((OPUS, frame))
+    assert not errors
+    return np.concatenate(heard), sink
+
+
+def correlation(a: np.ndarray, b: np.ndarray) -> float:
+    """Best normalised correlation of b against a, over lags of up to 10 ms either way."""
+    n = min(a.size, b.size) - 320
+    return max(
+        float(np.corrcoef(a[160 : 160 + n], b[160 + lag : 160 + lag + n])[0, 1])
+        for lag in range(-160, 161)
+    )
+
+
+@pytest.fixture(scope="module")
+def frames() -> list[JitterFrame]:
+    return encoded(SPEECH)
+
+
+def test_libopus_is_found_here() -> None:
+    # Not a requirement (PyAV decodes without it), but where it silently went missing the
+    # fast path would be lost unnoticed.
+    assert opus.load_libopus() is not None
+
+
+def test_libopus_at_16k_and_pyav_at_48k_give_the_same_audio(
+    frames: list[JitterFrame], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fast, _ = decoded(frames)
+    monkeypatch.setattr(opus, "load_libopus", lambda: None)
+    slow, _ = decoded(frames)
+    assert abs(fast.size - slow.size) <= FRAME
+    assert correlation(slow, fast) > 0.99
+    assert correlation(SPEECH, fast) > 0.95  # Opus's own coding noise (see test_webrtc)
+
+
+def test_a_lost_frame_is_concealed_and_keeps_the_senders_clock(
+    frames: list[JitterFrame],
+) -> None:
+    whole, _ = decoded(frames)
+    lost = [f for i, f in enumerate(frames) if i not in (60, 100, 101)]
+    patched, sink = decoded(lost)
+    assert sink.concealed == 3 * FRAME
+    assert patched.size == whole.size
+    # Everything after the gaps is where it belongs (aligned at lag 0).
+    tail = slice(102 * FRAME + FRAME, whole.size)
+    assert np.corrcoef(whole[tail], patched[tail])[0, 1] > 0.9
+
+
+def test_a_pause_longer_than_concealment_is_not_filled(frames: list[JitterFrame]) -> None:
+    skip = audio_in.MAX_CONCEAL_MS // 20 + 1
+    _, sink = decoded(frames[:50] + frames[50 + skip :])
+    assert sink.concealed == 0
+
+
+def test_a_failing_sink_reports_once_and_stops(frames: list[JitterFrame]) -> None:
+    errors: list[BaseException] = []
+
+    def broken(pcm: np.ndarray, timestamp: int) -> None:
+        raise ValueError("boom")
+
+    sink = audio_in.DirectDecoder(broken, errors.append)
+    for frame in frames[:5]:
+        sink.put((OPUS, frame))  # never raises into aiortc's receive loop
+    assert [str(e) for e in errors] == ["boom"]
