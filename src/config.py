@@ -176,20 +176,11 @@ class WebRTCSettings(_Section):
     connect_timeout_s: float = Field(default=10.0, gt=0, le=300)
     max_pending_calls: int = Field(default=4, ge=1, le=1000)
     client_timeout_ms: int = Field(default=3000, ge=100, le=60_000)
-    # aiortc's receive JitterBuffer: packets it has room for, frames it holds back.
-    jitter_capacity: int = Field(default=16, ge=4, le=512)
-    jitter_prefetch: int = Field(default=4, ge=0, le=256)
+    # Incoming audio: how many later packets may arrive while a missing one is waited for.
+    jitter_window: int = Field(default=2, ge=0, le=32)
 
     @model_validator(mode="after")
     def _consistent(self) -> WebRTCSettings:
-        capacity, prefetch = self.jitter_capacity, self.jitter_prefetch
-        if capacity & (capacity - 1):
-            raise ValueError(f"jitter_capacity must be a power of two (got {capacity})")
-        if prefetch > capacity // 2:
-            raise ValueError(
-                f"jitter_prefetch ({prefetch}) must be at most half of jitter_capacity "
-                f"({capacity}): the buffer needs room for late packets beyond those it holds"
-            )
         for server in self.ice_servers:
             turn = any(url.startswith(("turn:", "turns:")) for url in server.urls)
             if turn and server.username is None and self.turn_secret is None:

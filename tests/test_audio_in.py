@@ -1,5 +1,5 @@
-"""The WebRTC receive path's decoding, without a network: aiortc's own Opus encoder in,
-16 kHz mono out, with libopus (the fast path) and with PyAV (the fallback)."""
+"""The WebRTC receive path without a network: packets put back in order, and aiortc's own
+Opus encoder in, 16 kHz mono out, with libopus (the fast path) and PyAV (the fallback)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ import pytest
 from aiortc.codecs.opus import OpusEncoder
 from aiortc.jitterbuffer import JitterFrame
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters
+from aiortc.rtp import RtpPacket
 from clients import SPEECH
 
 from voxtral_server.api.transports import audio_in, opus
+from voxtral_server.api.transports.reorder import ReorderBuffer
 from voxtral_server.models.audio import SAMPLE_RATE
 
 OPUS = RTCRtpCodecParameters(mimeType="audio/opus", clockRate=48000, channels=2, payloadType=111)
@@ -104,3 +106,52 @@ def test_a_failing_sink_reports_once_and_stops(frames: list[JitterFrame]) -> Non
     for frame in frames[:5]:
         sink.put((OPUS, frame))  # never raises into aiortc's receive loop
     assert [str(e) for e in errors] == ["boom"]
+
+
+def packets(*numbers: int, first: int = 0) -> list[RtpPacket]:
+    out = []
+    for n in numbers:
+        seq = (first + n) % 65536
+        packet = RtpPacket(payload_type=111, sequence_number=seq, timestamp=(7 + 960 * n) % 2**32)
+        packet._data = bytes([n % 256])  # type: ignore[attr-defined]
+        out.append(packet)
+    return out
+
+
+def released(buffer: ReorderBuffer, arriving: list[RtpPacket]) -> list[list[int]]:
+    """For each packet added: the frames released then (by payload byte)."""
+    out = []
+    for packet in arriving:
+        _, frame = buffer.add(packet)
+        got = [] if frame is None else [frame]
+        got += list(buffer.ready)
+        buffer.ready.clear()
+        out.append([f.data[0] for f in got])
+    return out
+
+
+def test_packets_in_order_go_on_at_once_with_timestamps_from_the_first() -> None:
+    buffer = ReorderBuffer(window=2)
+    arriving = packets(0, 1, 2, first=65534)  # the sequence number wraps
+    frames = []
+    for packet in arriving:
+        _, frame = buffer.add(packet)
+        assert frame is not None
+        frames.append(frame.timestamp)
+    assert frames == [0, 960, 1920]
+
+
+def test_a_reordered_packet_is_waited_for_within_the_window() -> None:
+    assert released(ReorderBuffer(window=1), packets(0, 2, 1, 3)) == [[0], [], [1, 2], [3]]
+
+
+def test_with_no_window_a_gap_is_given_up_at_once_and_the_late_packet_dropped() -> None:
+    buffer = ReorderBuffer(window=0)
+    assert released(buffer, packets(0, 2, 1, 3)) == [[0], [2], [], [3]]
+    assert (buffer.given_up, buffer.late) == (1, 1)
+
+
+def test_a_lost_packet_is_given_up_after_the_window_and_the_rest_goes_at_once() -> None:
+    buffer = ReorderBuffer(window=2)
+    assert released(buffer, packets(0, 2, 3, 4, 5)) == [[0], [], [], [2, 3, 4], [5]]
+    assert buffer.given_up == 1

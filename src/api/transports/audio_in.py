@@ -1,24 +1,25 @@
 """A call's incoming audio: from aiortc's RTP receiver straight to the session, on the loop.
 
 What aiortc 1.16 does with each 20 ms Opus packet (`rtcrtpreceiver.py`): `_handle_rtp_packet`
-puts it in a `JitterBuffer(capacity=16, prefetch=4)` (which holds ~60 ms of audio back),
-then puts each frame the buffer releases on a `queue.Queue`; a decoder thread decodes it to
-48 kHz stereo and hands it back to the event loop with `run_coroutine_threadsafe` (a task
-per frame) into the track's `asyncio.Queue`, where `track.recv()` finds it and we resample
-it. Two thread hops, a task and two queues per packet were most of what an open, silent
-call cost the server.
+puts it in a `JitterBuffer(capacity=16, prefetch=4)` (which holds ~80 ms of audio back, and
+stalls on a lost packet), then puts each frame the buffer releases on a `queue.Queue`; a
+decoder thread decodes it to 48 kHz stereo and hands it back to the event loop with
+`run_coroutine_threadsafe` (a task per frame) into the track's `asyncio.Queue`, where
+`track.recv()` finds it and we resample it. Two thread hops, a task and two queues per
+packet were most of what an open, silent call cost the server.
 
-`receive_audio(receiver, buffering, on_audio)` swaps two private attributes of an
+`receive_audio(receiver, window, on_audio, on_error)` swaps two private attributes of an
 `RTCRtpReceiver` before it starts (that is, before any packet can arrive):
 
-- the jitter buffer, for aiortc's own class sized by `webrtc.jitter_capacity` and
-  `webrtc.jitter_prefetch`;
+- the jitter buffer, for a `reorder.ReorderBuffer` that waits behind a missing packet for at
+  most `window` (`webrtc.jitter_window`) later ones;
 - the decoder queue, for a `DirectDecoder`: `_handle_rtp_packet` calls its `put()` on the
-  event loop, which decodes the frame there and then and hands 16 kHz mono float32 audio to
-  `on_audio`: Opus through libopus at 16 kHz (`opus.py`, no resampler), concealing short
-  gaps; other codecs, or Opus when libopus cannot be loaded, through aiortc's decoder and
-  PyAV's resampler. The receiver's decoder thread still starts; it waits in `get()` until
-  the receiver stops, then ends the track as before. Nothing reads the track.
+  event loop, which decodes the frame there and then (with any more the buffer released
+  at the same time) and hands 16 kHz mono float32 audio to `on_audio`: Opus through
+  libopus at 16 kHz (`opus.py`, no resampler), concealing short gaps; other codecs, or Opus
+  when libopus cannot be loaded, through aiortc's decoder and PyAV's resampler. The
+  receiver's decoder thread still starts; it waits in `get()` until the receiver stops,
+  then ends the track as before. Nothing reads the track.
 
 Checked against aiortc 1.16.0: `receive_audio` raises if those attributes are missing.
 """
@@ -28,18 +29,19 @@ from __future__ import annotations
 import ctypes
 import logging
 import threading
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import av
 import numpy as np
 from aiortc import RTCRtpReceiver
 from aiortc.codecs import get_decoder
-from aiortc.jitterbuffer import JitterBuffer, JitterFrame
+from aiortc.jitterbuffer import JitterFrame
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 
 from ...models.audio import PCM16_SCALE, SAMPLE_RATE
 from . import opus
+from .reorder import ReorderBuffer
 
 logger = logging.getLogger(__name__)
 
@@ -56,15 +58,6 @@ _MAX_CONCEAL = SAMPLE_RATE * MAX_CONCEAL_MS // 1000
 OnAudio = Callable[[np.ndarray, int], None]
 """(16 kHz mono float32 samples, the frame's RTP timestamp from the stream's start in the
 codec's clock units: a jump larger than one frame is audio that never arrived)."""
-
-
-@dataclass(frozen=True)
-class Buffering:
-    """aiortc's JitterBuffer: `capacity` packets (a power of two) of which it holds back
-    `prefetch` frames before releasing the oldest."""
-
-    capacity: int = 16
-    prefetch: int = 4
 
 
 class _OpusDecoder:
@@ -124,8 +117,14 @@ class DirectDecoder:
     anything but a frame that does not decode, calls `on_error` once.
     """
 
-    def __init__(self, on_audio: OnAudio, on_error: Callable[[BaseException], None]) -> None:
+    def __init__(
+        self,
+        on_audio: OnAudio,
+        on_error: Callable[[BaseException], None],
+        ready: deque[JitterFrame] | None = None,
+    ) -> None:
         self.on_audio = on_audio
+        self._ready = ready if ready is not None else deque()  # released with the one put
         self.on_error = on_error
         self.frames = 0  # frames decoded (for tests and benchmarks)
         self.concealed = 0  # samples of lost audio filled in by the decoder
@@ -138,9 +137,14 @@ class DirectDecoder:
         if item is None:  # the receiver stops: let its decoder thread end the track
             self._stopped.set()
             return
+        codec, frame = item
+        self._decode(codec, frame)
+        while self._ready:
+            self._decode(codec, self._ready.popleft())
+
+    def _decode(self, codec: RTCRtpCodecParameters, frame: JitterFrame) -> None:
         if self._failed:
             return
-        codec, frame = item
         try:
             if self._decoder is None or self._codec != codec.name:
                 self._decoder, self._codec = _decoder_for(codec), codec.name
@@ -172,18 +176,20 @@ class DirectDecoder:
 
 def receive_audio(
     receiver: RTCRtpReceiver,
-    buffering: Buffering,
+    window: int,
     on_audio: OnAudio,
     on_error: Callable[[BaseException], None],
 ) -> DirectDecoder:
-    """Make `receiver` (not yet started) buffer as `buffering` says and deliver its audio to
-    `on_audio` on the event loop. Raises RuntimeError when aiortc's internals differ."""
+    """Make `receiver` (not yet started) reorder its packets waiting for at most `window`
+    behind a missing one, and deliver its audio to `on_audio` on the event loop. Raises
+    RuntimeError when aiortc's internals differ."""
     missing = [name for name in (_JITTER, _QUEUE, _THREAD) if not hasattr(receiver, name)]
     if missing:
         raise RuntimeError(f"this aiortc's RTCRtpReceiver has no {missing}: see audio_in.py")
     if getattr(receiver, _THREAD) is not None:
         raise RuntimeError("the receiver has already started decoding")
-    setattr(receiver, _JITTER, JitterBuffer(buffering.capacity, buffering.prefetch))
-    sink = DirectDecoder(on_audio, on_error)
+    buffer = ReorderBuffer(window)
+    setattr(receiver, _JITTER, buffer)
+    sink = DirectDecoder(on_audio, on_error, buffer.ready)
     setattr(receiver, _QUEUE, sink)
     return sink

@@ -1,9 +1,9 @@
 """WebRTC transport (aiortc): POST /v1/realtime/calls with an SDP offer returns the answer.
 
-Audio arrives on the track (Opus, decoded on the event loop to 16 kHz mono by `audio_in`,
-after a jitter buffer sized by `webrtc.jitter_*`); events go both ways on the data channel
-named `oai-events`. One `PeerManager`
-owns every peer connection and its tasks, closes a connection that is not connected within
+Audio arrives on the track (Opus, put back in order waiting for at most
+`webrtc.jitter_window` packets, decoded on the event loop to 16 kHz mono by `audio_in`);
+events go both ways on the data channel named `oai-events`. One `PeerManager` owns every
+peer connection and its tasks, closes a connection that is not connected within
 `webrtc.connect_timeout_s`, and closes them all on shutdown.
 """
 
@@ -33,7 +33,7 @@ from ..security import bearer_token, ice_servers, origin_allowed, token_matches
 from ..session import Session
 from ..state import EngineNotReady, ServerState, TooManySessions
 from .activity import IdleTimer
-from .audio_in import Buffering, DirectDecoder, receive_audio
+from .audio_in import DirectDecoder, receive_audio
 from .audio_track import SpeechTrack
 
 logger = logging.getLogger(__name__)
@@ -169,9 +169,8 @@ class Call:
 
     def listen(self, receiver: RTCRtpReceiver) -> None:
         """Take the microphone's audio from `receiver` (before the connection starts)."""
-        webrtc = self.manager.state.settings.webrtc
-        buffering = Buffering(webrtc.jitter_capacity, webrtc.jitter_prefetch)
-        self.audio_in = receive_audio(receiver, buffering, self.hear, self._audio_failed)
+        window = self.manager.state.settings.webrtc.jitter_window
+        self.audio_in = receive_audio(receiver, window, self.hear, self._audio_failed)
 
     def hear(self, pcm: np.ndarray, timestamp: int) -> None:
         """16 kHz mono audio from the microphone, on the event loop, in order."""
