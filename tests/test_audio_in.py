@@ -155,3 +155,18 @@ def test_a_lost_packet_is_given_up_after_the_window_and_the_rest_goes_at_once() 
     buffer = ReorderBuffer(window=2)
     assert released(buffer, packets(0, 2, 3, 4, 5)) == [[0], [], [], [2, 3, 4], [5]]
     assert buffer.given_up == 1
+
+
+def test_a_restarted_sender_starts_a_new_stream_with_later_timestamps() -> None:
+    buffer = ReorderBuffer(window=2)
+    old = packets(0, 1, 2, first=40_000)
+    new = packets(0, 1, first=1_000)  # far behind: not late packets, a new sequence
+    for packet in new:
+        packet.timestamp = 123  # unrelated to the old stream's timestamps
+    stamps = []
+    for packet in old + new:
+        _, frame = buffer.add(packet)
+        assert frame is not None
+        stamps.append(frame.timestamp)
+    assert stamps[:3] == [0, 960, 1920] and stamps[3] > stamps[2]
+    assert buffer.late == 0

@@ -57,7 +57,9 @@ _MAX_CONCEAL = SAMPLE_RATE * MAX_CONCEAL_MS // 1000
 
 OnAudio = Callable[[np.ndarray, int], None]
 """(16 kHz mono float32 samples, the frame's RTP timestamp from the stream's start in the
-codec's clock units: a jump larger than one frame is audio that never arrived)."""
+codec's clock units). Audio concealed for a gap comes as its own piece just before the
+frame after the gap, with that frame's timestamp; a gap left unfilled (longer than
+MAX_CONCEAL_MS) shows as a jump in timestamps."""
 
 
 class _OpusDecoder:

@@ -22,6 +22,10 @@ from aiortc.jitterbuffer import JitterFrame
 from aiortc.rtp import RtpPacket
 
 MAX_WINDOW = 32
+# A packet further behind or ahead than this starts a new stream (the sender restarted);
+# RFC 3550's A.1 uses the same bounds.
+MAX_MISORDER = 100
+MAX_DROPOUT = 3000
 
 
 def _unwrap(value: int, near: int, bits: int) -> int:
@@ -51,6 +55,8 @@ class ReorderBuffer:
             self._next = packet.sequence_number
             self._first_timestamp = packet.timestamp
         seq = _unwrap(packet.sequence_number, self._next, 16)
+        if not self._next - MAX_MISORDER <= seq <= self._next + MAX_DROPOUT:
+            self._restart(seq, packet.timestamp)
         if seq < self._next or seq in self._waiting:
             self.late += 1
         else:
@@ -60,6 +66,13 @@ class ReorderBuffer:
             self._waiting[seq] = JitterFrame(data=data, timestamp=timestamp)
             self._release()
         return False, self.ready.popleft() if self.ready else None
+
+    def _restart(self, seq: int, timestamp: int) -> None:
+        """A new stream: what waits goes out, and its timestamps go on after the last."""
+        for waiting in sorted(self._waiting):
+            self.ready.append(self._waiting.pop(waiting))
+        self._next = seq
+        self._first_timestamp = timestamp - self._last_timestamp - 1
 
     def _release(self) -> None:
         assert self._next is not None
