@@ -17,6 +17,8 @@ Per setting and condition, one call of `--seconds`:
   the clip that was sent (Opus alone gives ~0.97 / ~12.5 dB on this clip).
 
     python benchmarks/jitter.py [--window 0 1 2 4] [--seconds 10] [--no-aiortc]
+
+Writes benchmarks/out/jitter.json and jitter.png.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import av
 import httpx
 import numpy as np
 import soxr
-from _common import pct, table, write_json
+from _common import OUT, pct, table, write_json
 from _relay import Impairment, Relay
 
 from voxtral_server.api.app import create_app
@@ -200,6 +202,40 @@ def analyse(mic: Microphone, sent: list[float], pieces: list[Any], relay: Relay)
     }
 
 
+def plot(results: list[dict[str, Any]]) -> None:
+    """Lag p50 and p95 (bars) and audio lost (dots) per condition, one colour per setting."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot", file=sys.stderr)
+        return
+    settings = list(dict.fromkeys(r["setting"] for r in results))
+    conditions = list(dict.fromkeys(r["condition"] for r in results))
+    fig, (lag_ax, lost_ax) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    width = 0.8 / len(settings)
+    for i, setting in enumerate(settings):
+        rows = {r["condition"]: r for r in results if r["setting"] == setting}
+        x = [c + (i - (len(settings) - 1) / 2) * width for c in range(len(conditions))]
+        p95 = [rows[c]["lag_p95_ms"] for c in conditions]
+        p50 = [rows[c]["lag_p50_ms"] for c in conditions]
+        lag_ax.bar(x, p95, width, color=f"C{i}", alpha=0.35)
+        lag_ax.bar(x, p50, width, color=f"C{i}", label=setting)
+        lost_ax.bar(x, [rows[c]["lost_pct"] for c in conditions], width, color=f"C{i}")
+    lag_ax.set_ylabel("input lag (ms): p50, p95 pale")
+    lost_ax.set_ylabel("audio lost (%)")
+    lost_ax.set_xticks(range(len(conditions)), conditions, fontsize=8)
+    lag_ax.legend(fontsize=8)
+    for ax in (lag_ax, lost_ax):
+        ax.grid(alpha=0.3, axis="y")
+    lag_ax.set_title("WebRTC receive buffering through an impaired relay", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(OUT / "jitter.png", dpi=110)
+    print(f"wrote {OUT / 'jitter.png'}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--window", type=int, nargs="+", default=[0, 1, 2, 4])
@@ -252,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table(headers, rows))
     path = write_json("jitter", {"seconds": args.seconds, "runs": results})
     print(f"\nwrote {path}")
+    plot(results)
     return 0
 
 
