@@ -61,7 +61,7 @@ class ReorderBuffer:
             self.late += 1
         else:
             timestamp = _unwrap(packet.timestamp - self._first_timestamp, self._last_timestamp, 32)
-            self._last_timestamp = timestamp
+            self._last_timestamp = max(self._last_timestamp, timestamp)  # the newest so far
             data: bytes = packet._data  # set by the receiver (depayloaded)
             self._waiting[seq] = JitterFrame(data=data, timestamp=timestamp)
             self._release()
