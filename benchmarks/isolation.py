@@ -190,12 +190,26 @@ async def _idle_sessions_mb(base: str, count: int, pid: int) -> float:
     return (after - before) / count
 
 
-def measure(python: str, model: Path, workdir: Path, label: str) -> dict[str, Any]:
+def measure_cpu(base: str, pid: int, seconds: float) -> dict[str, float]:
+    """Cores per silent WebRTC session with 1 and 4 open, over the server's idle CPU."""
+    base_cpu = asyncio.run(_silent_calls(base, 0, seconds, pid))
+    four_cpu = asyncio.run(_silent_calls(base, 4, seconds, pid))
+    one_cpu = asyncio.run(_silent_calls(base, 1, seconds, pid))
+    return {
+        "cpu_idle_server_cores": base_cpu,
+        "cpu_per_silent_webrtc_session_1": one_cpu - base_cpu,
+        "cpu_per_silent_webrtc_session_4": (four_cpu - base_cpu) / 4,
+    }
+
+
+def measure(
+    python: str, model: Path, workdir: Path, label: str, only_cpu: bool = False, seconds: float = 10
+) -> dict[str, Any]:
     with server(python, model, workdir) as (base, pid):
         # Quiet measurements first: the flood leaves work behind it.
-        base_cpu = asyncio.run(_silent_calls(base, 0, 10, pid))
-        four_cpu = asyncio.run(_silent_calls(base, 4, 10, pid))
-        one_cpu = asyncio.run(_silent_calls(base, 1, 10, pid))
+        cpu = measure_cpu(base, pid, seconds)
+        if only_cpu:
+            return {"label": label, "python": python, **cpu}
         # 8: the default per-address cap (server.max_sessions_per_client)
         mb = asyncio.run(_idle_sessions_mb(base, 8, pid))
         healthz_ms(base, 50)  # warm the connection path
@@ -214,9 +228,7 @@ def measure(python: str, model: Path, workdir: Path, label: str) -> dict[str, An
         "healthz_flood_p95_ms": pct(flooded, 95),
         "healthz_flood_max_ms": max(flooded),
         "flood_events": events,
-        "cpu_idle_server_cores": base_cpu,
-        "cpu_per_silent_webrtc_session_1": one_cpu - base_cpu,
-        "cpu_per_silent_webrtc_session_4": (four_cpu - base_cpu) / 4,
+        **cpu,
         "mb_per_idle_session": mb,
     }
     result["healthz_flood_over_idle_p95"] = (
@@ -229,6 +241,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--python", default=sys.executable, help="the server's interpreter")
     parser.add_argument("--baseline-python", help="another installation, measured too")
+    parser.add_argument(
+        "--only-cpu", action="store_true", help="only the CPU of silent WebRTC sessions"
+    )
+    parser.add_argument(
+        "--cpu-seconds", type=float, default=10.0, help="window per CPU measurement (s)"
+    )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
@@ -236,7 +254,10 @@ def main(argv: list[str] | None = None) -> int:
         runs = [("this checkout", args.python)]
         if args.baseline_python:
             runs.insert(0, ("baseline", args.baseline_python))
-        results = [measure(py, model, workdir, label) for label, py in runs]
+        results = [
+            measure(py, model, workdir, label, args.only_cpu, args.cpu_seconds)
+            for label, py in runs
+        ]
     rows = [
         ("/healthz p95 idle (ms)", "healthz_idle_p95_ms"),
         ("/healthz p95 while one client floods (ms)", "healthz_flood_p95_ms"),
@@ -249,9 +270,10 @@ def main(argv: list[str] | None = None) -> int:
         ),
         ("memory per idle session, 8 open (MB, target <= 2)", "mb_per_idle_session"),
     ]
+    rows = [(name, key) for name, key in rows if key in results[0]]
     headers = ["measure", *(r["label"] for r in results)]
     print(table(headers, [[name, *(float(r[key]) for r in results)] for name, key in rows]))
-    path = write_json("isolation", {"runs": results})
+    path = write_json("isolation-cpu" if args.only_cpu else "isolation", {"runs": results})
     print(f"\nwrote {path}")
     return 0
 

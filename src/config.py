@@ -182,6 +182,8 @@ class WebRTCSettings(_Section):
     connect_timeout_s: float = Field(default=10.0, gt=0, le=300)
     max_pending_calls: int = Field(default=4, ge=1, le=1000)
     client_timeout_ms: int = Field(default=3000, ge=100, le=60_000)
+    # Incoming audio: how many later packets may arrive while a missing one is waited for.
+    jitter_window: int = Field(default=2, ge=0, le=32)
 
     @model_validator(mode="after")
     def _consistent(self) -> WebRTCSettings:

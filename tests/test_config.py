@@ -59,6 +59,8 @@ def test_kept_keys_of_the_original_system_exist() -> None:
             "min_words_per_chunk",
         ),
         ("model:\n  device: tpu\n", "model.device"),
+        ("webrtc:\n  jitter_window: 33\n", "webrtc.jitter_window: Input should be less than"),
+        ("webrtc:\n  jitter_window: -1\n", "webrtc.jitter_window: Input should be greater than"),
         ("audio:\n  max_utterance_s: -1\n", "audio.max_utterance_s"),
         ("- just\n- a list\n", "mapping"),
         ("model: [unclosed\n", "not valid YAML"),

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import pytest
-from clients import Client
+from clients import SPEECH, Client
 from conftest import SCRIPT
 from servers import running_server
 
+from voxtral_server.api.session import Session
 from voxtral_server.config import Settings
+from voxtral_server.models.audio import SAMPLE_RATE
 from voxtral_server.models.voxtral import VoxtralEngine
 
 
@@ -37,3 +42,49 @@ async def test_words_arrive_on_the_data_channel(server: tuple[str, Any]) -> None
     assert done["timings"]["transport"] == "webrtc"
     types = [e["type"] for e in client.events]
     assert types.index("input_audio_buffer.speech_started") < types.index("response.created")
+
+
+def _aligned_snr_db(sent: np.ndarray, heard: np.ndarray) -> tuple[float, float]:
+    """(correlation, SNR in dB) of `heard` against `sent`, at the lag that matches best."""
+    n = min(sent.size, heard.size)
+    spectrum = np.fft.rfft(heard[:n], 2 * n) * np.conj(np.fft.rfft(sent[:n], 2 * n))
+    lags = np.fft.irfft(spectrum)
+    lag = int(np.argmax(np.abs(lags[:4800])))  # the receiver may add up to 0.3 s before it
+    a, b = sent[: n - lag], heard[lag:n]
+    gain = float(a @ b / (a @ a))
+    noise = b - gain * a
+    correlation = float(np.corrcoef(a, b)[0, 1])
+    return correlation, 10 * float(np.log10((gain * a) @ (gain * a) / (noise @ noise)))
+
+
+@pytest.mark.asyncio
+async def test_the_session_hears_what_the_client_sent(
+    server: tuple[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Opus in, decoded at the transport straight to 16 kHz: the session gets the clip itself
+    (up to Opus's coding noise), with no gap, repeat or drift."""
+    wanted = SPEECH.size - SAMPLE_RATE // 2  # all but the tail the player may not reach
+    heard: list[np.ndarray] = []
+    enough = threading.Event()
+    append = Session.append_audio
+
+    def recording(self: Session, audio: np.ndarray, continuous: bool = False) -> None:
+        heard.append(audio.copy())
+        if sum(a.size for a in heard) >= wanted:
+            enough.set()
+        append(self, audio, continuous)
+
+    monkeypatch.setattr(Session, "append_audio", recording)
+    base_url, _app = server
+    client = Client()
+    try:
+        await client.connect(base_url)
+        assert await asyncio.to_thread(enough.wait, 60), "the clip never fully arrived"
+    finally:
+        await client.close()
+    correlation, snr_db = _aligned_snr_db(SPEECH[:wanted], np.concatenate(heard))
+    print(f"correlation {correlation:.4f}, SNR {snr_db:.1f} dB")
+    # Opus alone (aiortc's encoder and decoder, offline) gives 0.973 and 12.5 dB on this
+    # clip; one 20 ms frame lost or repeated mid-clip misaligns the rest (about 0.5).
+    assert correlation > 0.95
+    assert snr_db > 10

@@ -215,3 +215,7 @@ class AudioChunks:
             parts.append(chunk[:wanted])
             wanted -= parts[-1].size
         return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+
+    def peak(self) -> float:
+        """The largest absolute sample held (0.0 when empty)."""
+        return max((float(np.abs(c).max()) for c in self._chunks if c.size), default=0.0)

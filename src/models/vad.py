@@ -266,13 +266,17 @@ class VadWorker:
                 return
             if (
                 stream.silent_frames > IDLE_AFTER_FRAMES
-                and not stream.pending
                 and not stream.hysteresis.speaking
                 and np.abs(audio).max() < DIGITAL_SILENCE
+                and stream.audio.peak() < DIGITAL_SILENCE
             ):
                 # Idle and still silent: nothing to judge, no thread to wake. Silence can
-                # neither start speech nor, as nobody speaks, stop it.
-                stream.offset += audio.size
+                # neither start speech nor, as nobody speaks, stop it. What was pending (less
+                # than a frame, silent too) goes with it: chunks that are no multiple of a
+                # frame (20 ms from WebRTC) would otherwise never leave the buffer empty.
+                stream.offset += stream.pending + audio.size
+                stream.audio = AudioChunks()
+                self._ready.discard(stream)
                 return
             stream.audio.append(audio.astype(np.float32, copy=False))
             if stream.pending >= FRAME_SAMPLES:

@@ -1,8 +1,9 @@
 """WebRTC transport (aiortc): POST /v1/realtime/calls with an SDP offer returns the answer.
 
-Audio arrives on the track (Opus, decoded by aiortc to 48 kHz stereo s16, resampled here to
-16 kHz mono); events go both ways on the data channel named `oai-events`. One `PeerManager`
-owns every peer connection and its tasks, closes a connection that is not connected within
+Audio arrives on the track (Opus, put back in order waiting for at most
+`webrtc.jitter_window` packets, decoded on the event loop to 16 kHz mono by `audio_in`);
+events go both ways on the data channel named `oai-events`. One `PeerManager` owns every
+peer connection and its tasks, closes a connection that is not connected within
 `webrtc.connect_timeout_s`, and closes them all on shutdown.
 """
 
@@ -14,27 +15,25 @@ import logging
 import time
 from typing import Any
 
-import av
 import numpy as np
 from aiortc import (
-    MediaStreamTrack,
     RTCConfiguration,
     RTCDataChannel,
     RTCIceServer,
     RTCPeerConnection,
+    RTCRtpReceiver,
     RTCSessionDescription,
 )
-from aiortc.mediastreams import MediaStreamError
 from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse, Response
 
-from ...models.audio import PCM16_SCALE, SAMPLE_RATE
 from .. import protocol as p
 from ..metrics import quoted
 from ..security import bearer_token, ice_servers, origin_allowed, token_matches
 from ..session import Session
 from ..state import EngineNotReady, ServerState, TooManySessions
 from .activity import IdleTimer
+from .audio_in import DirectDecoder, receive_audio
 from .audio_track import SpeechTrack
 
 logger = logging.getLogger(__name__)
@@ -100,6 +99,7 @@ class Call:
         # await, e.g. loading the VAD model; a task per message could reorder them).
         self.inbox: asyncio.Queue[str | bytes] = asyncio.Queue(1024)
         self.speech_track: SpeechTrack | None = None
+        self.audio_in: DirectDecoder | None = None
         self.activity = IdleTimer(manager.state.settings.server.idle_timeout_s)
 
     def spawn(self, coro: Any, name: str) -> None:
@@ -167,21 +167,30 @@ class Call:
             await asyncio.wait_for(self.transport.flush(), FLUSH_S)
         self.spawn(self.close(), "close")  # not awaited here: close() cancels this task
 
-    async def read_audio(self, track: MediaStreamTrack) -> None:
-        resampler = av.AudioResampler(format="s16", layout="mono", rate=SAMPLE_RATE)
-        while True:
-            try:
-                frame = await track.recv()
-            except MediaStreamError:
-                return
-            self.activity.touch()
-            frame.pts = None  # the resampler rejects aiortc's timestamps
-            for out in resampler.resample(frame):
-                pcm = out.to_ndarray().reshape(-1).astype(np.float32) / PCM16_SCALE
-                try:
-                    self.session.append_audio(pcm, continuous=True)
-                except p.ProtocolError as exc:
-                    self.session.transport.send(p.error_event(exc.code, str(exc)))
+    def listen(self, receiver: RTCRtpReceiver) -> None:
+        """Take the microphone's audio from `receiver` (before the connection starts)."""
+        window = self.manager.state.settings.webrtc.jitter_window
+        self.audio_in = receive_audio(receiver, window, self.hear, self._audio_failed)
+
+    def hear(self, pcm: np.ndarray, timestamp: int) -> None:
+        """16 kHz mono audio from the microphone, on the event loop, in order."""
+        self.activity.touch()
+        try:
+            self.session.append_audio(pcm, continuous=True)
+        except p.ProtocolError as exc:
+            self.session.transport.send(p.error_event(exc.code, str(exc)))
+
+    def _audio_failed(self, exc: BaseException) -> None:
+        if self.closed:
+            return
+        # Without its audio the call would go on with a deaf session.
+        logger.error(
+            "session=%s call=%s incoming audio failed: closing the call",
+            self.session.id,
+            self.id,
+            exc_info=exc,
+        )
+        self.spawn(self.close(), "close")
 
     def receive(self, message: str | bytes) -> None:
         self.activity.touch()
@@ -250,10 +259,6 @@ class PeerManager:
             else:
                 channel.on("open", opened)
 
-        def on_track(track: MediaStreamTrack) -> None:
-            if track.kind == "audio":
-                call.spawn(call.read_audio(track), "audio-in")
-
         async def on_state() -> None:
             logger.info("session=%s call=%s state=%s", session.id, call.id, pc.connectionState)
             if pc.connectionState == "connected":
@@ -262,12 +267,14 @@ class PeerManager:
                 call.spawn(call.close(), "close")
 
         pc.on("datachannel", on_datachannel)
-        pc.on("track", on_track)
         pc.on("connectionstatechange", on_state)
 
         try:
             await session.start()
             await pc.setRemoteDescription(RTCSessionDescription(offer_sdp, "offer"))
+            for transceiver in pc.getTransceivers():
+                if transceiver.kind == "audio":  # receivers start once connected
+                    call.listen(transceiver.receiver)
             if state.tts is not None and any(
                 # aiortc keeps what the offer lets us do as the private `_offerDirection`.
                 t.kind == "audio" and getattr(t, "_offerDirection", "") in ("sendrecv", "sendonly")
