@@ -6,110 +6,43 @@ Each test saves a screenshot under $VOXTRAL_ARTIFACTS (default: build/test-artif
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
+from browsers import (
+    fake_mic_page,
+    first_answer,
+    launch,
+    needs_chromium,
+    playwright_session,
+    snap,
+    within_ms,
+)
 from clients import ttft_lines
-from conftest import REPO, SAMPLE_WAV, SCRIPT
+from conftest import SCRIPT
 from coturn import coturn
-from patience import scaled
 from servers import running_server
 
 from voxtral_server.config import Settings
 from voxtral_server.models.voxtral import VoxtralEngine
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-ARTIFACTS = Path(os.environ.get("VOXTRAL_ARTIFACTS", REPO / "build" / "test-artifacts"))
-
-
-def within_ms(base_s: float) -> float:
-    """A playwright wait (ms): `base_s` on a quiet machine, stretched with the load (at most
-    6x). It bounds how long a test waits for the page, never what the page must achieve."""
-    return scaled(base_s, 6 * base_s) * 1000
-
-
-def launch(playwright: Any, profile: str, args: list[str], **options: Any) -> Any:
-    """Debian's Chromium with `profile`; a clear failure naming it if it does not start."""
-    timeout = within_ms(30)
-    try:
-        return playwright.chromium.launch_persistent_context(
-            profile, executable_path=CHROMIUM, headless=True, args=args, timeout=timeout, **options
-        )
-    except Exception as exc:  # playwright's Error or TimeoutError: say what did not start
-        pytest.fail(
-            f"Chromium ({CHROMIUM}) did not start within {timeout / 1000:.0f} s "
-            f"(30 s x load, cap 180 s): {exc}",
-            pytrace=False,
-        )
-
-
-pytestmark = pytest.mark.skipif(
-    not Path(CHROMIUM).exists(),
-    reason="Debian chromium is not installed (apt-get install chromium)",
-)
+pytestmark = needs_chromium
 
 
 @pytest.fixture(scope="module")
 def playwright() -> Iterator[Any]:
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
+    with playwright_session() as p:
         yield p
 
 
 @pytest.fixture
 def browser(playwright: Any, request: pytest.FixtureRequest) -> Iterator[Any]:
     """A fresh Chromium whose microphone plays the sample clip (in a loop)."""
-    profile = tempfile.mkdtemp(prefix="voxtral-chromium-")
-    context = launch(
-        playwright,
-        profile,
-        viewport={"width": 1000, "height": 700},
-        args=[
-            "--use-fake-ui-for-media-stream",
-            "--use-fake-device-for-media-stream",
-            f"--use-file-for-fake-audio-capture={SAMPLE_WAV}",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--autoplay-policy=no-user-gesture-required",
-        ],
-    )
-    page = context.pages[0] if context.pages else context.new_page()
-    page.set_default_timeout(within_ms(30))  # every wait without its own bound
-    page.console_errors = []  # type: ignore[attr-defined]
-    page.on(
-        "console",
-        lambda m: m.type == "error" and page.console_errors.append(m.text),  # type: ignore[attr-defined]
-    )
-    page.on("pageerror", lambda e: page.console_errors.append(str(e)))  # type: ignore[attr-defined]
-    try:
+    with fake_mic_page(playwright, request.node.name) as page:
         yield page
-    finally:
-        ARTIFACTS.mkdir(parents=True, exist_ok=True)
-        snap(page, f"{request.node.name}-end")
-        context.close()
-        shutil.rmtree(profile, ignore_errors=True)
-
-
-def snap(page: Any, name: str) -> None:
-    """A screenshot of the page as the user sees it now (the artifact reviewers look at)."""
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
-
-
-def first_answer(page: Any) -> str:
-    page.wait_for_selector(".turn.bot .latency", timeout=within_ms(30))
-    return str(page.locator(".turn.bot .bubble").first.inner_text())
 
 
 @pytest.fixture(scope="module")
