@@ -14,6 +14,7 @@ export class Player {
     this.out.connect(this.analyser);
     this.nextTime = 0;
     this.sources = new Set();
+    this.waiting = []; // drained() promises to resolve once nothing is scheduled
     this.element = null;
     this.trackSource = null;
     this.samples = new Float32Array(this.analyser.fftSize);
@@ -40,7 +41,10 @@ export class Player {
     source.start(start);
     this.nextTime = start + buffer.duration;
     this.sources.add(source);
-    source.onended = () => this.sources.delete(source);
+    source.onended = () => {
+      this.sources.delete(source);
+      if (!this.sources.size) this.settle();
+    };
     return performance.now() + (start - this.ctx.currentTime) * 1000;
   }
 
@@ -69,6 +73,18 @@ export class Player {
     }
     this.sources.clear();
     this.nextTime = 0;
+    this.settle();
+  }
+
+  // Resolves once everything scheduled has played (at once when nothing is). WebRTC speech
+  // plays on the track, outside this: the server ends the answer as its last frame leaves.
+  drained() {
+    if (!this.sources.size) return Promise.resolve();
+    return new Promise((resolve) => this.waiting.push(resolve));
+  }
+
+  settle() {
+    for (const resolve of this.waiting.splice(0)) resolve();
   }
 
   get playing() {
