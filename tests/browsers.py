@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -100,3 +100,13 @@ def first_answer(page: Any) -> str:
     """The first answer's text, once its latency strip (built at response.done) is there."""
     page.wait_for_selector(".turn.bot .latency", timeout=within_ms(30))
     return str(page.locator(".turn.bot .bubble").first.inner_text())
+
+
+# The page's conversation states so far, in order (static/js/state.js keeps the log).
+STATES_SEEN = "window.__voxtralPage.conversation.log.map((e) => e.state)"
+
+
+def in_order(seen: Sequence[str], wanted: Sequence[str]) -> bool:
+    """`wanted` appears in `seen` in this order (other states may come between)."""
+    rest = iter(seen)
+    return all(any(state == want for state in rest) for want in wanted)

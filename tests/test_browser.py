@@ -13,8 +13,10 @@ from typing import Any
 
 import pytest
 from browsers import (
+    STATES_SEEN,
     fake_mic_page,
     first_answer,
+    in_order,
     launch,
     needs_chromium,
     playwright_session,
@@ -140,6 +142,13 @@ def test_push_to_talk_from_the_keyboard_and_cancel_from_the_button(
         text = browser.locator(".turn.bot .bubble").first.inner_text()
         assert text.startswith("word0 word1 word2 word3") and "word199" not in text
         assert browser.is_disabled("#cancel")
+        # Push-to-talk rests on "hold to talk", listens while held, and rests again once
+        # the answer was stopped; a commit ends its turn.
+        browser.wait_for_function("document.getElementById('state').dataset.state === 'idle'")
+        seen = browser.evaluate(STATES_SEEN)
+        assert in_order(seen, ["idle", "listening", "thinking", "speaking", "idle"]), seen
+        assert "hearing" not in seen, seen  # no VAD in push-to-talk
+        assert "ended by commit" in browser.locator(".turn.bot .latency").first.inner_text()
         snap(browser, "push-to-talk-cancelled")
         assert browser.console_errors == []
 
@@ -221,6 +230,22 @@ def test_the_page_plays_the_spoken_answer(
         else:
             assert "you heard it after" not in strip, probe
             assert record.client_first_audio_ms is None
+        # "Speaking" from the first word (before any sound: speech is made from the words)
+        # until response.done and the audio played out (then listening), or until the
+        # looping microphone speaks over the answer (then hearing you: a barge-in).
+        browser.wait_for_function(
+            f"(() => {{ const s = {STATES_SEEN}; const i = s.indexOf('speaking');"
+            " return i >= 0 && s.length > i + 1; })()"
+        )
+        log = browser.evaluate("window.__voxtralPage.conversation.log")
+        seen = [entry["state"] for entry in log]
+        assert in_order(seen, ["listening", "hearing", "thinking", "speaking"]), seen
+        spoke = seen.index("speaking")
+        after = log[spoke + 1]
+        assert log[spoke]["at"] <= probe["heardAt"], log
+        assert after["state"] == "hearing" or (
+            after["state"] == "listening" and after["at"] >= probe["doneAt"]
+        ), log
         snap(browser, f"speech-{transport}")
     assert browser.console_errors == []
 

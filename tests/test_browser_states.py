@@ -9,14 +9,22 @@ Order is asserted, never time: the page logs every state change, and a test read
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import soundfile as sf
-from browsers import fake_mic_page, first_answer, needs_chromium, playwright_session, snap
+from browsers import (
+    STATES_SEEN,
+    fake_mic_page,
+    first_answer,
+    in_order,
+    needs_chromium,
+    playwright_session,
+    snap,
+)
 from clients import ttft_lines
 from conftest import SAMPLE_WAV, SCRIPT
 from servers import running_server
@@ -35,7 +43,6 @@ LABELS = {
     "thinking": "Thinking…",
     "speaking": "Speaking",
 }
-STATES_SEEN = "window.__voxtralPage.conversation.log.map((e) => e.state)"
 # True once the page has gone back to listening after speaking.
 BACK_TO_LISTENING = f"""(() => {{
   const seen = {STATES_SEEN};
@@ -68,12 +75,6 @@ def browser(playwright: Any, request: pytest.FixtureRequest) -> Iterator[Any]:
 def server(scripted_engine: VoxtralEngine) -> Iterator[str]:
     with running_server(Settings(), scripted_engine) as (url, _app):
         yield url
-
-
-def in_order(seen: Sequence[str], wanted: Sequence[str]) -> bool:
-    """`wanted` appears in `seen` in this order (other states may come between)."""
-    rest = iter(seen)
-    return all(any(state == want for state in rest) for want in wanted)
 
 
 def test_in_order_finds_subsequences_only() -> None:

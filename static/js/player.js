@@ -76,11 +76,27 @@ export class Player {
     this.settle();
   }
 
-  // Resolves once everything scheduled has played (at once when nothing is). WebRTC speech
-  // plays on the track, outside this: the server ends the answer as its last frame leaves.
+  // Resolves once the answer's audio has played out. WebSocket: when every scheduled chunk
+  // has ended. WebRTC: response.done leaves the server with the last frame, which the
+  // browser's jitter buffer still holds: when the track has been quiet for QUIET_MS (at
+  // most TAIL_MS after the call).
   drained() {
-    if (!this.sources.size) return Promise.resolve();
-    return new Promise((resolve) => this.waiting.push(resolve));
+    if (this.sources.size) return new Promise((resolve) => this.waiting.push(resolve));
+    if (!this.trackSource) return Promise.resolve();
+    const QUIET_MS = 100;
+    const TAIL_MS = 1000;
+    const called = performance.now();
+    let quietSince = called;
+    return new Promise((resolve) => {
+      const timer = setInterval(() => {
+        const now = performance.now();
+        if (this.level() > 0.01) quietSince = now;
+        if (now - quietSince >= QUIET_MS || now - called >= TAIL_MS) {
+          clearInterval(timer);
+          resolve();
+        }
+      }, 20);
+    });
   }
 
   settle() {
