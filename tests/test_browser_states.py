@@ -30,6 +30,7 @@ from conftest import SAMPLE_WAV, SCRIPT
 from servers import running_server
 
 from voxtral_server.config import Settings
+from voxtral_server.models.turn.worker import JudgeWorker
 from voxtral_server.models.voxtral import VoxtralEngine
 
 pytestmark = needs_chromium
@@ -248,15 +249,24 @@ def test_an_answer_taken_back_is_struck_out_and_the_turn_stays_one(
     assert browser.console_errors == []
 
 
+def clip(tmp_path: Path, *parts: tuple[str, float]) -> Path:
+    """A microphone clip: ("speech", _) is the sample clip up to the end of its speech (2.7 s,
+    with its 0.3 s lead), ("silence", seconds) that much silence."""
+    audio, rate = sf.read(SAMPLE_WAV, dtype="int16")
+    pieces = [
+        audio[: int(2.7 * rate)] if kind == "speech" else np.zeros(int(seconds * rate), np.int16)
+        for kind, seconds in parts
+    ]
+    path = tmp_path / "mic.wav"
+    sf.write(path, np.concatenate(pieces), rate, subtype="PCM_16")
+    return path
+
+
 @pytest.fixture
 def long_pause_wav(tmp_path: Path) -> Path:
     """The sample clip's speech followed by 3 s of silence: longer than semantic_vad's
     longest wait at eagerness high (2 s), so the turn ends before the clip loops."""
-    audio, rate = sf.read(SAMPLE_WAV, dtype="int16")
-    speech = audio[: int(2.7 * rate)]
-    path = tmp_path / "long-pause.wav"
-    sf.write(path, np.concatenate([speech, np.zeros(3 * rate, np.int16)]), rate, subtype="PCM_16")
-    return path
+    return clip(tmp_path, ("speech", 0), ("silence", 3))
 
 
 def test_semantic_end_of_turn_chosen_in_the_page(
@@ -308,3 +318,72 @@ def test_a_refused_end_of_turn_choice_is_shown_and_the_previous_one_kept(
         strip = browser.locator(".turn.bot .latency").first.inner_text()
         assert re.search(r"ended by \d+ ms of silence", strip), strip
         snap(browser, "semantic-refused")
+
+
+class SureJudge:
+    """A turn judge that always hears a finished sentence: every pause ends the turn."""
+
+    name = "sure"
+
+    def completeness(self, audio: np.ndarray) -> float:
+        return 0.99
+
+
+# True once an answer was taken back and a later answer to the same turn is complete.
+REVISED_AND_ANSWERED = """(() => {
+  const turns = [...document.querySelectorAll(".turn")];
+  const struck = turns.findIndex((t) => t.matches(".bot.retracted"));
+  return struck >= 0 && turns.slice(struck + 1).some(
+    (t) => t.matches(".bot:not(.retracted)") && t.querySelector(".latency"));
+})()"""
+# The turns on screen up to the first answer kept after one taken back: [role, item, classes].
+UP_TO_THE_KEPT_ANSWER = """(() => {
+  const out = [];
+  let struck = false;
+  for (const t of document.querySelectorAll(".turn")) {
+    out.push([t.classList.contains("user") ? "user" : "bot", t.dataset.item, t.className]);
+    struck ||= t.matches(".bot.retracted");
+    if (struck && t.matches(".bot:not(.retracted)") && t.querySelector(".latency")) break;
+  }
+  return out;
+})()"""
+
+
+def test_a_turn_the_speaker_went_on_with_is_answered_once(
+    playwright: Any,
+    scripted_engine: VoxtralEngine,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
+) -> None:
+    import voxtral_server.api.state as server_state
+
+    # The judge ends the turn 100 ms into the half-second pause (eagerness high); the speech
+    # goes on within vad.revision_window_ms, so the server takes that answer back.
+    monkeypatch.setattr(
+        server_state, "load_judge", lambda kind, required: (JudgeWorker(SureJudge()), None)
+    )
+    wav = clip(tmp_path, ("speech", 0), ("silence", 0.5), ("speech", 0), ("silence", 3))
+    with (
+        ttft_lines() as lines,
+        running_server(Settings(), scripted_engine) as (url, _app),
+        fake_mic_page(playwright, request.node.name, wav) as page,
+    ):
+        page.goto(url)
+        page.select_option("#end-of-turn", "semantic_vad:high")
+        page.click("#connect")
+        page.wait_for_function(REVISED_AND_ANSWERED)
+        turns = page.evaluate(UP_TO_THE_KEPT_ANSWER)
+        records = lines.wait_for(2)
+        # One user turn, its answer(s) taken back struck out, then the answer kept: all
+        # about the same item.
+        assert [role for role, _, _ in turns].count("user") == 1, turns
+        assert turns[0][0] == "user" and len({item for _, item, _ in turns}) == 1, turns
+        assert all("retracted" in classes for _, _, classes in turns[1:-1]), turns
+        kept = page.locator(".turn.bot:not(.retracted) .latency").first.inner_text()
+        (silence,) = strip_ms(kept, r"ended by the semantic judge after (\d+) ms of silence")
+        semantic = [r for r in records if r.end_of_turn == "semantic" and r.silence_ms is not None]
+        assert any(abs(silence - r.silence_ms) <= 1 for r in semantic), (kept, records)
+        assert sum(r.retracted or 0 for r in records) >= 1, records
+        snap(page, "revised-live")
+        assert page.console_errors == []
