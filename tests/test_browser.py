@@ -371,7 +371,7 @@ def test_usable_at_375_px(browser: Any, server: str) -> None:
     assert first_answer(browser) == SCRIPT
     width = browser.evaluate("document.documentElement.scrollWidth")
     assert width <= 375, f"page is {width} px wide: it scrolls sideways"
-    for selector in ("#connect", "#talk", "#cancel", "#mode", "#badge"):
+    for selector in ("#connect", "#talk", "#cancel", "#mode", "#badge", "#state", "#end-of-turn"):
         box = browser.locator(selector).bounding_box()
         assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 375, selector
     snap(browser, "mobile-375px")
