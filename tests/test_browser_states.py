@@ -178,6 +178,18 @@ def done(response_id: str, item_id: str, status: str, **timing: Any) -> dict[str
     return {"type": "response.done", "response": response, "timings": timings(**timing)}
 
 
+def test_transcribe_mode_says_transcribing_and_writing(browser: Any, server: str) -> None:
+    browser.goto(server)  # not connected: the events below are the only ones
+    browser.select_option("#mode", "transcribe")
+    browser.evaluate("window.__voxtralPage.conversation.connected('listening')")
+    feed(browser, {"type": "input_audio_buffer.committed", "item_id": "item_1"})
+    assert shown_state(browser) == ("thinking", "Transcribing…")
+    feed(browser, *answer("resp_1", "item_1", "Hello"))
+    assert shown_state(browser) == ("speaking", "Writing")
+    browser.select_option("#mode", "chat")
+    assert shown_state(browser) == ("speaking", LABELS["speaking"])
+
+
 @pytest.mark.parametrize("deleted_first", [True, False], ids=["deleted-first", "done-first"])
 def test_an_answer_taken_back_is_struck_out_and_the_turn_stays_one(
     browser: Any, server: str, deleted_first: bool

@@ -14,6 +14,7 @@ const ui = {
 const conversation = new ConversationState(ui.state);
 const transcript = new Transcript(ui.transcript);
 const endOfTurn = new EndOfTurnChoice($("end-of-turn"), () => sendSettings());
+conversation.transcribing = ui.mode.value === "transcribe"; // a form value kept over a reload
 
 const state = {
   config: null,
@@ -413,7 +414,10 @@ function retry() {
 // ------------------------------------------------------------------ wiring
 
 ui.connect.addEventListener("click", start);
-ui.mode.addEventListener("change", sendSettings);
+ui.mode.addEventListener("change", () => {
+  conversation.transcribing = ui.mode.value === "transcribe";
+  sendSettings();
+});
 ui.language.addEventListener("change", sendSettings);
 for (const radio of document.querySelectorAll('input[name="turns"]')) {
   radio.addEventListener("change", () => {

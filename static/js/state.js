@@ -12,6 +12,8 @@ export const LABELS = {
   thinking: "Thinking…",
   speaking: "Speaking",
 };
+// Transcribe mode: the answer is the transcript, written rather than spoken.
+const TRANSCRIBING = { ...LABELS, thinking: "Transcribing…", speaking: "Writing" };
 
 export class ConversationState {
   constructor(element) {
@@ -21,6 +23,7 @@ export class ConversationState {
     this.resting = "listening"; // between turns: "listening", or "idle" in push-to-talk
     this.answering = false; // response.created seen, response.done not yet
     this.waiting = false; // a turn committed, its answer not created yet
+    this.labels = LABELS;
     this.set("off");
   }
 
@@ -29,7 +32,13 @@ export class ConversationState {
     this.name = name;
     this.log.push({ state: name, at: performance.now() });
     this.element.dataset.state = name;
-    this.element.textContent = LABELS[name];
+    this.element.textContent = this.labels[name];
+  }
+
+  // Chat or transcribe mode: the same states, in the words that fit.
+  set transcribing(on) {
+    this.labels = on ? TRANSCRIBING : LABELS;
+    this.element.textContent = this.labels[this.name];
   }
 
   // ---------------------------------------------------------------- the page
