@@ -64,6 +64,7 @@ function onEvent(event) {
   switch (event.type) {
     case "session.created":
       state.retries = 0;
+      conversation.connected(resting()); // the server's first event: before any speech event
       state.sessionTurnDetection = event.session.audio.input.turn_detection;
       endOfTurn.confirm(state.sessionTurnDetection, true);
       sendSettings();

@@ -43,10 +43,11 @@ export class ConversationState {
 
   // ---------------------------------------------------------------- the page
 
+  // The transport is up. Events it delivered while connecting have already moved the state
+  // on (a speech start, say): those stand.
   connected(resting) {
-    this.answering = this.waiting = false;
     this.resting = resting;
-    this.set(resting);
+    if (this.name === "off") this.set(resting);
   }
 
   dropped() {
@@ -74,7 +75,7 @@ export class ConversationState {
   // ---------------------------------------------------------------- the server
 
   speechStarted() {
-    if (this.name !== "off") this.set("hearing");
+    this.set("hearing");
   }
 
   committed() {
