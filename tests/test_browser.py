@@ -6,110 +6,45 @@ Each test saves a screenshot under $VOXTRAL_ARTIFACTS (default: build/test-artif
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
+from browsers import (
+    STATES_SEEN,
+    fake_mic_page,
+    first_answer,
+    in_order,
+    launch,
+    needs_chromium,
+    playwright_session,
+    snap,
+    within_ms,
+)
 from clients import ttft_lines
-from conftest import REPO, SAMPLE_WAV, SCRIPT
+from conftest import SCRIPT
 from coturn import coturn
-from patience import scaled
 from servers import running_server
 
 from voxtral_server.config import Settings
 from voxtral_server.models.voxtral import VoxtralEngine
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-ARTIFACTS = Path(os.environ.get("VOXTRAL_ARTIFACTS", REPO / "build" / "test-artifacts"))
-
-
-def within_ms(base_s: float) -> float:
-    """A playwright wait (ms): `base_s` on a quiet machine, stretched with the load (at most
-    6x). It bounds how long a test waits for the page, never what the page must achieve."""
-    return scaled(base_s, 6 * base_s) * 1000
-
-
-def launch(playwright: Any, profile: str, args: list[str], **options: Any) -> Any:
-    """Debian's Chromium with `profile`; a clear failure naming it if it does not start."""
-    timeout = within_ms(30)
-    try:
-        return playwright.chromium.launch_persistent_context(
-            profile, executable_path=CHROMIUM, headless=True, args=args, timeout=timeout, **options
-        )
-    except Exception as exc:  # playwright's Error or TimeoutError: say what did not start
-        pytest.fail(
-            f"Chromium ({CHROMIUM}) did not start within {timeout / 1000:.0f} s "
-            f"(30 s x load, cap 180 s): {exc}",
-            pytrace=False,
-        )
-
-
-pytestmark = pytest.mark.skipif(
-    not Path(CHROMIUM).exists(),
-    reason="Debian chromium is not installed (apt-get install chromium)",
-)
+pytestmark = needs_chromium
 
 
 @pytest.fixture(scope="module")
 def playwright() -> Iterator[Any]:
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
+    with playwright_session() as p:
         yield p
 
 
 @pytest.fixture
 def browser(playwright: Any, request: pytest.FixtureRequest) -> Iterator[Any]:
     """A fresh Chromium whose microphone plays the sample clip (in a loop)."""
-    profile = tempfile.mkdtemp(prefix="voxtral-chromium-")
-    context = launch(
-        playwright,
-        profile,
-        viewport={"width": 1000, "height": 700},
-        args=[
-            "--use-fake-ui-for-media-stream",
-            "--use-fake-device-for-media-stream",
-            f"--use-file-for-fake-audio-capture={SAMPLE_WAV}",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--autoplay-policy=no-user-gesture-required",
-        ],
-    )
-    page = context.pages[0] if context.pages else context.new_page()
-    page.set_default_timeout(within_ms(30))  # every wait without its own bound
-    page.console_errors = []  # type: ignore[attr-defined]
-    page.on(
-        "console",
-        lambda m: m.type == "error" and page.console_errors.append(m.text),  # type: ignore[attr-defined]
-    )
-    page.on("pageerror", lambda e: page.console_errors.append(str(e)))  # type: ignore[attr-defined]
-    try:
+    with fake_mic_page(playwright, request.node.name) as page:
         yield page
-    finally:
-        ARTIFACTS.mkdir(parents=True, exist_ok=True)
-        snap(page, f"{request.node.name}-end")
-        context.close()
-        shutil.rmtree(profile, ignore_errors=True)
-
-
-def snap(page: Any, name: str) -> None:
-    """A screenshot of the page as the user sees it now (the artifact reviewers look at)."""
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
-
-
-def first_answer(page: Any) -> str:
-    page.wait_for_selector(".turn.bot .latency", timeout=within_ms(30))
-    return str(page.locator(".turn.bot .bubble").first.inner_text())
 
 
 @pytest.fixture(scope="module")
@@ -207,6 +142,13 @@ def test_push_to_talk_from_the_keyboard_and_cancel_from_the_button(
         text = browser.locator(".turn.bot .bubble").first.inner_text()
         assert text.startswith("word0 word1 word2 word3") and "word199" not in text
         assert browser.is_disabled("#cancel")
+        # Push-to-talk rests on "hold to talk", listens while held, and rests again once
+        # the answer was stopped; a commit ends its turn.
+        browser.wait_for_function("document.getElementById('state').dataset.state === 'idle'")
+        seen = browser.evaluate(STATES_SEEN)
+        assert in_order(seen, ["idle", "listening", "thinking", "speaking", "idle"]), seen
+        assert "hearing" not in seen, seen  # no VAD in push-to-talk
+        assert "ended by commit" in browser.locator(".turn.bot .latency").first.inner_text()
         snap(browser, "push-to-talk-cancelled")
         assert browser.console_errors == []
 
@@ -288,6 +230,22 @@ def test_the_page_plays_the_spoken_answer(
         else:
             assert "you heard it after" not in strip, probe
             assert record.client_first_audio_ms is None
+        # "Speaking" from the first word (before any sound: speech is made from the words)
+        # until response.done and the audio played out (then listening), or until the
+        # looping microphone speaks over the answer (then hearing you: a barge-in).
+        browser.wait_for_function(
+            f"(() => {{ const s = {STATES_SEEN}; const i = s.indexOf('speaking');"
+            " return i >= 0 && s.length > i + 1; })()"
+        )
+        log = browser.evaluate("window.__voxtralPage.conversation.log")
+        seen = [entry["state"] for entry in log]
+        assert in_order(seen, ["listening", "hearing", "thinking", "speaking"]), seen
+        spoke = seen.index("speaking")
+        after = log[spoke + 1]
+        assert log[spoke]["at"] <= probe["heardAt"], log
+        assert after["state"] == "hearing" or (
+            after["state"] == "listening" and after["at"] >= probe["doneAt"]
+        ), log
         snap(browser, f"speech-{transport}")
     assert browser.console_errors == []
 
@@ -413,7 +371,7 @@ def test_usable_at_375_px(browser: Any, server: str) -> None:
     assert first_answer(browser) == SCRIPT
     width = browser.evaluate("document.documentElement.scrollWidth")
     assert width <= 375, f"page is {width} px wide: it scrolls sideways"
-    for selector in ("#connect", "#talk", "#cancel", "#mode", "#badge"):
+    for selector in ("#connect", "#talk", "#cancel", "#mode", "#badge", "#state", "#end-of-turn"):
         box = browser.locator(selector).bounding_box()
         assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 375, selector
     snap(browser, "mobile-375px")

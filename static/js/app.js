@@ -1,13 +1,20 @@
 // The page: microphone, connection (WebRTC, else WebSocket), turns, words, latency.
 import { Player } from "./player.js";
+import { ConversationState } from "./state.js";
+import { Transcript } from "./transcript.js";
 import { connect, TransportError } from "./transport.js";
+import { EndOfTurnChoice } from "./turns.js";
 
 const $ = (id) => document.getElementById(id);
 const ui = {
   badge: $("badge"), notice: $("notice"), transcript: $("transcript"), connect: $("connect"),
   mode: $("mode"), language: $("language"), talk: $("talk"), cancel: $("cancel"),
-  level: $("level"), speaking: $("speaking"), tokenField: $("token-field"), token: $("token"),
+  level: $("level"), state: $("state"), tokenField: $("token-field"), token: $("token"),
 };
+const conversation = new ConversationState(ui.state);
+const transcript = new Transcript(ui.transcript);
+const endOfTurn = new EndOfTurnChoice($("end-of-turn"), () => sendSettings());
+conversation.transcribing = ui.mode.value === "transcribe"; // a form value kept over a reload
 
 const state = {
   config: null,
@@ -16,9 +23,11 @@ const state = {
   turnMode: "vad", // "vad" | "ptt"
   wanted: false, // the user pressed Start: keep reconnecting after drops
   retries: 0,
-  responding: null, // {id, turn, turnEndedAt, firstWordAt, firstAudioAt, text, spokenLength}
+  responding: null, // {id, turn, turnEndedAt, stoppedAt, firstWordAt, firstAudioAt, text, spokenLength, retracted}
   player: null, // speech out (when the server speaks)
   lastTurnEnd: null, // browser clock: end of speech (estimated) or push-to-talk release
+  lastStop: null, // browser clock: speech_stopped arrived (semantic_vad: silence known at the end)
+  lastItem: null, // the user item last committed: the one the next response answers
   held: false,
   commitTimer: 0,
 };
@@ -49,83 +58,72 @@ function micError(err) {
   return `The microphone could not be opened: ${err.message}`;
 }
 
-// ------------------------------------------------------------------ transcript
-
-function addTurn(role, text) {
-  const turn = document.createElement("div");
-  turn.className = `turn ${role}`;
-  const bubble = document.createElement("div");
-  bubble.className = "bubble";
-  bubble.textContent = text;
-  turn.append(bubble);
-  ui.transcript.append(turn);
-  ui.transcript.scrollTop = ui.transcript.scrollHeight;
-  return turn;
-}
-
-function latencyStrip(turn, timings, browserFirstWordMs, browserFirstAudioMs) {
-  const strip = document.createElement("div");
-  strip.className = "latency";
-  const part = (label, value) => (value == null ? "" : ` · ${label} <b>${Math.round(value)} ms</b>`);
-  strip.innerHTML =
-    `you saw the first word after <b data-metric="browser_first_word_ms">${browserFirstWordMs == null ? "–" : Math.round(browserFirstWordMs)} ms</b>` +
-    part("server first word", timings.first_word_ms) +
-    part("model TTFT", timings.model_ttft_ms) +
-    part("queue", timings.queue_wait_ms) +
-    part("you heard it after", browserFirstAudioMs) +
-    part("server first audio", timings.ttfa_ms) +
-    ` · ${timings.transport}`;
-  turn.append(strip);
-}
-
 // ------------------------------------------------------------------ server events
 
 function onEvent(event) {
   switch (event.type) {
     case "session.created":
       state.retries = 0;
+      conversation.connected(resting()); // the server's first event: before any speech event
+      state.sessionTurnDetection = event.session.audio.input.turn_detection;
+      endOfTurn.confirm(state.sessionTurnDetection, true);
       sendSettings();
       break;
+    case "session.updated":
+      state.sessionTurnDetection = event.session.audio.input.turn_detection;
+      endOfTurn.confirm(state.sessionTurnDetection, false);
+      break;
     case "input_audio_buffer.speech_started":
-      ui.speaking.classList.add("on");
+      conversation.speechStarted();
       if (state.player) state.player.flush(); // barge-in: stop talking over the user
       break;
     case "input_audio_buffer.speech_stopped": {
-      ui.speaking.classList.remove("on");
       // The server heard silence_duration_ms of quiet before saying so: speech ended then.
+      // With semantic_vad the silence varies: response.done's timings.silence_ms says.
       const td = state.sessionTurnDetection;
-      state.lastTurnEnd = performance.now() - (td ? td.silence_duration_ms : 0);
+      state.lastStop = performance.now();
+      state.lastTurnEnd = td && td.type === "server_vad" ? state.lastStop - td.silence_duration_ms : null;
       break;
     }
-    case "session.updated":
-      state.sessionTurnDetection = event.session.audio.input.turn_detection;
-      break;
     case "input_audio_buffer.committed":
-      addTurn("user", ui.mode.value === "transcribe" ? "You spoke (transcribing)" : "You spoke");
+      state.lastItem = event.item_id;
+      transcript.user(event.item_id, ui.mode.value === "transcribe" ? "You spoke (transcribing)" : "You spoke");
+      conversation.committed();
+      break;
+    case "input_audio_buffer.cleared":
+      conversation.abandoned();
       break;
     case "response.created": {
-      const turn = addTurn("bot", "");
+      const turn = transcript.answer(state.lastItem);
       state.responding = {
-        id: event.response.id, turn, turnEndedAt: state.lastTurnEnd, firstWordAt: null,
-        firstAudioAt: null, text: "", spokenLength: 0,
+        id: event.response.id, turn, turnEndedAt: state.lastTurnEnd, stoppedAt: state.lastStop,
+        firstWordAt: null, firstAudioAt: null, text: "", spokenLength: 0, retracted: false,
       };
+      state.lastTurnEnd = state.lastStop = null; // one turn's estimate serves one answer
       watchFirstAudio(state.responding);
       ui.cancel.disabled = false;
+      conversation.responseCreated();
       break;
     }
     case "response.output_text.delta": {
       const r = state.responding;
       if (!r || r.id !== event.response_id) break;
-      if (r.firstWordAt == null) r.firstWordAt = performance.now();
+      r.turn.dataset.item = event.item_id;
+      if (r.firstWordAt == null) {
+        r.firstWordAt = performance.now();
+        if (r.turnEndedAt != null) transcript.firstWord(r.turn, Math.max(0, r.firstWordAt - r.turnEndedAt));
+      }
       r.text += event.delta;
       renderAnswer(r);
-      ui.transcript.scrollTop = ui.transcript.scrollHeight;
+      transcript.scroll();
+      conversation.answerArriving();
       break;
     }
     case "response.output_audio.delta": {
       const r = state.responding;
-      if (!r || r.id !== event.response_id || !state.player) break;
+      if (!r || r.id !== event.response_id || !state.player || r.retracted) break;
       state.player.playPcm16(event.delta, state.config.speech.sample_rate);
+      conversation.answerArriving();
       break;
     }
     case "response.output_audio_transcript.delta": {
@@ -134,18 +132,32 @@ function onEvent(event) {
       if (!r || r.id !== event.response_id) break;
       r.spokenLength += event.delta.length;
       renderAnswer(r);
+      conversation.answerArriving();
+      break;
+    }
+    case "conversation.item.deleted": {
+      // The speaker went on after an early end of turn: its answer is taken back (before or
+      // after its response.done), and the same user item will be committed again.
+      const r = state.responding;
+      if (r && r.turn.dataset.item === event.item_id) {
+        r.retracted = true;
+        if (state.player) state.player.flush();
+      }
+      transcript.retract(event.item_id);
       break;
     }
     case "response.done": {
       const r = state.responding;
       if (!r || r.id !== event.response.id) break;
       const status = event.response.status;
-      if (status !== "completed") r.turn.classList.add(status);
+      if (status !== "completed" && !r.retracted && !r.turn.classList.contains("retracted")) r.turn.classList.add(status);
       if (status === "cancelled" && state.player) state.player.flush();
-      const since = (t) => (t != null && r.turnEndedAt != null ? Math.max(0, t - r.turnEndedAt) : null);
+      const t = event.timings;
+      if (r.turnEndedAt == null && r.stoppedAt != null && t.silence_ms != null) r.turnEndedAt = r.stoppedAt - t.silence_ms;
+      const since = (at) => (at != null && r.turnEndedAt != null ? Math.max(0, at - r.turnEndedAt) : null);
       const seen = since(r.firstWordAt);
       const heard = since(r.firstAudioAt);
-      latencyStrip(r.turn, event.timings, seen, heard);
+      transcript.strip(r.turn, t, seen, heard);
       if ((seen != null || heard != null) && state.transport) {
         // Lands in the server's per-turn log line and metrics, beside its own figures.
         const report = { type: "voxtral.client_timing", response_id: r.id };
@@ -155,10 +167,12 @@ function onEvent(event) {
       }
       state.responding = null;
       ui.cancel.disabled = true;
+      conversation.responseDone(state.player ? state.player.drained() : Promise.resolve());
       break;
     }
     case "error":
       handleServerError(event.error);
+      if (!state.responding) conversation.abandoned();
       break;
     default:
       break;
@@ -200,6 +214,10 @@ function handleServerError(error) {
   } else if (error.code === "unauthorized") {
     ui.tokenField.hidden = false;
     notice("The server needs an access token: enter it and press Start.", "error");
+  } else if (error.code === "semantic_vad_unavailable") {
+    notice(`Semantic end of turn is not available on this server: ${error.message}. Kept the silence timer.`, "error");
+    endOfTurn.refused();
+    sendSettings(); // the whole update was refused: mode and language again, with that
   } else if (error.code !== "response_cancel_not_active") {
     notice(`Server: ${error.message}`, "error");
   }
@@ -207,6 +225,7 @@ function handleServerError(error) {
 
 function sendSettings() {
   const t = state.transport;
+  endOfTurn.enabled = state.turnMode === "vad";
   if (!t) return;
   t.send({
     type: "session.update",
@@ -215,7 +234,7 @@ function sendSettings() {
       audio: {
         input: {
           transcription: { language: ui.language.value },
-          turn_detection: state.turnMode === "vad" ? { type: "server_vad" } : null,
+          turn_detection: state.turnMode === "vad" ? endOfTurn.detection() : null,
         },
       },
     },
@@ -232,7 +251,7 @@ function press() {
   clearTimeout(state.commitTimer); // a quick re-press must not commit the new buffer
   state.held = true;
   ui.talk.classList.add("held");
-  ui.speaking.classList.add("on");
+  conversation.talking();
   if (state.responding) t.send({ type: "response.cancel" });
   t.send({ type: "input_audio_buffer.clear" });
   t.setSending(true);
@@ -243,7 +262,7 @@ function release() {
   if (!t || !state.held) return;
   state.held = false;
   ui.talk.classList.remove("held");
-  ui.speaking.classList.remove("on");
+  conversation.released();
   // Let the last audio reach the server before the commit: one 40 ms block on the
   // WebSocket; on WebRTC also the server's jitter buffer (~80 ms).
   const released = performance.now();
@@ -357,6 +376,7 @@ async function open() {
   }
   const t = state.transport;
   sendSettings(); // the user's choices, whether or not session.created came first
+  conversation.connected(resting());
   if (t.kind === "webrtc") badge("WebRTC", "webrtc");
   else {
     badge(`WebSocket (fallback: ${t.reason})`, "websocket");
@@ -368,6 +388,7 @@ async function open() {
 function dropped(reason, code) {
   state.transport = null;
   state.responding = null;
+  conversation.dropped();
   ui.cancel.disabled = true;
   if (code === "unauthorized" || code === "forbidden_origin") {
     state.wanted = false;
@@ -380,6 +401,11 @@ function dropped(reason, code) {
   retry();
 }
 
+// Between turns: listening hands-free, waiting for the talk key in push-to-talk.
+function resting() {
+  return state.turnMode === "vad" ? "listening" : "idle";
+}
+
 function retry() {
   if (!state.wanted) return;
   const delay = Math.min(10000, 1000 * 2 ** state.retries++);
@@ -389,12 +415,16 @@ function retry() {
 // ------------------------------------------------------------------ wiring
 
 ui.connect.addEventListener("click", start);
-ui.mode.addEventListener("change", sendSettings);
+ui.mode.addEventListener("change", () => {
+  conversation.transcribing = ui.mode.value === "transcribe";
+  sendSettings();
+});
 ui.language.addEventListener("change", sendSettings);
 for (const radio of document.querySelectorAll('input[name="turns"]')) {
   radio.addEventListener("change", () => {
     state.turnMode = radio.value;
     sendSettings();
+    conversation.rest(resting());
   });
 }
 ui.talk.addEventListener("pointerdown", press);
@@ -421,4 +451,7 @@ document.addEventListener("keyup", (e) => {
     release();
   }
 });
-window.__voxtral = state; // for tests and curious users
+// For tests and curious users: the page's state, its conversation state (with its log of
+// changes), and the server event handler (tests feed it synthetic events).
+window.__voxtral = state;
+window.__voxtralPage = { conversation, onEvent };

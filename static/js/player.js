@@ -14,6 +14,7 @@ export class Player {
     this.out.connect(this.analyser);
     this.nextTime = 0;
     this.sources = new Set();
+    this.waiting = []; // drained() promises to resolve once nothing is scheduled
     this.element = null;
     this.trackSource = null;
     this.samples = new Float32Array(this.analyser.fftSize);
@@ -40,7 +41,10 @@ export class Player {
     source.start(start);
     this.nextTime = start + buffer.duration;
     this.sources.add(source);
-    source.onended = () => this.sources.delete(source);
+    source.onended = () => {
+      this.sources.delete(source);
+      if (!this.sources.size) this.settle();
+    };
     return performance.now() + (start - this.ctx.currentTime) * 1000;
   }
 
@@ -69,6 +73,34 @@ export class Player {
     }
     this.sources.clear();
     this.nextTime = 0;
+    this.settle();
+  }
+
+  // Resolves once the answer's audio has played out. WebSocket: when every scheduled chunk
+  // has ended. WebRTC: response.done leaves the server with the last frame, which the
+  // browser's jitter buffer still holds: when the track has been quiet for QUIET_MS (at
+  // most TAIL_MS after the call).
+  drained() {
+    if (this.sources.size) return new Promise((resolve) => this.waiting.push(resolve));
+    if (!this.trackSource) return Promise.resolve();
+    const QUIET_MS = 100;
+    const TAIL_MS = 1000;
+    const called = performance.now();
+    let quietSince = called;
+    return new Promise((resolve) => {
+      const timer = setInterval(() => {
+        const now = performance.now();
+        if (this.level() > 0.01) quietSince = now;
+        if (now - quietSince >= QUIET_MS || now - called >= TAIL_MS) {
+          clearInterval(timer);
+          resolve();
+        }
+      }, 20);
+    });
+  }
+
+  settle() {
+    for (const resolve of this.waiting.splice(0)) resolve();
   }
 
   get playing() {
