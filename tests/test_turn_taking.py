@@ -93,6 +93,7 @@ async def test_speech_stopped_lands_at_the_last_audible_sample(
     feed(session, SPEECH)
     stopped = await t.wait_for("input_audio_buffer.speech_stopped")
     assert abs(stopped["audio_end_ms"] - LAST_AUDIBLE_MS) <= 40
+    assert stopped["since_speech_end_ms"] >= 0  # where a client puts the end on its clock
     await t.wait_for("response.done")
     session.close()
 

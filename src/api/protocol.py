@@ -245,6 +245,10 @@ class SpeechStarted(ServerEvent):
 class SpeechStopped(ServerEvent):
     type: Literal["input_audio_buffer.speech_stopped"] = "input_audio_buffer.speech_stopped"
     audio_end_ms: int
+    # Beyond OpenAI's event: ms between the last speech sample's arrival at the server and
+    # this event (the silence waited and the judging), so a client can place the end of
+    # speech on its own clock: now - since_speech_end_ms.
+    since_speech_end_ms: float | None = None
     item_id: str
 
 

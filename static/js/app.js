@@ -78,11 +78,13 @@ function onEvent(event) {
       if (state.player) state.player.flush(); // barge-in: stop talking over the user
       break;
     case "input_audio_buffer.speech_stopped": {
-      // The server heard silence_duration_ms of quiet before saying so: speech ended then.
-      // With semantic_vad the silence varies: response.done's timings.silence_ms says.
+      // The server says how long ago the last speech sample reached it (the silence waited
+      // and the judging); an older server: silence_duration_ms (server_vad), or
+      // response.done's timings.silence_ms.
       const td = state.sessionTurnDetection;
       state.lastStop = performance.now();
-      state.lastTurnEnd = td && td.type === "server_vad" ? state.lastStop - td.silence_duration_ms : null;
+      if (event.since_speech_end_ms != null) state.lastTurnEnd = state.lastStop - event.since_speech_end_ms;
+      else state.lastTurnEnd = td && td.type === "server_vad" ? state.lastStop - td.silence_duration_ms : null;
       break;
     }
     case "input_audio_buffer.committed":

@@ -25,7 +25,14 @@ from ...models.audio import SAMPLE_RATE, AudioInputError
 from ...models.engine import Engine
 from ...models.tts import TtsEngine
 from ...models.turn.worker import JudgeWorker
-from ...models.types import Chunk, Conversation, EngineError, Request, RequestHandle
+from ...models.types import (
+    Chunk,
+    Conversation,
+    EngineError,
+    Request,
+    RequestHandle,
+    ms_between,
+)
 from .. import protocol as p
 from ..metrics import Metrics, quoted
 from ..speech import AudioOut, Speech
@@ -358,7 +365,16 @@ class Session:
             self._merge = None
             audio = np.concatenate([merged.turn.audio, turn.audio])
             turn = replace(turn, item_id=merged.turn.item_id, audio=audio)
-        self.transport.send(p.SpeechStopped(audio_end_ms=turn.audio_end_ms, item_id=turn.item_id))
+        since = turn.speech_end_at
+        self.transport.send(
+            p.SpeechStopped(
+                audio_end_ms=turn.audio_end_ms,
+                item_id=turn.item_id,
+                since_speech_end_ms=None
+                if since is None
+                else ms_between(since, time.perf_counter()),
+            )
+        )
         previous = self._last_item
         self._committed_turn(turn)
         if turn.how == "semantic" and self.settings.vad.revision_window_ms > 0:
