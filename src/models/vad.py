@@ -163,8 +163,14 @@ class VadWorker:
         self.frames = 0  # frames judged since start (for tests and metrics)
         self.batches = 0  # forward passes of the model
         self._warm()
+        threads = torch.get_num_threads()
+        self._single_threaded = threading.Event()
         self._thread = threading.Thread(target=self._run, name="vad-worker", daemon=True)
         self._thread.start()
+        self._single_threaded.wait()
+        # torch.set_num_threads in the worker is also the count a thread that first uses torch
+        # later starts with (the engine's): give those the process's count back.
+        torch.set_num_threads(threads)
 
     def _warm(self) -> None:
         """TorchScript profiles and re-optimises a graph over its first calls: pay that at
@@ -240,6 +246,12 @@ class VadWorker:
             self._thread.join(timeout)
 
     def _run(self) -> None:
+        # One 32 ms frame (or a batch of a few) is far too small to split across cores: with
+        # torch's usual team of one OpenMP thread per core, a frame cost ~4x the CPU time and
+        # kept every core busy, the event loop's included (a flooding client's audio took
+        # CPU from every other session and /healthz).
+        torch.set_num_threads(1)
+        self._single_threaded.set()
         while True:
             with self._lock:
                 while not self._ready and not self._closed:
