@@ -214,7 +214,9 @@ def measure(
         with Flood(base) as flood:
             while flood.sent < 2:  # the flood is under way
                 time.sleep(0.05)
+            cpu0, t0 = _proc_cpu_s(pid), time.monotonic()
             flooded = healthz_ms(base, gets)
+            flood_cores = (_proc_cpu_s(pid) - cpu0) / (time.monotonic() - t0)
             events = flood.sent
     result = {
         "label": label,
@@ -225,6 +227,7 @@ def measure(
         "healthz_flood_p95_ms": pct(flooded, 95),
         "healthz_flood_max_ms": max(flooded),
         "flood_events": events,
+        "server_cores_while_flooding": flood_cores,
         "cpu_idle_server_cores": base_cpu,
         "cpu_per_silent_webrtc_session_1": one_cpu - base_cpu,
         "cpu_per_silent_webrtc_session_4": (four_cpu - base_cpu) / 4,
@@ -259,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         ("/healthz p95 while one client floods (ms)", "healthz_flood_p95_ms"),
         ("/healthz max while flooding (ms)", "healthz_flood_max_ms"),
         ("flood p95 / idle p95 (target <= 2)", "healthz_flood_over_idle_p95"),
+        ("server CPU while flooding (cores, GETs included)", "server_cores_while_flooding"),
         ("CPU per silent WebRTC session, 1 open (cores)", "cpu_per_silent_webrtc_session_1"),
         (
             "CPU per silent WebRTC session, 4 open (cores, target <= 0.03)",
