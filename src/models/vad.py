@@ -252,49 +252,56 @@ class VadWorker:
         # CPU from every other session and /healthz).
         torch.set_num_threads(1)
         self._single_threaded.set()
-        while True:
+        # One batch per call: what it judged (streams, and through their callbacks their
+        # sessions) is let go when it returns, not held while the worker waits for more.
+        while self._judge_batch():
+            pass
+
+    def _judge_batch(self) -> bool:
+        """Wait for frames and judge one batch of them; False once closed."""
+        with self._lock:
+            while not self._ready and not self._closed:
+                self._work.wait()
+            if self._closed:
+                return False
+            batch = list(self._ready)[:MAX_BATCH]
+            frames = np.stack([s.take_frame() for s in batch])
+            starts = [s.offset for s in batch]
+            epochs = [s.epoch for s in batch]
+            contexts = np.stack([s.context for s in batch])
+            states = torch.cat([s.state for s in batch], dim=1)
+            idle = np.zeros(len(batch), bool)
+            for i, (s, frame) in enumerate(zip(batch, frames, strict=True)):
+                s.offset += FRAME_SAMPLES
+                s.context = frame[-CONTEXT_SAMPLES:]
+                silent = bool(np.abs(frame).max() < DIGITAL_SILENCE)
+                s.silent_frames = s.silent_frames + 1 if silent else 0
+                idle[i] = s.silent_frames > IDLE_AFTER_FRAMES
+                if s.pending < FRAME_SAMPLES:
+                    self._ready.discard(s)
+        probs = np.zeros(len(batch), np.float32)
+        new_states = torch.zeros(STATE_SHAPE[0], len(batch), STATE_SHAPE[2])
+        heard = np.flatnonzero(~idle)
+        if heard.size:
+            index = torch.from_numpy(heard)
+            try:
+                probs[heard], new_states[:, index] = self._model(
+                    frames[heard], contexts[heard], states[:, index]
+                )
+            except Exception:  # the model must never take the worker down with it
+                logger.exception("VAD forward pass failed: %d frames skipped", heard.size)
+                return True
+            self.batches += 1
+        self.frames += len(batch)
+        for i, stream in enumerate(batch):
             with self._lock:
-                while not self._ready and not self._closed:
-                    self._work.wait()
-                if self._closed:
-                    return
-                batch = list(self._ready)[:MAX_BATCH]
-                frames = np.stack([s.take_frame() for s in batch])
-                starts = [s.offset for s in batch]
-                epochs = [s.epoch for s in batch]
-                contexts = np.stack([s.context for s in batch])
-                states = torch.cat([s.state for s in batch], dim=1)
-                idle = np.zeros(len(batch), bool)
-                for i, (s, frame) in enumerate(zip(batch, frames, strict=True)):
-                    s.offset += FRAME_SAMPLES
-                    s.context = frame[-CONTEXT_SAMPLES:]
-                    silent = bool(np.abs(frame).max() < DIGITAL_SILENCE)
-                    s.silent_frames = s.silent_frames + 1 if silent else 0
-                    idle[i] = s.silent_frames > IDLE_AFTER_FRAMES
-                    if s.pending < FRAME_SAMPLES:
-                        self._ready.discard(s)
-            probs = np.zeros(len(batch), np.float32)
-            new_states = torch.zeros(STATE_SHAPE[0], len(batch), STATE_SHAPE[2])
-            heard = np.flatnonzero(~idle)
-            if heard.size:
-                index = torch.from_numpy(heard)
+                if stream.closed or stream.epoch != epochs[i]:
+                    continue  # closed or reset meanwhile: this frame is stale
+                stream.state = new_states[:, i : i + 1].clone()
+                event = stream.hysteresis.judge(starts[i], float(probs[i]))
+            if event is not None:
                 try:
-                    probs[heard], new_states[:, index] = self._model(
-                        frames[heard], contexts[heard], states[:, index]
-                    )
-                except Exception:  # the model must never take the worker down with it
-                    logger.exception("VAD forward pass failed: %d frames skipped", heard.size)
-                    continue
-                self.batches += 1
-            self.frames += len(batch)
-            for i, stream in enumerate(batch):
-                with self._lock:
-                    if stream.closed or stream.epoch != epochs[i]:
-                        continue  # closed or reset meanwhile: this frame is stale
-                    stream.state = new_states[:, i : i + 1].clone()
-                    event = stream.hysteresis.judge(starts[i], float(probs[i]))
-                if event is not None:
-                    try:
-                        stream.on_events(epochs[i], [event])
-                    except Exception:
-                        logger.exception("VAD event callback failed")
+                    stream.on_events(epochs[i], [event])
+                except Exception:
+                    logger.exception("VAD event callback failed")
+        return True
