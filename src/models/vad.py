@@ -167,7 +167,7 @@ class VadWorker:
         self._single_threaded = threading.Event()
         self._thread = threading.Thread(target=self._run, name="vad-worker", daemon=True)
         self._thread.start()
-        self._single_threaded.wait()
+        self._single_threaded.wait(10)  # set at once by the thread, before any work
         # torch.set_num_threads in the worker is also the count a thread that first uses torch
         # later starts with (the engine's): give those the process's count back.
         torch.set_num_threads(threads)
