@@ -16,7 +16,8 @@ shows how fair admission is. Reports:
   queue wait    p50 / p99 / max of timings.queue_wait_ms, and the bound
                 sessions x (median turn time) + 1 s that no turn may exceed
   RSS/fds/threads of this process before the run and after every session has closed
-  RSS every `--rss-every` turns, in the JSON and plotted in benchmarks/out/soak_rss.png
+  RSS every `--rss-every` turns, in the JSON and plotted in benchmarks/out/soak_rss.png;
+                and after each phase, after gc + malloc_trim: live memory vs allocator cache
 
 With `--fuzz N`, each session first sends N mutated events (valid events with keys replaced
 by junk, and non-JSON text) before its turns, and its turns must still complete (the
@@ -28,6 +29,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
+import gc
 import json
 import os
 import random
@@ -65,6 +68,17 @@ def resources() -> dict[str, float]:
         "fds": len(os.listdir("/proc/self/fd")),
         "threads": threading.active_count(),
     }
+
+
+def trimmed_rss_mb() -> float:
+    """RSS after a full gc and glibc's malloc_trim(0): what live objects still hold, without
+    the freed memory the allocator keeps in its arenas (NaN off glibc)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        return float("nan")
+    return resources()["rss_mb"]
 
 
 class Run:
@@ -239,7 +253,9 @@ def main(argv: list[str] | None = None) -> int:
                 before = resources()
                 asyncio.run(soak(server.base_url, run, args.sessions, args.fuzz, engine))
                 server.run(server.state.idle.wait(), 60)
-                leaks.append((engine, before, resources()))
+                after = resources()
+                after["rss_trimmed_mb"] = trimmed_rss_mb()
+                leaks.append((engine, before, after))
     elapsed = time.perf_counter() - started
     per_session = list(run.completed.values()) or [0]
     spread = max(per_session) / max(min(per_session), 1)
@@ -268,6 +284,10 @@ def main(argv: list[str] | None = None) -> int:
                 [
                     f"[tts {tts}] RSS before / after (MB)",
                     f"{before['rss_mb']:.0f} / {after['rss_mb']:.0f}",
+                ],
+                [
+                    f"[tts {tts}] RSS after gc + malloc_trim (MB)",
+                    f"{after['rss_trimmed_mb']:.0f}",
                 ],
                 [f"[tts {tts}] fds before / after", f"{before['fds']} / {after['fds']}"],
                 [
