@@ -62,13 +62,13 @@ import av
 import numpy as np
 from _clients import WebRTCClient, WebSocketClient
 from _common import OUT, machine, pct, table, write_json
-from _piper_sets import Clip, complete_set, paused_set
+from _piper_sets import Clip, Labels, complete_set, paused_set
 from aiortc.mediastreams import MediaStreamTrack
 
 from voxtral_server.api.app import create_app
 from voxtral_server.api.inprocess import InProcessServer
 from voxtral_server.config import load_settings
-from voxtral_server.models.audio import PCM16_SCALE, SAMPLE_RATE
+from voxtral_server.models.audio import PCM16_SCALE, SAMPLE_RATE, read_audio_file
 
 ANSWER = "Hello world, the quick brown fox jumps over the lazy dog."
 DEFAULT_MODE = '{"type": "server_vad", "silence_duration_ms": 500}'
@@ -142,6 +142,22 @@ class ClipRun:
 
 
 # ----------------------------------------------------------------- audio out
+
+
+def wav_clip(path: Path) -> Clip:
+    """A complete utterance from a wav file (e.g. the test question, static/sample.wav),
+    labelled by level: speech is where it comes within 40 dB of its peak."""
+    audio = read_audio_file(path)
+    loud = np.flatnonzero(np.abs(audio) > np.abs(audio).max() * 0.01)
+    labels = Labels(
+        name=path.stem,
+        kind="wav",
+        text=path.name,
+        speech_start=int(loud[0]),
+        speech_end=int(loud[-1]),
+        samples=audio.size,
+    )
+    return Clip(labels, audio)
 
 
 def stream_audio(clip: Clip, lead_ms: int, tail_ms: int) -> np.ndarray:
@@ -336,6 +352,11 @@ async def _read(client: Any, run: ClipRun, t0: float, create: bool) -> None:
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
     complete = [r for r in rows if r["kind"] == "complete"]
     paused = [r for r in rows if r["kind"] == "paused"]
+    wavs = [
+        r["first_word_ms"]
+        for r in rows
+        if r["kind"] == "wav" and r["turns"] == 1 and r["first_word_ms"] is not None
+    ]
     firsts = [
         r["first_word_ms"] for r in complete if r["turns"] == 1 and r["first_word_ms"] is not None
     ]
@@ -343,6 +364,9 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
         r["committed_ms"] for r in complete if r["turns"] == 1 and r["committed_ms"] is not None
     ]
     return {
+        "wav_clips": sum(r["kind"] == "wav" for r in rows),
+        "wav_first_word_p50_ms": pct(wavs, 50),
+        "wav_first_word_p95_ms": pct(wavs, 95),
         "complete_clips": len(complete),
         "complete_one_turn": sum(r["turns"] == 1 for r in complete),
         "complete_no_turn": sum(r["turns"] == 0 for r in complete),
@@ -458,6 +482,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="silence after each clip (default 3000, --quick 1500): longer than any mode waits",
     )
     parser.add_argument("--chunk-ms", type=int, default=20, help="audio per WebSocket append")
+    parser.add_argument(
+        "--wav",
+        type=Path,
+        action="append",
+        help="a complete utterance to add, as a wav (repeatable; e.g. static/sample.wav)",
+    )
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="stream each --wav clip this many times"
+    )
     parser.add_argument("--model", help="hub id or folder (default: a tiny scripted checkpoint)")
     parser.add_argument("--config", type=Path, help="config file (default: ./config.yaml)")
     parser.add_argument("--name", default="endpointing", help="stem of the JSON and PNG in out/")
@@ -473,7 +506,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     complete, paused = complete_set(), paused_set(pause_ms=args.pause_ms)
     if args.quick:
         complete, paused = complete[:QUICK_CLIPS], paused[:QUICK_CLIPS]
-    clips = complete + paused
+    extra = [wav_clip(path) for path in args.wav or [] for _ in range(args.repeat)]
+    clips = complete + paused + extra
     with tempfile.TemporaryDirectory(prefix="endpointing-") as tmp:
         model = args.model
         if model is None:
@@ -502,6 +536,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "paused: premature",
         "retractions",
         "clipped starts",
+        "--wav 1st word p50 / p95",
     ]
     rows = []
     for result in results.values():
@@ -516,7 +551,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{s['complete_one_turn']} of {s['complete_clips']}",
                 f"{s['paused_premature']} of {s['paused_clips']}",
                 s["retractions"],
-                f"{s['clipped_starts']} of {s['complete_clips'] + s['paused_clips']}",
+                f"{s['clipped_starts']} of {len(result['clips'])}",
+                f"{s['wav_first_word_p50_ms']:.0f} / {s['wav_first_word_p95_ms']:.0f}"
+                if s["wav_clips"]
+                else "-",
             ]
         )
     print(table(heads, rows))

@@ -14,6 +14,7 @@ time and memory are its own) and measures:
 virtualenv with the previous release) in the same run, for a side-by-side table.
 
     python benchmarks/isolation.py [--baseline-python ~/.cache/voxtral-server-ci/venv/bin/python]
+        [--healthz-only] [--gets 3000]
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from voxtral_server.models.tiny import build_tiny
 
 SCRIPT = "Hello! This is a tiny Voxtral answering."
 FLOOD_SECONDS = 24.0  # audio per flood event: ~1 MiB of JSON, under server.max_event_bytes
-GETS = 300
+GETS = 300  # per window; at ~2 ms a GET, 300 see less than one paced flood event: try 3000
 
 
 def _proc_cpu_s(pid: int) -> float:
@@ -203,21 +204,34 @@ def measure_cpu(base: str, pid: int, seconds: float) -> dict[str, float]:
 
 
 def measure(
-    python: str, model: Path, workdir: Path, label: str, only_cpu: bool = False, seconds: float = 10
+    python: str,
+    model: Path,
+    workdir: Path,
+    label: str,
+    only_cpu: bool = False,
+    seconds: float = 10,
+    healthz_only: bool = False,
+    gets: int = GETS,
 ) -> dict[str, Any]:
+    nan = float("nan")
+    cpu: dict[str, float] = {}
+    mb = nan
     with server(python, model, workdir) as (base, pid):
-        # Quiet measurements first: the flood leaves work behind it.
-        cpu = measure_cpu(base, pid, seconds)
-        if only_cpu:
-            return {"label": label, "python": python, **cpu}
-        # 8: the default per-address cap (server.max_sessions_per_client)
-        mb = asyncio.run(_idle_sessions_mb(base, 8, pid))
+        if not healthz_only:
+            # Quiet measurements first: the flood leaves work behind it.
+            cpu = measure_cpu(base, pid, seconds)
+            if only_cpu:
+                return {"label": label, "python": python, **cpu}
+            # 8: the default per-address cap (server.max_sessions_per_client)
+            mb = asyncio.run(_idle_sessions_mb(base, 8, pid))
         healthz_ms(base, 50)  # warm the connection path
-        idle = healthz_ms(base)
+        idle = healthz_ms(base, gets)
         with Flood(base) as flood:
             while flood.sent < 2:  # the flood is under way
                 time.sleep(0.05)
-            flooded = healthz_ms(base)
+            cpu0, t0 = _proc_cpu_s(pid), time.monotonic()
+            flooded = healthz_ms(base, gets)
+            flood_cores = (_proc_cpu_s(pid) - cpu0) / (time.monotonic() - t0)
             events = flood.sent
     result = {
         "label": label,
@@ -228,7 +242,10 @@ def measure(
         "healthz_flood_p95_ms": pct(flooded, 95),
         "healthz_flood_max_ms": max(flooded),
         "flood_events": events,
-        **cpu,
+        "server_cores_while_flooding": flood_cores,
+        "cpu_idle_server_cores": cpu.get("cpu_idle_server_cores", nan),
+        "cpu_per_silent_webrtc_session_1": cpu.get("cpu_per_silent_webrtc_session_1", nan),
+        "cpu_per_silent_webrtc_session_4": cpu.get("cpu_per_silent_webrtc_session_4", nan),
         "mb_per_idle_session": mb,
     }
     result["healthz_flood_over_idle_p95"] = (
@@ -247,6 +264,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--cpu-seconds", type=float, default=10.0, help="window per CPU measurement (s)"
     )
+    parser.add_argument(
+        "--healthz-only", action="store_true", help="only /healthz idle and under a flood"
+    )
+    parser.add_argument("--gets", type=int, default=GETS, help="/healthz GETs per window")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
@@ -255,7 +276,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.baseline_python:
             runs.insert(0, ("baseline", args.baseline_python))
         results = [
-            measure(py, model, workdir, label, args.only_cpu, args.cpu_seconds)
+            measure(
+                py,
+                model,
+                workdir,
+                label,
+                args.only_cpu,
+                args.cpu_seconds,
+                args.healthz_only,
+                args.gets,
+            )
             for label, py in runs
         ]
     rows = [
@@ -263,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         ("/healthz p95 while one client floods (ms)", "healthz_flood_p95_ms"),
         ("/healthz max while flooding (ms)", "healthz_flood_max_ms"),
         ("flood p95 / idle p95 (target <= 2)", "healthz_flood_over_idle_p95"),
+        ("server CPU while flooding (cores, GETs included)", "server_cores_while_flooding"),
         ("CPU per silent WebRTC session, 1 open (cores)", "cpu_per_silent_webrtc_session_1"),
         (
             "CPU per silent WebRTC session, 4 open (cores, target <= 0.03)",

@@ -16,6 +16,8 @@ shows how fair admission is. Reports:
   queue wait    p50 / p99 / max of timings.queue_wait_ms, and the bound
                 sessions x (median turn time) + 1 s that no turn may exceed
   RSS/fds/threads of this process before the run and after every session has closed
+  RSS every `--rss-every` turns, in the JSON and plotted in benchmarks/out/soak_rss.png;
+                and after each phase, after gc + malloc_trim: live memory vs allocator cache
 
 With `--fuzz N`, each session first sends N mutated events (valid events with keys replaced
 by junk, and non-JSON text) before its turns, and its turns must still complete (the
@@ -27,6 +29,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
+import gc
 import json
 import os
 import random
@@ -66,9 +70,22 @@ def resources() -> dict[str, float]:
     }
 
 
+def trimmed_rss_mb() -> float:
+    """RSS after a full gc and glibc's malloc_trim(0): what live objects still hold, without
+    the freed memory the allocator keeps in its arenas (NaN off glibc)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        return float("nan")
+    return resources()["rss_mb"]
+
+
 class Run:
-    def __init__(self, total: int) -> None:
+    def __init__(self, total: int, rss_every: int = 50) -> None:
         self.total = total
+        self.rss_every = rss_every
+        self.rss: list[tuple[int, float]] = []  # (turns completed, RSS MB) as the run goes
         self.started = 0
         self.completed: Counter[str] = Counter()  # per session
         self.lost = 0
@@ -76,6 +93,12 @@ class Run:
         self.fuzz_errors: Counter[str] = Counter()  # answers to the fuzzed events
         self.queue_wait_ms: list[float] = []
         self.turn_ms: list[float] = []  # engine time of a turn: model TTFT + generation
+
+    def finished(self, name: str) -> None:
+        self.completed[name] += 1
+        done = sum(self.completed.values())
+        if done % self.rss_every == 0:
+            self.rss.append((done, resources()["rss_mb"]))
 
     def take(self) -> bool:
         if self.started >= self.total:
@@ -152,7 +175,7 @@ async def session_loop(
                 if done["response"]["status"] != "completed":
                     run.lost += 1
                     continue
-                run.completed[name] += 1
+                run.finished(name)
                 timings = done.get("timings", {})
                 run.queue_wait_ms.append(timings.get("queue_wait_ms", 0.0))
                 run.turn_ms.append(timings.get("total_ms", 0.0) - timings.get("queue_wait_ms", 0))
@@ -170,14 +193,36 @@ async def soak(base_url: str, run: Run, sessions: int, fuzz: int, prefix: str) -
     )
 
 
+def plot_rss(rss: list[tuple[int, float]], starts: dict[str, int], path: Path) -> Path:
+    """RSS against turns completed, a dashed line where each phase (new server) begins."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.plot([t for t, _ in rss], [mb for _, mb in rss], marker=".")
+    for name, at in starts.items():
+        ax.axvline(at, color="grey", linestyle="--")
+        ax.annotate(f"tts {name}", (at, 1), xycoords=("data", "axes fraction"), va="top")
+    ax.set_xlabel("turns completed")
+    ax.set_ylabel("RSS of server + clients (MB)")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--turns", type=int, default=1000)
     parser.add_argument("--sessions", type=int, default=32)
     parser.add_argument("--fuzz", type=int, default=0, help="mutated events per session first")
+    parser.add_argument("--rss-every", type=int, default=50, help="turns between RSS samples")
     args = parser.parse_args(argv)
     speech_out = shutil.which("espeak-ng") is not None
-    run = Run(args.turns)
+    run = Run(args.turns, args.rss_every)
     leaks: list[tuple[str, dict[str, float], dict[str, float]]] = []
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -185,7 +230,9 @@ def main(argv: list[str] | None = None) -> int:
         phases = [("none", args.turns // 2 if speech_out else args.turns)]
         if speech_out:
             phases.append(("espeak", args.turns - phases[0][1]))
+        starts: dict[str, int] = {}  # turns completed when each phase began
         for engine, turns in phases:
+            starts[engine] = sum(run.completed.values())
             settings = Settings.model_validate(
                 {
                     "model": {"id": str(model), "warmup_runs": 1},
@@ -206,7 +253,9 @@ def main(argv: list[str] | None = None) -> int:
                 before = resources()
                 asyncio.run(soak(server.base_url, run, args.sessions, args.fuzz, engine))
                 server.run(server.state.idle.wait(), 60)
-                leaks.append((engine, before, resources()))
+                after = resources()
+                after["rss_trimmed_mb"] = trimmed_rss_mb()
+                leaks.append((engine, before, after))
     elapsed = time.perf_counter() - started
     per_session = list(run.completed.values()) or [0]
     spread = max(per_session) / max(min(per_session), 1)
@@ -235,6 +284,10 @@ def main(argv: list[str] | None = None) -> int:
                 [
                     f"[tts {tts}] RSS before / after (MB)",
                     f"{before['rss_mb']:.0f} / {after['rss_mb']:.0f}",
+                ],
+                [
+                    f"[tts {tts}] RSS after gc + malloc_trim (MB)",
+                    f"{after['rss_trimmed_mb']:.0f}",
                 ],
                 [f"[tts {tts}] fds before / after", f"{before['fds']} / {after['fds']}"],
                 [
@@ -267,9 +320,13 @@ def main(argv: list[str] | None = None) -> int:
             "bound_ms": bound,
             "resources": [{"tts": t, "before": b, "after": a} for t, b, a in leaks],
             "wall_s": elapsed,
+            "rss_every_turns": args.rss_every,
+            "rss_mb_by_turns": run.rss,
+            "phase_starts_at_turns": starts,
         },
     )
     print(f"\nwrote {path}")
+    print(f"wrote {plot_rss(run.rss, starts, path.with_name('soak_rss.png'))}")
     return 0 if run.lost == 0 else 1
 
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import io
 import json
 import logging
+import weakref
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -507,5 +509,31 @@ async def test_one_sessions_audio_flood_does_not_hold_up_another_session(
         ), order
         flood.close()
         other.close()
+    finally:
+        worker.close()
+
+
+@pytest.mark.asyncio
+async def test_a_closed_session_is_freed_once_its_tasks_have_ended(
+    scripted_engine: VoxtralEngine,
+) -> None:
+    """The shared VAD worker kept the last batch it judged (its streams, whose callbacks hold
+    their sessions) while it waited for more audio: a closed session, its history included,
+    stayed in memory until somebody else spoke."""
+    from voxtral_server.models.vad import VadWorker
+
+    worker = VadWorker()
+    try:
+        transport = FakeTransport()
+        session = Session(scripted_engine, Settings(), transport, vad_worker=worker)
+        await session.start()
+        await session.handle_text(append_event(SPEECH))  # server VAD ends the turn
+        await transport.wait_for("response.done")
+        session.close()
+        await session.wait_closed()
+        freed = weakref.ref(session)
+        del session
+        gc.collect()
+        assert freed() is None, [type(r).__name__ for r in gc.get_referrers(freed())]
     finally:
         worker.close()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import logging
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -11,7 +13,7 @@ import numpy as np
 import pytest
 from clients import SPEECH, Client
 from conftest import SCRIPT
-from servers import running_server
+from servers import on_server, running_server
 
 from voxtral_server.api.session import Session
 from voxtral_server.config import Settings
@@ -88,3 +90,43 @@ async def test_the_session_hears_what_the_client_sent(
     # clip; one 20 ms frame lost or repeated mid-clip misaligns the rest (about 0.5).
     assert correlation > 0.95
     assert snr_db > 10
+
+
+async def _orphan_tasks_fail() -> None:
+    """(On the server loop.) What aiortc does when its SCTP retransmission timer fires after
+    a killed peer's ICE consent expired, before the call is closed: a task nobody keeps fails
+    with ConnectionError. And a task of our own that fails unretrieved, for contrast."""
+    from aiortc import RTCCertificate, RTCDtlsTransport, RTCIceGatherer, RTCIceTransport
+    from aiortc.rtcsctptransport import ForwardTsnChunk, RTCSctpTransport
+
+    ice = RTCIceTransport(RTCIceGatherer())
+    sctp = RTCSctpTransport(RTCDtlsTransport(ice, [RTCCertificate.generateCertificate()]))
+    chunk = ForwardTsnChunk()
+    chunk.cumulative_tsn = 0
+    sctp._forward_tsn_chunk = chunk  # something to send, and the DTLS is not connected
+    sctp._remote_port = 5000  # as `start()` sets it
+
+    async def ours() -> None:
+        raise ConnectionError("our own task")
+
+    # Kept by nobody, as aiortc's `asyncio.ensure_future(self._transmit())` in `_t3_expired`.
+    tasks = [asyncio.ensure_future(sctp._transmit()), asyncio.ensure_future(ours())]
+    await asyncio.wait(tasks)
+    tasks.clear()
+    gc.collect()  # the unretrieved exceptions are reported as the tasks are freed
+
+
+def test_an_aiortc_task_failing_after_its_peer_died_is_logged_as_that_not_as_an_error(
+    server: tuple[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    _base_url, app = server
+    with caplog.at_level(logging.INFO):
+        on_server(app, _orphan_tasks_fail())
+    unretrieved = [r for r in caplog.records if "never retrieved" in r.getMessage()]
+    # Our own task's failure is still reported as asyncio reports it; aiortc's is not.
+    assert len(unretrieved) == 1, [r.getMessage() for r in unretrieved]
+    assert "ours()" in unretrieved[0].getMessage()
+    peer_gone = [r for r in caplog.records if "after its peer went away" in r.getMessage()]
+    assert len(peer_gone) == 1
+    assert peer_gone[0].levelno == logging.INFO
+    assert "RTCSctpTransport._transmit" in peer_gone[0].getMessage()

@@ -24,7 +24,7 @@ from ..models.engine import load_engine
 from ..resources import MissingResource, static_dir
 from .security import bearer_token, ice_servers, token_matches
 from .state import EngineFactory, ServerState
-from .transports import webrtc, websocket
+from .transports import peer_tasks, webrtc, websocket
 
 logger = logging.getLogger(__name__)
 
@@ -36,11 +36,13 @@ def create_app(settings: Settings, engine_factory: EngineFactory = load_engine) 
         state.peers = app.state.peers = webrtc.PeerManager(state)
         app.state.server = state
         app.state.server_loop = asyncio.get_running_loop()
+        restore_handler = peer_tasks.install(app.state.server_loop)
         state.start()
         try:
             yield
         finally:
             await state.close()
+            restore_handler()
 
     app = FastAPI(title="voxtral-server", lifespan=lifespan, docs_url=None, redoc_url=None)
 

@@ -49,6 +49,7 @@ class InProcessServer:
         self.port = port or free_port(host)
         config.setdefault("log_config", None)
         config.setdefault("ws_max_size", 16 * 1024 * 1024)
+        config.setdefault("ws_per_message_deflate", False)  # as `serve` (http_limits)
         self._server = _Uvicorn(uvicorn.Config(app, host=host, port=self.port, **config))
         self._thread = threading.Thread(
             target=self._server.run, name=f"uvicorn-{self.port}", daemon=True

@@ -223,8 +223,14 @@ class VadWorker:
         self.frames = 0  # frames judged since start (for tests and metrics)
         self.batches = 0  # forward passes of the model
         self._warm()
+        threads = torch.get_num_threads()
+        self._single_threaded = threading.Event()
         self._thread = threading.Thread(target=self._run, name="vad-worker", daemon=True)
         self._thread.start()
+        self._single_threaded.wait(10)  # set at once by the thread, before any work
+        # torch.set_num_threads in the worker is also the count a thread that first uses torch
+        # later starts with (the engine's): give those the process's count back.
+        torch.set_num_threads(threads)
 
     def _warm(self) -> None:
         """TorchScript profiles and re-optimises a graph over its first calls: pay that at
@@ -315,50 +321,63 @@ class VadWorker:
             self._thread.join(timeout)
 
     def _run(self) -> None:
-        while True:
+        # One 32 ms frame (or a batch of a few) is far too small to split across cores: with
+        # torch's usual team of one OpenMP thread per core, a frame cost ~4x the CPU time and
+        # kept every core busy, the event loop's included (a flooding client's audio took
+        # CPU from every other session and /healthz).
+        torch.set_num_threads(1)
+        self._single_threaded.set()
+        # One batch per call: what it judged (streams, and through their callbacks their
+        # sessions) is let go when it returns, not held while the worker waits for more.
+        while self._judge_batch():
+            pass
+
+    def _judge_batch(self) -> bool:
+        """Wait for frames and judge one batch of them; False once closed."""
+        with self._lock:
+            while not self._ready and not self._closed:
+                self._work.wait()
+            if self._closed:
+                return False
+            batch = list(self._ready)[:MAX_BATCH]
+            frames = np.stack([s.take_frame() for s in batch])
+            starts = [s.offset for s in batch]
+            epochs = [s.epoch for s in batch]
+            contexts = np.stack([s.context for s in batch])
+            states = torch.cat([s.state for s in batch], dim=1)
+            idle = np.zeros(len(batch), bool)
+            levels = np.abs(frames).max(axis=1)
+            for i, (s, frame) in enumerate(zip(batch, frames, strict=True)):
+                s.offset += FRAME_SAMPLES
+                s.context = frame[-CONTEXT_SAMPLES:]
+                silent = bool(levels[i] < DIGITAL_SILENCE)
+                s.silent_frames = s.silent_frames + 1 if silent else 0
+                idle[i] = s.silent_frames > IDLE_AFTER_FRAMES
+                if s.pending < FRAME_SAMPLES:
+                    self._ready.discard(s)
+        probs = np.zeros(len(batch), np.float32)
+        new_states = torch.zeros(STATE_SHAPE[0], len(batch), STATE_SHAPE[2])
+        heard = np.flatnonzero(~idle)
+        if heard.size:
+            index = torch.from_numpy(heard)
+            try:
+                probs[heard], new_states[:, index] = self._model(
+                    frames[heard], contexts[heard], states[:, index]
+                )
+            except Exception:  # the model must never take the worker down with it
+                logger.exception("VAD forward pass failed: %d frames skipped", heard.size)
+                return True
+            self.batches += 1
+        self.frames += len(batch)
+        for i, stream in enumerate(batch):
             with self._lock:
-                while not self._ready and not self._closed:
-                    self._work.wait()
-                if self._closed:
-                    return
-                batch = list(self._ready)[:MAX_BATCH]
-                frames = np.stack([s.take_frame() for s in batch])
-                starts = [s.offset for s in batch]
-                epochs = [s.epoch for s in batch]
-                contexts = np.stack([s.context for s in batch])
-                states = torch.cat([s.state for s in batch], dim=1)
-                idle = np.zeros(len(batch), bool)
-                levels = np.abs(frames).max(axis=1)
-                for i, (s, frame) in enumerate(zip(batch, frames, strict=True)):
-                    s.offset += FRAME_SAMPLES
-                    s.context = frame[-CONTEXT_SAMPLES:]
-                    silent = bool(levels[i] < DIGITAL_SILENCE)
-                    s.silent_frames = s.silent_frames + 1 if silent else 0
-                    idle[i] = s.silent_frames > IDLE_AFTER_FRAMES
-                    if s.pending < FRAME_SAMPLES:
-                        self._ready.discard(s)
-            probs = np.zeros(len(batch), np.float32)
-            new_states = torch.zeros(STATE_SHAPE[0], len(batch), STATE_SHAPE[2])
-            heard = np.flatnonzero(~idle)
-            if heard.size:
-                index = torch.from_numpy(heard)
+                if stream.closed or stream.epoch != epochs[i]:
+                    continue  # closed or reset meanwhile: this frame is stale
+                stream.state = new_states[:, i : i + 1].clone()
+                events = stream.hysteresis.judge(starts[i], float(probs[i]), float(levels[i]))
+            if events:
                 try:
-                    probs[heard], new_states[:, index] = self._model(
-                        frames[heard], contexts[heard], states[:, index]
-                    )
-                except Exception:  # the model must never take the worker down with it
-                    logger.exception("VAD forward pass failed: %d frames skipped", heard.size)
-                    continue
-                self.batches += 1
-            self.frames += len(batch)
-            for i, stream in enumerate(batch):
-                with self._lock:
-                    if stream.closed or stream.epoch != epochs[i]:
-                        continue  # closed or reset meanwhile: this frame is stale
-                    stream.state = new_states[:, i : i + 1].clone()
-                    events = stream.hysteresis.judge(starts[i], float(probs[i]), float(levels[i]))
-                if events:
-                    try:
-                        stream.on_events(epochs[i], events)
-                    except Exception:
-                        logger.exception("VAD event callback failed")
+                    stream.on_events(epochs[i], events)
+                except Exception:
+                    logger.exception("VAD event callback failed")
+        return True

@@ -158,7 +158,8 @@ class Session:
         """One client event as received (JSON text)."""
         limit = self.settings.server.max_event_bytes
         size = len(raw)
-        if isinstance(raw, str) and size * 4 > limit:  # a character is up to 4 UTF-8 bytes
+        # A character is up to 4 UTF-8 bytes; ASCII text (isascii is O(1)) is one byte a character.
+        if isinstance(raw, str) and size * 4 > limit and not raw.isascii():
             size = len(raw.encode("utf-8", "surrogatepass"))
         if size > limit:
             self._error(
