@@ -67,7 +67,11 @@ bench: $(STAMP)
 	$(PY) benchmarks/isolation.py
 	$(PY) benchmarks/soak.py
 	$(PY) benchmarks/smart_turn_eval.py
-	$(PY) benchmarks/endpointing.py --transport websocket --transport webrtc
+	$(PY) benchmarks/endpointing.py --transport websocket --transport webrtc --random-lead \
+	  --wav static/sample.wav --mode '{"type":"server_vad","silence_duration_ms":500}' \
+	  --mode '{"type":"semantic_vad","eagerness":"auto"}'
+	$(PY) benchmarks/jitter.py
+	$(PY) benchmarks/browser.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
