@@ -160,7 +160,7 @@ class VadSettings(_Section):
     prefix_padding_ms: int = Field(default=300, ge=0, le=5000)
     eagerness: Literal["low", "medium", "high", "auto"] = "auto"
     speculative: bool = True
-    revision_window_ms: int = Field(default=1000, ge=0, le=10_000)
+    revision_window_ms: int = Field(default=1500, ge=0, le=10_000)
     judge: Literal["smart_turn"] = "smart_turn"
     judge_fallback: bool = False
 

@@ -300,3 +300,20 @@ async def test_a_session_falls_back_to_server_vad_when_allowed(
     done = await t.wait_for("response.done")
     assert done["timings"]["end_of_turn"] == "silence"
     session.close()
+
+
+@pytest.mark.asyncio
+async def test_a_turn_the_short_timer_ended_is_revised_too(scripted_engine: VoxtralEngine) -> None:
+    """eagerness auto ends a turn the judge does not call finished after 250 ms of silence;
+    if the speaker goes on, that early end is revised like the judge's own."""
+    session, t, _ = await open_session(scripted_engine, judge=FixedJudge(0.0), **semantic("auto"))
+    feed(session, SPEECH[: SPEECH_END + 6400])  # 400 ms of silence
+    first = await t.wait_for("input_audio_buffer.committed")
+    feed(session, SPEECH[START:])
+    await t.wait_for("input_audio_buffer.committed", count=2)
+    done = await t.wait_for("response.done", count=2)
+    assert [e["item_id"] for e in t.of("conversation.item.deleted")] == [first["item_id"]]
+    assert t.of("input_audio_buffer.committed")[1]["item_id"] == first["item_id"]
+    assert done["timings"]["end_of_turn"] == "silence" and done["timings"]["silence_ms"] == 250
+    assert len(session.conversation.history) == 1
+    session.close()

@@ -258,7 +258,7 @@ class Session:
             self._answer.stop()
 
     def _revise(self, revised: _Revisable) -> None:
-        """The speaker went on within `vad.revision_window_ms` of a turn the judge ended: it
+        """The speaker went on within `vad.revision_window_ms` of a semantic_vad turn: it
         was not over. Its answer is taken back (cancelled if running, out of the history
         either way, `conversation.item.deleted`), and the speech that follows extends it."""
         turn = revised.turn
@@ -378,7 +378,11 @@ class Session:
         )
         previous = self._last_item
         self._committed_turn(turn)
-        if turn.how == "semantic" and self.settings.vad.revision_window_ms > 0:
+        if (
+            td.semantic is not None
+            and turn.how in ("semantic", "silence")
+            and self.settings.vad.revision_window_ms > 0
+        ):
             self._revisable = _Revisable(turn, previous)
         if td.create_response:
             if self._answer is not None:

@@ -10,11 +10,12 @@ whatever the judge says. `eagerness`:
   high     P >= 0.3, at most 2 s     (OpenAI's maximum waits: 2 s high, 4 s medium, 8 s low)
   medium   P >= 0.5, at most 4 s
   low      P >= 0.7, first asked after 200 ms, at most 8 s
-  auto     P >= 0.5, at most 500 ms: the default, chosen by measurement (RESULTS.md). On the
-           speech available here the judge mostly follows the length of the silence, so a
-           finished sentence it misreads would wait seconds; auto caps that at a short timer
-           and leaves a sentence that goes on to the session's revision (the answer is taken
-           back and the turn continues), which keeps it one turn.
+  auto     P >= 0.5, at most 250 ms: the default, chosen by measurement (RESULTS.md). Answer
+           fast, repair when wrong: a finished sentence the judge misreads (it cannot read
+           synthetic espeak speech at all) waits at most 250 ms, and a sentence that goes on
+           after an early end is revised by the session (the answer is taken back and the
+           turn continues as one), so the cost of ending early is a retraction, not two
+           turns.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ EAGERNESS = {
     "high": Eagerness(0.3, 0, 2000),
     "medium": Eagerness(0.5, 0, 4000),
     "low": Eagerness(0.7, 200, 8000),
-    "auto": Eagerness(0.5, 0, 500),
+    "auto": Eagerness(0.5, 0, 250),
 }
 CHECK_EVERY_MS = 100
 
