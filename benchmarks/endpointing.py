@@ -494,7 +494,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", help="hub id or folder (default: a tiny scripted checkpoint)")
     parser.add_argument("--config", type=Path, help="config file (default: ./config.yaml)")
     parser.add_argument("--name", default="endpointing", help="stem of the JSON and PNG in out/")
+    parser.add_argument(
+        "--replot",
+        type=Path,
+        nargs="+",
+        metavar="JSON",
+        help="no run: one CDF of every mode in these earlier results, to out/<--name>.png",
+    )
     args = parser.parse_args(argv)
+    if args.replot:
+        merged: dict[str, Any] = {}
+        for path in args.replot:
+            for label, result in json.loads(path.read_text())["results"].items():
+                merged[f"{label} ({path.stem})"] = result
+        plot(merged, OUT / f"{args.name}.png")
+        print(f"wrote {OUT / f'{args.name}.png'}")
+        return 0
     modes = [json.loads(m) for m in (args.mode or [DEFAULT_MODE])]
     if not all(isinstance(m, dict) for m in modes):
         parser.error("--mode takes a JSON object, the session's turn_detection")
