@@ -57,6 +57,19 @@ class FixedJudge:
         return self.p
 
 
+_WORKERS: list[JudgeWorker] = []
+
+
+@pytest.fixture(autouse=True)
+def close_judge_workers() -> Any:
+    """Every judge thread a test started is stopped after it."""
+    yield
+    while _WORKERS:
+        worker = _WORKERS.pop()
+        worker.close()
+        assert not worker._thread.is_alive()
+
+
 async def open_session(
     engine: VoxtralEngine,
     settings: Settings | None = None,
@@ -65,6 +78,8 @@ async def open_session(
 ) -> tuple[Session, FakeTransport, Records]:
     transport, metrics = FakeTransport(), Records()
     worker = JudgeWorker(judge) if judge is not None else None
+    if worker is not None:
+        _WORKERS.append(worker)
     session = Session(engine, settings or Settings(), transport, metrics, judge=worker)
     await session.start()
     if update:
@@ -317,3 +332,63 @@ async def test_a_turn_the_short_timer_ended_is_revised_too(scripted_engine: Voxt
     assert done["timings"]["end_of_turn"] == "silence" and done["timings"]["silence_ms"] == 250
     assert len(session.conversation.history) == 1
     session.close()
+
+
+class FlakyJudge:
+    """Raises on its first question, then answers."""
+
+    name = "flaky"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def completeness(self, audio: np.ndarray) -> float:
+        self.calls += 1
+        if self.calls == 1:
+            raise RuntimeError("injected: the judge failed")
+        return 0.75
+
+
+def test_a_failing_judge_answers_none_and_the_worker_goes_on() -> None:
+    worker = JudgeWorker(FlakyJudge())
+    _WORKERS.append(worker)
+    verdicts: list[float | None] = []
+    done = threading.Event()
+
+    def on_verdict(p: float | None, took_ms: float) -> None:
+        verdicts.append(p)
+        if len(verdicts) == 2:
+            done.set()
+
+    worker.ask("a", silence(100), on_verdict)
+    worker.ask("b", silence(100), on_verdict)
+    assert done.wait(60)
+    assert verdicts == [None, 0.75]
+
+
+def test_a_newer_question_replaces_the_waiting_one_and_close_stops_the_thread() -> None:
+    gate, started = threading.Event(), threading.Event()
+    asked: list[int] = []
+
+    class Slow:
+        name = "slow"
+
+        def completeness(self, audio: np.ndarray) -> float:
+            asked.append(audio.size)
+            started.set()
+            gate.wait(60)
+            return 1.0
+
+    worker = JudgeWorker(Slow())
+    answered = threading.Event()
+    sizes: list[float | None] = []
+    worker.ask("blocker", silence(10), lambda p, ms: None)
+    assert started.wait(60)  # the blocker is being judged
+    worker.ask("s", silence(20), lambda p, ms: sizes.append(p))
+    worker.ask("s", silence(30), lambda p, ms: (sizes.append(p), answered.set()))
+    assert worker.waiting == 1  # the older question of "s" was replaced
+    gate.set()
+    assert answered.wait(60)
+    assert asked == [160, 480] and sizes == [1.0]
+    worker.close()
+    assert not worker._thread.is_alive()

@@ -187,19 +187,8 @@ class AudioChunks:
 
     def take_until(self, sample: int) -> np.ndarray:
         """Remove and return the samples before stream offset `sample`, joined."""
-        parts: list[np.ndarray] = []
-        wanted = min(max(sample - self.start, 0), self.size)
-        while wanted:
-            head = self._chunks[0]
-            if head.size <= wanted:
-                parts.append(self._chunks.popleft())
-                wanted -= head.size
-            else:
-                parts.append(head[:wanted])
-                self._chunks[0] = head[wanted:]
-                wanted = 0
-        audio = np.concatenate(parts) if parts else np.zeros(0, np.float32)
-        self.start += audio.size
+        audio = self.peek_until(sample)
+        self.cut_before(self.start + audio.size)
         return audio
 
     def take_all(self) -> np.ndarray:

@@ -320,13 +320,17 @@ class Session:
             self._turn_ended(turn)
 
     def _end_pause(self) -> None:
-        """The pause is over (speech resumed, the turn ended, or the session closed)."""
+        """The pause is over and its speculative run with it (speech resumed, or the
+        session closed)."""
+        self._stop_judging()
+        self._discard_speculation()
+
+    def _stop_judging(self) -> None:
         self._pause = None
         if self._watch is not None:
             self._watch = None
             if self._judge is not None:
                 self._judge.forget(self.id)
-        self._discard_speculation()
 
     def _speculate(self, pause: Paused) -> None:
         if self._answer is not None or self._committed is not None or self.closed:
@@ -358,9 +362,7 @@ class Session:
     def _turn_ended(self, turn: TurnEnded) -> None:
         td = self.config.turn_detection
         assert td is not None
-        spec, self._spec = self._spec, None  # kept past _end_pause: the answer may use it
-        self._end_pause()
-        self._spec = spec
+        self._stop_judging()  # the speculative run stays: the answer may be it
         merged = self._merge
         if merged is not None:  # the speech that revised a turn: one turn, one item
             self._merge = None

@@ -18,6 +18,8 @@ from typing import Protocol
 
 import numpy as np
 
+from . import judge as judge_module
+
 logger = logging.getLogger(__name__)
 
 
@@ -98,12 +100,8 @@ def load_judge(kind: str, required: bool) -> tuple[JudgeWorker | None, str | Non
     it could not load). Raises instead when `required` (semantic_vad is the configured
     default and no fallback was allowed). Blocking: call off the event loop."""
     try:
-        from .judge import TurnJudgeUnavailable, load_turn_judge
-    except ImportError as exc:  # pragma: no cover - the package is part of the install
-        raise RuntimeError(f"the turn judge module is missing: {exc}") from exc
-    try:
-        judge = load_turn_judge(kind)
-    except TurnJudgeUnavailable as exc:
+        judge = judge_module.load_turn_judge(kind)
+    except judge_module.TurnJudgeUnavailable as exc:
         if required:
             raise
         return None, str(exc)
