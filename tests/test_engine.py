@@ -14,6 +14,7 @@ import torch
 from conftest import SAMPLE_WAV, SCRIPT, engine_settings, speech_like
 from transformers import AutoProcessor, VoxtralForConditionalGeneration
 
+from voxtral_server.api.session.conversation import Conversation
 from voxtral_server.models.audio import (
     SAMPLE_RATE,
     AudioInputError,
@@ -22,11 +23,10 @@ from voxtral_server.models.audio import (
 )
 from voxtral_server.models.types import (
     Chunk,
-    Conversation,
     EngineError,
+    Message,
     ModelLoadError,
     Request,
-    Turn,
 )
 from voxtral_server.models.voxtral import VoxtralEngine
 
@@ -61,9 +61,13 @@ def reference_ids(model_dir: Path, request: Request) -> list[int]:
             return {"type": "audio", "base64": base64.b64encode(wav_bytes(audio)).decode()}
 
         conversation: list[dict[str, Any]] = []
-        for turn in request.history:
-            conversation.append({"role": "user", "content": [audio_part(turn.audio)]})
-            conversation.append({"role": "assistant", "content": turn.answer})
+        for m in request.history:
+            if m.role == "user":
+                assert m.audio is not None
+                conversation.append({"role": "user", "content": [audio_part(m.audio)]})
+            else:
+                conversation.append({"role": m.role, "content": m.text})
+        assert request.audio is not None
         conversation.append({"role": "user", "content": [audio_part(request.audio)]})
         inputs = processor.apply_chat_template(conversation)
     with torch.inference_mode():
@@ -74,7 +78,10 @@ def reference_ids(model_dir: Path, request: Request) -> list[int]:
 
 def _requests() -> dict[str, Request]:
     audio = speech_like(2.5, seed=11)
-    history = (Turn(speech_like(1.5, seed=12), "an earlier answer"),)
+    history = (
+        Message("user", audio=speech_like(1.5, seed=12)),
+        Message("assistant", "an earlier answer"),
+    )
     return {
         "transcribe": Request(audio, "transcribe", language="en", max_new_tokens=MAX_NEW),
         "chat": Request(audio, "chat", temperature=0.0, max_new_tokens=MAX_NEW),
@@ -144,7 +151,8 @@ def test_conversation_keeps_only_the_last_turns() -> None:
     conversation = Conversation(max_turns=2)
     for i in range(3):
         conversation.add(np.zeros(10, np.float32), f"answer {i}")
-    assert [t.answer for t in conversation.history] == ["answer 1", "answer 2"]
+    answers = [m.text for m in conversation.history if m.role == "assistant"]
+    assert answers == ["answer 1", "answer 2"]
     alone = Conversation(max_turns=0)
     alone.add(np.zeros(10, np.float32), "dropped")
     assert alone.history == ()
@@ -354,7 +362,12 @@ def test_no_request_compiles_after_warm_up(compiled_engines: dict[str, Any]) -> 
         Request(
             speech_like(3.0),
             "chat",
-            history=(Turn(speech_like(4.0), "before"), Turn(speech_like(1.0), "and again")),
+            history=(
+                Message("user", audio=speech_like(4.0)),
+                Message("assistant", "before"),
+                Message("user", audio=speech_like(1.0)),
+                Message("assistant", "and again"),
+            ),
             max_new_tokens=20,
         ),
     ]
@@ -378,5 +391,6 @@ def test_a_long_chat_encodes_each_utterance_once_and_answers_the_same(
         hits = random_engine._embeds.hits
         totals = _final(collect(random_engine, request))
         assert list(totals.token_ids) == reference_ids(tiny_random, request)
-        assert random_engine._embeds.hits - hits == len(request.history)  # none re-encoded
+        earlier = sum(m.audio is not None for m in request.history)
+        assert random_engine._embeds.hits - hits == earlier  # none re-encoded
         conversation.add(audio, totals.answer)

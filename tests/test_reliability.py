@@ -117,11 +117,11 @@ async def test_a_cancel_anywhere_in_an_answer_leaves_the_conversation_working(
     shown = "".join(e["delta"] for e in t.of("response.output_text.delta"))
     if delivered == len(words):  # every word was out before the cancel: nothing was cut
         assert done["response"]["status"] == "completed" and shown == SCRIPT
-        assert [turn.answer for turn in session.conversation.history] == [SCRIPT]
+        assert [m.text for m in session.conversation.history if m.role == "assistant"] == [SCRIPT]
     else:
         assert done["response"]["status"] == "cancelled"
         assert session.conversation.history == ()
-    assert all(turn.answer.strip() for turn in session.conversation.history)
+    assert all(m.text.strip() for m in session.conversation.history if m.role == "assistant")
 
     await ask(session)  # the next turn, on the same conversation
     chunks, sink = await engine.complete.get()

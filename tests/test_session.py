@@ -161,7 +161,10 @@ async def test_chat_keeps_the_conversation(scripted_engine: VoxtralEngine) -> No
         await session.handle_text('{"type": "input_audio_buffer.commit"}')
         await session.handle_text('{"type": "response.create"}')
         await t.wait_for("response.done", i + 1)
-    assert [turn.answer for turn in session.conversation.history] == [SCRIPT, SCRIPT]
+    assert [m.text for m in session.conversation.history if m.role == "assistant"] == [
+        SCRIPT,
+        SCRIPT,
+    ]
     session.close()
 
 

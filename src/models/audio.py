@@ -98,7 +98,14 @@ def check_request(request: Request, max_utterance_s: float) -> None:
     model cannot answer (`validate`)."""
     if request.mode not in ("transcribe", "chat"):
         raise EngineError("invalid_mode", f"mode must be transcribe or chat, not {request.mode!r}")
-    validate(request.audio, max_utterance_s)
+    if request.audio is not None:
+        validate(request.audio, max_utterance_s)
+    elif request.mode == "transcribe":
+        raise AudioInputError("empty_audio", "nothing to transcribe: the request has no audio")
+    if request.mode == "chat":
+        from .chat import chat_messages  # (chat.py encodes audio with this module)
+
+        chat_messages(request)  # raises for a conversation the model cannot continue
 
 
 def _check_pcm16(pcm: np.ndarray) -> np.ndarray:

@@ -27,7 +27,6 @@ from ...models.tts import TtsEngine
 from ...models.turn.worker import JudgeWorker
 from ...models.types import (
     Chunk,
-    Conversation,
     EngineError,
     Request,
     RequestHandle,
@@ -37,6 +36,7 @@ from .. import protocol as p
 from ..metrics import Metrics, quoted
 from ..speech import AudioOut, Speech
 from . import report
+from .conversation import Conversation
 from .endpointing import PauseWatch
 from .input import (
     InputBuffer,
