@@ -188,8 +188,10 @@ def test_transcribe_mode_says_transcribing_and_writing(browser: Any, server: str
     browser.evaluate("window.__voxtralPage.conversation.connected('listening')")
     feed(browser, {"type": "input_audio_buffer.committed", "item_id": "item_1"})
     assert shown_state(browser) == ("thinking", "Transcribing…")
-    feed(browser, *answer("resp_1", "item_1", "Hello"))
+    delta = "conversation.item.input_audio_transcription.delta"
+    feed(browser, {"type": delta, "item_id": "item_1", "content_index": 0, "delta": "Hello"})
     assert shown_state(browser) == ("speaking", "Writing")
+    assert browser.inner_text(".turn.bot .bubble") == "Hello"
     browser.select_option("#mode", "chat")
     assert shown_state(browser) == ("speaking", LABELS["speaking"])
 

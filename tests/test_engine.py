@@ -14,7 +14,6 @@ import torch
 from conftest import SAMPLE_WAV, SCRIPT, engine_settings, speech_like
 from transformers import AutoProcessor, VoxtralForConditionalGeneration
 
-from voxtral_server.api.session.conversation import Conversation
 from voxtral_server.models.audio import (
     SAMPLE_RATE,
     AudioInputError,
@@ -145,17 +144,6 @@ def test_scripted_words_arrive_one_per_chunk(scripted_engine: VoxtralEngine, mod
     assert chunks[0].first_token_latency_ms is not None
     assert totals.model_ttft_ms is not None
     assert totals.model_ttft_ms <= chunks[0].first_token_latency_ms  # queue wait comes first
-
-
-def test_conversation_keeps_only_the_last_turns() -> None:
-    conversation = Conversation(max_turns=2)
-    for i in range(3):
-        conversation.add(np.zeros(10, np.float32), f"answer {i}")
-    answers = [m.text for m in conversation.history if m.role == "assistant"]
-    assert answers == ["answer 1", "answer 2"]
-    alone = Conversation(max_turns=0)
-    alone.add(np.zeros(10, np.float32), "dropped")
-    assert alone.history == ()
 
 
 def test_cancel_after_first_chunk_stops_within_two_tokens(tiny_random: Path) -> None:
@@ -382,15 +370,16 @@ def test_a_long_chat_encodes_each_utterance_once_and_answers_the_same(
     """Turn after turn the history's audio comes from the encoder cache (the history keeps
     the very arrays that were answered), and every answer still equals the plain pipeline's,
     which re-reads all the audio."""
-    conversation = Conversation(max_turns=3)
+    history: list[Message] = []  # the last three exchanges
     for turn in range(4):
         audio = speech_like(1.0 + 0.5 * turn, seed=20 + turn)
         request = Request(
-            audio, "chat", history=conversation.history, temperature=0.0, max_new_tokens=MAX_NEW
+            audio, "chat", history=tuple(history), temperature=0.0, max_new_tokens=MAX_NEW
         )
         hits = random_engine._embeds.hits
         totals = _final(collect(random_engine, request))
         assert list(totals.token_ids) == reference_ids(tiny_random, request)
         earlier = sum(m.audio is not None for m in request.history)
         assert random_engine._embeds.hits - hits == earlier  # none re-encoded
-        conversation.add(audio, totals.answer)
+        history += [Message("user", audio=audio), Message("assistant", totals.answer)]
+        del history[: max(0, len(history) - 6)]

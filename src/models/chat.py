@@ -3,7 +3,8 @@
 Both engines encode this list (the local one through mistral_common's tokenizer, vLLM as
 OpenAI chat messages), so they answer exactly the same conversation: the history, then the
 new user turn (its audio, with the instructions as text beside it). Without new audio the
-instructions join the last user message (they are the newest words the model reads).
+instructions join the last user message (they are the newest words the model reads). System
+messages go first: the model's format has a system prompt only before the conversation.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from .types import EngineError, Message, Request, Tool
 def chat_messages(request: Request) -> list[Message]:
     """The messages of a chat request, oldest first; raises `EngineError` for a conversation
     the model cannot continue."""
-    messages = list(request.history)
+    # The model reads system messages only before the conversation: they go first, in order.
+    messages = [m for m in request.history if m.role == "system"]
+    messages += [m for m in request.history if m.role != "system"]
     instructions = request.instructions or ""
     if request.audio is not None:
         messages.append(Message("user", instructions, request.audio))

@@ -124,6 +124,8 @@ class Totals:
     error_code: str | None = None
     error: str | None = None
     token_ids: tuple[int, ...] = ()  # every generated token, EOS included
+    tool_calls: tuple[ToolCall, ...] = ()  # functions the model called (chat with tools)
+    prompt_tokens: int | None = None  # tokens the model read (when the engine knows)
 
 
 @dataclass(frozen=True)

@@ -84,6 +84,17 @@ export class Transcript {
     return turn;
   }
 
+  // The user's words written down (input transcription): they replace "You spoke".
+  userWords(itemId, text, whole = false) {
+    const turn = this.users.get(itemId);
+    if (!turn) return;
+    const bubble = turn.querySelector(".bubble");
+    if (whole || !turn.dataset.heard) bubble.textContent = "";
+    turn.dataset.heard = "1";
+    bubble.textContent += text;
+    this.scroll();
+  }
+
   answer(itemId) {
     const turn = this.add("bot", "");
     if (itemId) turn.dataset.item = itemId;
