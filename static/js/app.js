@@ -104,7 +104,7 @@ function onEvent(event) {
       // comes ahead of its audio).
       const r = state.responding;
       if (!r || r.id !== event.response_id) break;
-      r.turn.dataset.item = event.item_id;
+      r.turn.dataset.answer = event.item_id; // the answer's own item (data-item: the turn's)
       addWords(r, event.delta);
       break;
     }
@@ -149,7 +149,7 @@ function onEvent(event) {
       // The speaker went on after an early end of turn: its answer is taken back (before or
       // after its response.done), and the same user item will be committed again.
       const r = state.responding;
-      if (r && r.turn.dataset.item === event.item_id) {
+      if (r && (r.turn.dataset.item === event.item_id || r.turn.dataset.answer === event.item_id)) {
         r.retracted = true;
         if (state.player) state.player.flush();
       }

@@ -105,7 +105,8 @@ export class Transcript {
   // the user's turn stays and will be committed again.
   retract(itemId) {
     for (const turn of this.element.querySelectorAll(".turn.bot")) {
-      if (turn.dataset.item !== itemId || turn.classList.contains("retracted")) continue;
+      const ours = turn.dataset.item === itemId || turn.dataset.answer === itemId;
+      if (!ours || turn.classList.contains("retracted")) continue;
       turn.classList.remove("cancelled");
       turn.classList.add("retracted");
       const note = document.createElement("div");

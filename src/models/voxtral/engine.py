@@ -24,11 +24,12 @@ import torch
 from transformers import CompileConfig, StaticCache, StoppingCriteriaList
 
 from ...config import Settings
-from ..audio import SAMPLE_RATE, check_request
+from ..audio import SAMPLE_RATE
 from ..chat import audios as chat_audios
 from ..chat import chat_messages
 from ..chunking import ChunkSink, WordChunker, final_chunk
 from ..mel import AUDIO_TOKENS_PER_WINDOW, N_SAMPLES, LogMel, processor_features
+from ..requests import check_request
 from ..types import (
     Chunk,
     EngineError,
