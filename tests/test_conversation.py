@@ -138,7 +138,7 @@ async def test_items_go_where_asked_and_are_retrieved_and_deleted(
     assert [(m.role, m.text) for m in history] == [("system", "Be brief."), ("user", "second")]
     # Bad forms: clear errors naming what is wrong, and the session goes on.
     await send(session, "conversation.item.retrieve", item_id="a", event_id="e1")
-    assert error_of(t) == {**error_of(t), "code": "item_not_found", "event_id": "e1"}
+    assert error_of(t) == {**error_of(t), "code": "item_retrieve_invalid_item_id", "event_id": "e1"}
     await send(session, "conversation.item.create", item=user_text("again", id="b"), event_id="e2")
     assert error_of(t, 2)["code"] == "item_id_exists" and error_of(t, 2)["event_id"] == "e2"
     await send(session, "conversation.item.create", item=user_text("x"), previous_item_id="zz")

@@ -102,6 +102,7 @@ ERROR_CODES = PARSE_CODES | {
     "nothing_to_answer",
     "not_in_transcription_session",
     "item_not_found",
+    "item_retrieve_invalid_item_id",
     "item_id_exists",
     "previous_item_not_found",
     "invalid_item",

@@ -222,7 +222,13 @@ class Session:
         elif isinstance(event, p.ConversationItemCreate):
             self._create_item(event)
         elif isinstance(event, p.ConversationItemRetrieve):
-            item = self.conversation.find(event.item_id, event.event_id)
+            item = self.conversation.get(event.item_id)
+            if item is None:  # OpenAI's code (pipecat, for one, expects it)
+                raise p.ProtocolError(
+                    "item_retrieve_invalid_item_id",
+                    f"no item {event.item_id!r} in the conversation",
+                    event.event_id,
+                )
             self.transport.send(p.ItemRetrieved(item=item.wire()))
         elif isinstance(event, p.ConversationItemDelete):
             self._delete_item(event)
