@@ -230,7 +230,10 @@ ASK = [
     '{"type": "response.create"}',
 ]
 PUSH_TO_TALK = json.dumps(
-    {"type": "session.update", "session": {"audio": {"input": {"turn_detection": None}}}}
+    {
+        "type": "session.update",
+        "session": {"type": "realtime", "audio": {"input": {"turn_detection": None}}},
+    }
 )
 
 
@@ -284,6 +287,9 @@ async def normal_turn(session: Session, t: WireTransport) -> None:
     """What a client does after anything: push-to-talk, end what runs, clear, say, answer."""
     await session.handle_text(PUSH_TO_TALK)
     while session.responding:  # a server-VAD turn may start once the cancelled one is done
+        if session.transcribing:  # a transcription session's run: it ends by itself
+            await t.wait_until(lambda: not session.transcribing)
+            continue
         ended = len(t.of("response.done"))
         await session.handle_text('{"type": "response.cancel"}')
         await t.wait_for("response.done", ended + 1, WAIT_S)

@@ -158,7 +158,12 @@ class Session:
 
     @property
     def responding(self) -> bool:
+        """A response, or a transcription session's transcription, is running."""
         return self._answer is not None
+
+    @property
+    def transcribing(self) -> bool:
+        return self._answer is not None and self._answer.transcribes is not None
 
     @property
     def mode(self) -> str:
