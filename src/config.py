@@ -107,7 +107,6 @@ class TtsSettings(_Section):
     engine: Literal["none", "espeak", "kokoro"] = "none"
     voice: str | None = None
     speed: float = Field(default=1.0, ge=0.5, le=2.0)
-    sample_rate: int = Field(default=24_000, ge=8000, le=48_000)
     model: str = "hexgrad/Kokoro-82M"
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     first_phrase_min_words: int = Field(default=2, ge=1, le=64)

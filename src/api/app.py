@@ -94,11 +94,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory = load_engine) 
             "language": settings.transcribe.language,
             "model": settings.model.id,
             # Speech out: what the page plays (null: the server answers in text only).
-            "speech": (
-                {"engine": settings.tts.engine, "sample_rate": settings.tts.sample_rate}
-                if settings.tts.engine != "none"
-                else None
-            ),
+            "speech": ({"engine": settings.tts.engine} if settings.tts.engine != "none" else None),
         }
         return JSONResponse(config, headers={"cache-control": "no-store"})
 

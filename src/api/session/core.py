@@ -57,7 +57,7 @@ from .speculation import Speculation, SpeculationStats, engine_ms
 logger = logging.getLogger(__name__)
 
 Transport = p.Transport
-_BIG_EVENT_BYTES = 64 * 1024  # parsed off the event loop above this (~2 s of 16 kHz audio)
+_BIG_EVENT_BYTES = 64 * 1024  # parsed off the event loop above this (~1 s of 24 kHz PCM)
 
 
 class Session:
@@ -173,9 +173,9 @@ class Session:
         big = size > _BIG_EVENT_BYTES
         try:
             if big:
-                event, audio = await asyncio.to_thread(parse_event, raw)
+                event, audio = await asyncio.to_thread(parse_event, raw, self.input.decoder)
             else:
-                event, audio = parse_event(raw)
+                event, audio = parse_event(raw, self.input.decoder)
         except p.ProtocolError as exc:
             self._error(exc.code, str(exc), exc.event_id)
             return
@@ -619,7 +619,16 @@ class Session:
                 "(Smart Turn), which this server has not loaded; use server_vad",
                 event.event_id,
             )
+        answer = self._answer
+        if config.output_format != self.config.output_format and answer and answer.speech:
+            raise p.ProtocolError(
+                "output_audio_format_busy",
+                f"session.audio.output.format cannot change while response {answer.id} is "
+                "being spoken; send it after response.done",
+                event.event_id,
+            )
         self.config = config
+        self.input.use_format(config.input_format)
         if "turn_detection" in _fields_set(event):
             await self._use_vad()
         self.transport.send(p.SessionUpdated(session=self._state()))

@@ -6,9 +6,9 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal, TypeVar
 
 from ...config import Settings, VadSettings
-from ...models.audio import SAMPLE_RATE
 from ...models.types import Mode
 from .. import protocol as p
+from ..audio_formats import DEFAULT_FORMAT, AudioFormat, audio_format
 from .endpointing import EAGERNESS, Eagerness
 
 TurnType = Literal["server_vad", "semantic_vad"]
@@ -73,6 +73,9 @@ class SessionSettings:
     language: str | None
     instructions: str | None
     turn_detection: TurnDetection | None  # None: push-to-talk
+    # The WebSocket's audio formats (WebRTC carries Opus on its tracks whatever these say).
+    input_format: AudioFormat = DEFAULT_FORMAT
+    output_format: AudioFormat = DEFAULT_FORMAT
 
     @classmethod
     def from_config(cls, settings: Settings) -> SessionSettings:
@@ -91,9 +94,16 @@ class SessionSettings:
             new = replace(new, mode="chat" if cfg.type == "realtime" else "transcribe")
         if "instructions" in cfg.model_fields_set:
             new = replace(new, instructions=cfg.instructions or None)
+        audio_out = cfg.audio.output if cfg.audio else None
+        if audio_out is not None and audio_out.format is not None:
+            fmt = audio_format(audio_out.format, "session.audio.output.format")
+            new = replace(new, output_format=fmt)
         audio_in = cfg.audio.input if cfg.audio else None
         if audio_in is None:
             return new
+        if audio_in.format is not None:
+            fmt = audio_format(audio_in.format, "session.audio.input.format")
+            new = replace(new, input_format=fmt)
         if audio_in.transcription is not None and audio_in.transcription.language:
             new = replace(new, language=audio_in.transcription.language)
         if "turn_detection" in audio_in.model_fields_set:
@@ -122,9 +132,10 @@ class SessionSettings:
             instructions=self.instructions,
             audio={
                 "input": {
-                    "format": {"type": "audio/pcm", "rate": SAMPLE_RATE},
+                    "format": self.input_format.describe(),
                     "turn_detection": td.describe() if td is not None else None,
                     "transcription": {"language": self.language},
-                }
+                },
+                "output": {"format": self.output_format.describe()},
             },
         )
