@@ -150,6 +150,18 @@ class ServerSettings(_Section):
     # 0 or null = never.
     idle_timeout_s: float | None = Field(default=300.0, ge=0, le=86_400)
     request_header_timeout_s: float = Field(default=10.0, gt=0, le=300)
+    # PEM files: serve https:// and wss:// (both or neither).
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ServerSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            given, missing = (
+                ("tls_cert", "tls_key") if self.tls_key is None else ("tls_key", "tls_cert")
+            )
+            raise ValueError(f"{given} is set but {missing} is not: TLS needs both files")
+        return self
 
 
 class VadSettings(_Section):
