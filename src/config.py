@@ -145,6 +145,7 @@ class ServerSettings(_Section):
     allowed_origins: tuple[str, ...] = ()
     max_sessions: int = Field(default=32, ge=1, le=10_000)
     max_event_bytes: int = Field(default=1_048_576, ge=1024, le=64 * 1_048_576)
+    max_request_bytes: int = Field(default=26_214_400, ge=1024, le=1024 * 1_048_576)
     # null = no cap (a reverse proxy or `ssh -L` makes every client one address).
     max_sessions_per_client: int | None = Field(default=8, ge=1, le=10_000)
     # 0 or null = never.

@@ -22,6 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from ..config import Settings
 from ..models.engine import load_engine
 from ..resources import MissingResource, static_dir
+from . import rest
 from .security import bearer_token, ice_servers, token_matches
 from .state import EngineFactory, ServerState
 from .transports import peer_tasks, webrtc, websocket
@@ -99,6 +100,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory = load_engine) 
         return JSONResponse(config, headers={"cache-control": "no-store"})
 
     app.include_router(websocket.router)
+    app.include_router(rest.router)
     app.include_router(webrtc.router)
     try:
         page = static_dir()
