@@ -356,6 +356,27 @@ def test_a_chat_body_over_the_limit_is_refused(server: InProcessServer) -> None:
         error_of(wrong, 415, "unsupported_media_type", "application/json")
 
 
+def test_a_chunked_body_is_cut_off_at_the_limit(server: InProcessServer) -> None:
+    """No Content-Length to refuse up front: the body is counted as it arrives."""
+    big = b"\0" * (MAX_REQUEST_BYTES + 1)
+    form = httpx.Request("POST", "/", files={"file": ("a.wav", big)})
+    multipart = form.read()
+    with httpx.Client(base_url=server.base_url, timeout=60) as http:
+        reply = http.post(
+            "/v1/audio/transcriptions",
+            content=iter([multipart]),  # an iterator: sent chunked
+            headers={"content-type": form.headers["content-type"]},
+        )
+        error_of(reply, 413, "request_too_large", "server.max_request_bytes = 400000")
+        body = json.dumps({"messages": [user(audio_part(big))]}).encode()
+        reply = http.post(
+            "/v1/chat/completions",
+            content=iter([body]),
+            headers={"content-type": "application/json"},
+        )
+        error_of(reply, 413, "request_too_large")
+
+
 def test_the_sdk_sees_an_openai_style_error(client: OpenAI) -> None:
     with pytest.raises(APIStatusError) as refused, SAMPLE_WAV.open("rb") as f:
         client.audio.transcriptions.create(model="voxtral", file=f, response_format="srt")

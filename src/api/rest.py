@@ -114,14 +114,15 @@ class EngineRun:
     async def totals(self, request: Request) -> Totals:
         """Until the answer is complete (cancelled if the client disconnects meanwhile)."""
         watcher = asyncio.create_task(self._cancel_when_gone(request))
+        totals: Totals | None = None
         try:
             async for chunk in self.chunks():
-                if chunk.totals is not None:
-                    return chunk.totals
-            raise AssertionError("the engine's last chunk carries the totals")
+                totals = chunk.totals  # the final chunk's
         finally:
             watcher.cancel()
             await asyncio.gather(watcher, return_exceptions=True)
+        assert totals is not None, "the engine's final chunk carries the totals"
+        return totals
 
     async def _cancel_when_gone(self, request: Request) -> None:
         # The body has been read: the next message is the disconnect (or never comes).
