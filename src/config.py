@@ -259,10 +259,17 @@ class Settings(_Section):
         return _validate(data, source="overrides")
 
 
+# Keys that existed once: what replaced them, so an old config file says what to do.
+REMOVED_KEYS = {
+    "tts.sample_rate": "removed: the WebSocket's speech now comes in each session's "
+    "audio.output.format (PCM16 at 24 kHz unless the client asks otherwise)",
+}
+
+
 def _describe(error: Any) -> str:
     key = ".".join(str(part) for part in error["loc"]) or "(top level)"
     if error["type"] == "extra_forbidden":
-        return f"{key}: unknown key"
+        return f"{key}: {REMOVED_KEYS.get(key, 'unknown key')}"
     return f"{key}: {error['msg']} (got {error.get('input')!r})"
 
 
