@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import ssl
 from collections.abc import Iterator
@@ -10,17 +11,22 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 import websockets
 from clients import cli, ptt_events
-from conftest import SCRIPT
+from conftest import SAMPLE_WAV, SCRIPT
 from servers import InProcessServer, SharedEngine
 from tls import SelfSigned, self_signed
 
 from voxtral_server.api.app import create_app
 from voxtral_server.api.tls import TlsError, tls_options
 from voxtral_server.config import ConfigError, ServerSettings, Settings
+from voxtral_server.models.audio import read_audio_file
+from voxtral_server.models.resample import resample
 from voxtral_server.models.voxtral import VoxtralEngine
+
+SPEECH = read_audio_file(SAMPLE_WAV)
 
 
 @pytest.fixture(scope="module")
@@ -71,12 +77,28 @@ async def test_the_official_openai_client_connects_over_wss(
 
     client = AsyncOpenAI(api_key="unused-locally", base_url=f"{tls_server.base_url}/v1")
     options: Any = {"ssl": cert.client_context()}
+    words: list[str] = []
     async with client.realtime.connect(
         model="voxtral", websocket_connection_options=options
     ) as conn:
         event = await conn.recv()
         assert event.type == "session.created"
         assert event.session.audio.input.format.rate == 24000  # type: ignore[union-attr]
+        # A push-to-talk turn as the SDK's users send it: PCM16 at 24 kHz, undeclared.
+        await conn.session.update(
+            session={"type": "realtime", "audio": {"input": {"turn_detection": None}}}
+        )
+        pcm = (np.clip(resample(SPEECH, 16000, 24000), -1, 1) * 32767).astype("<i2").tobytes()
+        await conn.input_audio_buffer.append(audio=base64.b64encode(pcm).decode())
+        await conn.input_audio_buffer.commit()
+        await conn.response.create()
+        async for event in conn:
+            if event.type == "response.output_text.delta":
+                words.append(event.delta)
+            elif event.type in ("response.done", "error"):
+                assert event.type == "response.done", event
+                break
+    assert "".join(words) == SCRIPT
 
 
 @pytest.mark.asyncio
