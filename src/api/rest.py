@@ -93,11 +93,11 @@ class EngineRun:
 
         try:
             self.handle: RequestHandle = engine.submit(request, sink)
-        except AudioInputError as exc:
-            raise ApiError(400, exc.code, str(exc), "file") from None
-        except EngineError as exc:
-            busy = exc.code == "engine_busy"
-            raise ApiError(503 if busy else 400, exc.code, str(exc)) from None
+        except AudioInputError as exc:  # audio the model cannot take (checked before, too)
+            raise ApiError(400, exc.code, str(exc)) from None
+        except EngineError as exc:  # busy, closing, no vLLM endpoint up: retry later
+            status = 400 if exc.code == "invalid_mode" else 503
+            raise ApiError(status, exc.code, str(exc)) from None
 
     async def chunks(self) -> AsyncIterator[Chunk]:
         """Every chunk up to the final one (which carries the totals). Leaving early (the
