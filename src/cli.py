@@ -38,6 +38,8 @@ def _settings(args: argparse.Namespace) -> Settings:
         ("server", "host"): getattr(args, "host", None),
         ("server", "port"): getattr(args, "port", None),
         ("tts", "engine"): getattr(args, "tts", None),
+        ("server", "tls_cert"): getattr(args, "tls_cert", None),
+        ("server", "tls_key"): getattr(args, "tls_key", None),
     }
     return load_settings(args.config, overrides)
 
@@ -138,8 +140,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from .api.app import create_app
     from .api.http_limits import uvicorn_options
+    from .api.tls import TlsError, tls_options
 
     settings = _settings(args)
+    try:
+        tls = tls_options(settings.server)
+    except TlsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     host, port = settings.server.host, settings.server.port
     if host not in LOOPBACK and settings.server.auth_token is None and not args.insecure:
         print(
@@ -155,7 +163,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     sys.setswitchinterval(0.001)
     _log_to_file(settings)
     _log_config_source(args.config)
-    logger.info("serving on http://%s:%d/ (model %s)", host, port, settings.model.id)
+    scheme = "https" if tls else "http"
+    logger.info("serving on %s://%s:%d/ (model %s)", scheme, host, port, settings.model.id)
     uvicorn.run(
         create_app(settings),
         host=host,
@@ -163,6 +172,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log_config=None,  # keep our logging setup
         timeout_graceful_shutdown=5,
         **uvicorn_options(settings),  # keep-alive, request-header deadline, WebSocket sizes
+        **tls,
     )
     return 0
 
@@ -250,6 +260,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--port", type=int, help="TCP port (overrides server.port)")
         p.add_argument(
             "--insecure", action="store_true", help="allow a non-loopback host without a token"
+        )
+        p.add_argument(
+            "--tls-cert", metavar="FILE", help="PEM certificate: serve https/wss (server.tls_cert)"
+        )
+        p.add_argument(
+            "--tls-key", metavar="FILE", help="PEM private key for --tls-cert (server.tls_key)"
         )
         p.add_argument(
             "--tts",

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from conftest import SAMPLE_WAV, SCRIPT
 from fakes import FakeTransport, frames
+from wire import PCM16K, pcm16_b64
 
 from voxtral_server.api.session import Session
 from voxtral_server.config import Settings
@@ -55,7 +56,7 @@ async def new_session(
     transport = FakeTransport()
     session = Session(recording, Settings(), transport)  # type: ignore[arg-type]
     await session.start()
-    ptt = {"audio": {"input": {"turn_detection": None}}, **update}
+    ptt = {"audio": {"input": {"turn_detection": None, "format": PCM16K}}, **update}
     await session.handle_text(json.dumps({"type": "session.update", "session": ptt}))
     return session, transport, recording
 
@@ -218,7 +219,7 @@ async def test_first_word_counts_from_the_response_create(scripted_engine: Voxtr
     saw from sending response.create to the first word (it used to include the wait)."""
     session, t, _ = await new_session(scripted_engine)
     await session.handle_text(
-        json.dumps({"type": "input_audio_buffer.append", "audio": pcm_b64(SPEECH)})
+        json.dumps({"type": "input_audio_buffer.append", "audio": pcm16_b64(SPEECH)})
     )
     await send(session, "input_audio_buffer.commit")
     await asyncio.sleep(0.5)  # the client's own pause: the scenario, not a synchronisation
@@ -229,15 +230,6 @@ async def test_first_word_counts_from_the_response_create(scripted_engine: Voxtr
     done = await t.wait_for("response.done")
     assert 0 < done["timings"]["first_word_ms"] <= seen_ms
     session.close()
-
-
-def pcm_b64(audio: Any) -> str:
-    import base64
-
-    import numpy as np
-
-    pcm = (np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes()
-    return base64.b64encode(pcm).decode()
 
 
 @pytest.mark.asyncio

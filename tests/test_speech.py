@@ -17,6 +17,7 @@ from aiortc.mediastreams import MediaStreamError
 from clients import Client
 from conftest import SAMPLE_WAV, SCRIPT
 from servers import idle, on_server, running_server
+from wire import DECLARE_16K, appends
 
 from voxtral_server.config import Settings
 from voxtral_server.models.audio import PcmResampler, read_audio_file
@@ -29,17 +30,8 @@ pytestmark = pytest.mark.skipif(
 
 SPEECH = read_audio_file(SAMPLE_WAV)  # 0.3 s silence, speech to 2.7 s, then silence
 SETTINGS = Settings().with_overrides({("tts", "engine"): "espeak"})
-WS_RATE = SETTINGS.tts.sample_rate
+WS_RATE = 24000  # audio/pcm, the output format of a session that declares none
 ENVELOPE_MS = 20
-
-
-def appends(audio: np.ndarray, chunk_ms: int = 40) -> Iterator[str]:
-    step = 16 * chunk_ms
-    for i in range(0, audio.size, step):
-        pcm = (np.clip(audio[i : i + step], -1, 1) * 32767).astype("<i2").tobytes()
-        yield json.dumps(
-            {"type": "input_audio_buffer.append", "audio": base64.b64encode(pcm).decode()}
-        )
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +97,7 @@ async def ws_turn(url: str, barge_in: bool = False) -> list[dict[str, Any]]:
     events: list[dict[str, Any]] = []
     first: str | None = None  # the id of the turn's response
     async with websockets.connect(url) as ws:
+        await ws.send(DECLARE_16K)
         await ws.send(SPOKEN_EVENTS)
         for message in appends(SPEECH):
             await ws.send(message)
@@ -283,6 +276,7 @@ async def test_disconnect_while_speaking_leaves_nothing_running(
     base_url, app = server
     baseline = on_server(app, idle(app))
     async with websockets.connect(base_url.replace("http", "ws") + "/v1/realtime") as ws:
+        await ws.send(DECLARE_16K)
         for message in appends(SPEECH):
             await ws.send(message)
         while json.loads(await asyncio.wait_for(ws.recv(), 60))["type"] != (
@@ -336,6 +330,7 @@ async def test_webrtc_track_sends_no_speech_after_a_barge_in(server: tuple[str, 
         client.channel.send(SPOKEN_EVENTS)
         (call,) = app.state.server.peers.calls
         log = TrackLog(call.speech_track)
+        client.channel.send(DECLARE_16K)  # the appends below go on the data channel
         for message in appends(SPEECH):
             client.channel.send(message)
         await asyncio.wait_for(client.sound.wait(), 30)  # the answer is heard

@@ -27,6 +27,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from patience import scaled
 from vllm_server import VllmServer, VllmUnavailable, ensure_vllm, free_port
+from wire import session_update
 
 from voxtral_server.api.app import create_app
 from voxtral_server.api.inprocess import InProcessServer
@@ -481,7 +482,7 @@ class Conversation:
             "type": "realtime" if mode == "chat" else "transcription",
             "audio": {"input": {"turn_detection": None, "transcription": {"language": language}}},
         }
-        await ws.send(json.dumps({"type": "session.update", "session": session}))
+        await ws.send(session_update(session))
         await conv.until("session.updated")
         return conv
 

@@ -26,6 +26,7 @@ from ..models.audio import PcmResampler
 from ..models.phrases import PhraseChunker
 from ..models.tts import TtsEngine, TtsError
 from . import protocol as p
+from .audio_formats import AudioFormat, encode_audio
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +36,9 @@ OnStart = Callable[[], None]
 class AudioOut(Protocol):
     """Where a conversation's speech goes; owned by its transport."""
 
-    rate: int  # sample rate `write` takes (Hz)
+    @property
+    def rate(self) -> int:
+        """The sample rate `write` takes (Hz), read when an answer's speech starts."""
 
     def write(self, pcm: np.ndarray, ids: tuple[str, str], on_start: OnStart | None) -> None:
         """Queue int16 mono PCM of response/item `ids`; `on_start` runs when its first
@@ -103,22 +106,32 @@ class SampleQueue:
 
 
 class WebSocketAudioOut:
-    """`response.output_audio.delta` events, paced to playback with a short lead.
+    """`response.output_audio.delta` events in the session's output format, paced to
+    playback with a short lead.
 
     Sent no more than `lead_s` ahead of real time, so the page never holds more than that
     and a barge-in stops the audio here, not only in the page: `clear()` drops the rest.
+    `output_format` is read when an answer's speech starts (its rate) and for every piece
+    sent (its encoding): the session refuses to change it while an answer is spoken.
     """
 
     PIECE_S = 0.04
 
     def __init__(
-        self, send: Callable[[p.ServerEvent], None], rate: int, lead_s: float = 0.25
+        self,
+        send: Callable[[p.ServerEvent], None],
+        output_format: Callable[[], AudioFormat],
+        lead_s: float = 0.25,
     ) -> None:
         self._send = send
-        self.rate = rate
+        self.output_format = output_format
         self.lead_s = lead_s
         self._queue = SampleQueue()
         self._task: asyncio.Task[None] | None = None
+
+    @property
+    def rate(self) -> int:
+        return self.output_format().rate
 
     def write(self, pcm: np.ndarray, ids: tuple[str, str], on_start: OnStart | None) -> None:
         self._queue.write(pcm, ids, on_start)
@@ -140,7 +153,6 @@ class WebSocketAudioOut:
     async def _pump(self) -> None:
         loop = asyncio.get_running_loop()
         played_until = loop.time()  # when the page will have played everything sent
-        piece = int(self.rate * self.PIECE_S)
         while True:
             await self._queue.ready.wait()
             now = loop.time()
@@ -148,12 +160,13 @@ class WebSocketAudioOut:
             if played_until - now > self.lead_s:
                 await asyncio.sleep(played_until - now - self.lead_s)  # real-time pacing
                 continue
-            pcm, ids = self._queue.take(piece)
+            fmt = self.output_format()
+            pcm, ids = self._queue.take(int(fmt.rate * self.PIECE_S))
             if ids is None:
                 continue
-            data = base64.b64encode(pcm.astype("<i2", copy=False).tobytes()).decode("ascii")
+            data = base64.b64encode(encode_audio(pcm, fmt)).decode("ascii")
             self._send(p.AudioDelta(response_id=ids[0], item_id=ids[1], delta=data))
-            played_until += pcm.size / self.rate
+            played_until += pcm.size / fmt.rate
 
 
 class Speech:

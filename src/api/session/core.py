@@ -36,6 +36,7 @@ from ...models.types import (
     ms_between,
 )
 from .. import protocol as p
+from ..audio_formats import InputDecoder
 from ..metrics import Metrics, quoted
 from ..speech import AudioOut, Speech
 from . import items as conv
@@ -50,7 +51,6 @@ from .input import (
     Silence,
     SpeechBegan,
     TurnEnded,
-    decode_pcm16,
     ms_to_samples,
     parse_event,
 )
@@ -62,7 +62,7 @@ logger = logging.getLogger(__name__)
 
 Transport = p.Transport
 MIN_ITEMS = 64  # items a conversation keeps at least (history reads the last turns only)
-_BIG_EVENT_BYTES = 64 * 1024  # parsed off the event loop above this (~2 s of 16 kHz audio)
+_BIG_EVENT_BYTES = 64 * 1024  # parsed off the event loop above this (~1 s of 24 kHz PCM)
 
 
 class Session:
@@ -194,9 +194,9 @@ class Session:
         big = size > _BIG_EVENT_BYTES
         try:
             if big:
-                event, audio = await asyncio.to_thread(parse_event, raw)
+                event, audio = await asyncio.to_thread(parse_event, raw, self.input.decoder)
             else:
-                event, audio = parse_event(raw)
+                event, audio = parse_event(raw, self.input.decoder)
         except p.ProtocolError as exc:
             self._error(exc.code, str(exc), exc.event_id)
             return
@@ -525,10 +525,12 @@ class Session:
 
     def _decode_audio(self, b64: str) -> np.ndarray:
         """Audio of a client's item, in the session's input format, as 16 kHz float32."""
+        decoder = InputDecoder(self.config.input_format)
         try:
-            return decode_pcm16(b64)
+            audio = decoder.decode(b64)
         except ValueError as exc:
             raise p.ProtocolError("invalid_audio", f"item audio: {exc}") from None
+        return np.concatenate([audio, decoder.flush()])
 
     def _clear_output_audio(self) -> None:
         """`output_audio_buffer.clear`: stop the speech (the answer ends cancelled)."""
@@ -939,7 +941,16 @@ class Session:
                 "(Smart Turn), which this server has not loaded; use server_vad",
                 event.event_id,
             )
+        answer = self._answer
+        if config.output_format != self.config.output_format and answer and answer.speech:
+            raise p.ProtocolError(
+                "output_audio_format_busy",
+                f"session.audio.output.format cannot change while response {answer.id} is "
+                "being spoken; send it after response.done",
+                event.event_id,
+            )
         self.config = config
+        self.input.use_format(config.input_format)
         if "turn_detection" in _fields_set(event):
             await self._use_vad()
         self.transport.send(p.SessionUpdated(session=self._state()))
