@@ -252,7 +252,7 @@ async def test_no_audio_is_sent_once_the_server_hears_a_barge_in(
 async def test_the_webrtc_track_is_silent_from_the_frame_after_a_barge_in() -> None:
     from voxtral_server.api.transports.audio_track import FRAME_SAMPLES, SpeechTrack
 
-    track = SpeechTrack()
+    track = SpeechTrack(lambda _event: None)
     started: list[int] = []
     track.write(np.full(10 * FRAME_SAMPLES, 8000, np.int16), ("r", "i"), lambda: started.append(1))
     try:
