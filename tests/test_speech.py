@@ -151,6 +151,17 @@ async def test_websocket_audio_is_the_answer_spoken(
     assert similarity(heard, expected, WS_RATE) > 0.95
     t = done["timings"]
     assert t["ttfa_ms"] is not None and t["ttfa_ms"] >= t["first_word_ms"] > 0
+    # As with OpenAI's API, the output audio buffer events are WebRTC-only.
+    assert not [e for e in events if e["type"].startswith("output_audio_buffer.")]
+
+
+def buffer_events(events: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """The output_audio_buffer.* events, in order, as (what happened, response id)."""
+    return [
+        (e["type"].removeprefix("output_audio_buffer."), e["response_id"])
+        for e in events
+        if e["type"].startswith("output_audio_buffer.")
+    ]
 
 
 class ListeningClient(Client):
@@ -207,9 +218,17 @@ async def test_webrtc_track_carries_the_answer_spoken(
         while len(client.frames) < ended + 20:  # 400 ms of track
             client.changed.clear()
             await asyncio.wait_for(client.changed.wait(), 10)
+        await client.wait_for("output_audio_buffer.stopped")
     finally:
         await client.close()
     assert done["response"]["status"] == "completed"
+    # The client is told when the answer's audio started and when it had all been played.
+    answer = done["response"]["id"]
+    assert buffer_events(client.events) == [("started", answer), ("stopped", answer)]
+    types = [e["type"] for e in client.events]
+    started = types.index("output_audio_buffer.started")
+    assert types.index("response.created") < started
+    assert started < types.index("response.output_audio_transcript.delta")  # before its words
     shown = "".join(e["delta"] for e in client.events if e["type"].endswith("text.delta"))
     phrases = [e["delta"] for e in client.events if e["type"].endswith("transcript.delta")]
     assert shown == SCRIPT and "".join(phrases) == SCRIPT
@@ -345,6 +364,10 @@ async def test_webrtc_track_sends_no_speech_after_a_barge_in(server: tuple[str, 
     assert any(
         e["type"] == "input_audio_buffer.speech_started" for e in client.events[sent_before:]
     )
+    # The client was told the answer's audio started, then that the barge-in cleared it.
+    answer = done["response"]["id"]
+    heard = [e for e in buffer_events(client.events) if e[1] == answer]
+    assert heard == [("started", answer), ("cleared", answer)]
     assert TrackLog.CLEARED in log.entries, "the barge-in never reached the call's track"
     cut = log.entries.index(TrackLog.CLEARED)
     before = [e for e in log.entries[:cut] if isinstance(e, bool)]
@@ -358,3 +381,22 @@ async def test_webrtc_track_sends_no_speech_after_a_barge_in(server: tuple[str, 
         f"heard {sum(loud)} loud frames, the track sent {sum(before)} before the barge-in"
     )
     assert not any(loud[-10:]), "the client still hears speech after the barge-in"
+
+
+@pytest.mark.asyncio
+async def test_webrtc_a_cancelled_answer_s_audio_is_announced_cleared(
+    server: tuple[str, Any],
+) -> None:
+    base_url, _app = server
+    client = ListeningClient()
+    try:
+        await client.connect(base_url)
+        started = await client.wait_for("output_audio_buffer.started")
+        client.send({"type": "response.cancel"})  # while it speaks: seconds of it are left
+        done = await client.wait_for("response.done")
+        await client.wait_for("output_audio_buffer.cleared")
+    finally:
+        await client.close()
+    answer = done["response"]["id"]
+    assert done["response"]["status"] == "cancelled" and started["response_id"] == answer
+    assert buffer_events(client.events) == [("started", answer), ("cleared", answer)]

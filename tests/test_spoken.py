@@ -276,6 +276,14 @@ async def test_the_track_announces_an_answer_started_then_stopped() -> None:
         assert t.log[6:] == [("cleared", "r3")]
     finally:
         t.track.stop()
+    # The OpenAI SDK reads them as its own events.
+    from openai.types.realtime.realtime_server_event import RealtimeServerEvent
+    from pydantic import TypeAdapter
+
+    sdk: TypeAdapter[RealtimeServerEvent] = TypeAdapter(RealtimeServerEvent)
+    for event in t.transport.events:
+        if event["type"] != "phrase":
+            assert sdk.validate_python(event).model_dump(exclude_none=True) == event
 
 
 @pytest.mark.asyncio

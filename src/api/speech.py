@@ -281,9 +281,9 @@ class Speech:
 
     def heard_ms(self) -> int:
         """How far into this answer's audio the listener is now (ms): what the transport
-        sent, less what the client holds but has not played yet. For a barge-in: the same
-        whether called before or after `cancel()`; `timeline.text_until()` of it is what
-        the user heard."""
+        sent, less what the client holds but has not played yet. At a barge-in, call it
+        then (before or after `cancel()`, which does not change it): `timeline.text_until()`
+        of it is what the user heard."""
         return self.timeline.heard_ms(self.out.unplayed_ms())
 
     @property
