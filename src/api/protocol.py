@@ -613,6 +613,22 @@ class TranscriptDone(ServerEvent):
     transcript: str
 
 
+# WebRTC only, as in OpenAI's API: the call's audio track playing a response's audio.
+class OutputAudioBufferStarted(ServerEvent):
+    type: Literal["output_audio_buffer.started"] = "output_audio_buffer.started"
+    response_id: str
+
+
+class OutputAudioBufferStopped(ServerEvent):
+    type: Literal["output_audio_buffer.stopped"] = "output_audio_buffer.stopped"
+    response_id: str
+
+
+class OutputAudioBufferCleared(ServerEvent):
+    type: Literal["output_audio_buffer.cleared"] = "output_audio_buffer.cleared"
+    response_id: str
+
+
 class Timings(BaseModel):
     queue_wait_ms: float
     model_ttft_ms: float | None
