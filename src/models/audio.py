@@ -103,9 +103,10 @@ def check_request(request: Request, max_utterance_s: float) -> None:
     elif request.mode == "transcribe":
         raise AudioInputError("empty_audio", "nothing to transcribe: the request has no audio")
     if request.mode == "chat":
-        from .chat import chat_messages  # (chat.py encodes audio with this module)
+        from .chat import chat_messages, offered_tools  # (chat.py encodes audio with this)
 
         chat_messages(request)  # raises for a conversation the model cannot continue
+        offered_tools(request)  # and for tools or a tool_choice it cannot be given
 
 
 def _check_pcm16(pcm: np.ndarray) -> np.ndarray:

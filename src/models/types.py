@@ -124,6 +124,9 @@ class Totals:
     error_code: str | None = None
     error: str | None = None
     token_ids: tuple[int, ...] = ()  # every generated token, EOS included
+    # The functions the model called, in order (status "completed"; `answer` is then the
+    # text it said before the call, usually ""). Empty when it answered in words.
+    tool_calls: tuple[ToolCall, ...] = ()
 
 
 @dataclass(frozen=True)
