@@ -48,7 +48,8 @@ WAIT_S = scaled(30.0, 120.0)  # upper bound for one event to arrive; never a pas
 class FakeVllm:
     """An OpenAI-compatible streaming server with knobs: what it says, where it stalls."""
 
-    deltas: list[str] = field(default_factory=lambda: ["Hello ", "from ", "fake."])
+    # Each delta's text, or a whole `delta` object (e.g. one carrying `tool_calls`).
+    deltas: list[str | dict[str, Any]] = field(default_factory=lambda: ["Hello ", "from ", "fake."])
     hold_after: int | None = None  # stall after this many deltas until released
     die_after: int | None = None  # drop the connection after this many deltas
     status: int = 200  # of the completion endpoints
@@ -113,7 +114,8 @@ class FakeVllm:
                     await self._release.wait()
                 if i == self.die_after:
                     raise ConnectionAbortedError("fake endpoint died")
-                event = {"object": kind, "choices": [{"delta": {"content": text}}]}
+                delta = text if isinstance(text, dict) else {"content": text}
+                event = {"object": kind, "choices": [{"delta": delta}]}
                 event["usage"] = {"completion_tokens": i + 1}
                 yield f"data: {json.dumps(event)}\n\n"
             yield "data: [DONE]\n\n"
