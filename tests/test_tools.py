@@ -199,6 +199,20 @@ def test_a_result_for_no_call_is_refused_at_submit(tool_engine: VoxtralEngine) -
     assert caught.value.code == "invalid_conversation"
 
 
+def test_a_system_message_in_a_spoken_conversation_joins_the_next_user_turn(
+    tool_engine: VoxtralEngine,
+) -> None:
+    """Voxtral's format refuses a system prompt beside audio; its words still reach the model."""
+    system = t.Message("system", "Answer in one sentence.")
+    request = t.Request(AUDIO, history=(system,), instructions="Be kind.", tools=(WEATHER,))
+    text = decoded(tool_engine, prompt_ids(tool_engine, request)).replace("[AUDIO]", "")
+    assert "[SYSTEM_PROMPT]" not in text
+    assert text.endswith("[INST][BEGIN_AUDIO]Answer in one sentence.\n\nBe kind.[/INST]")
+    assert final(tool_engine, request)[1].tool_calls[0].name == TOOL_NAME
+    texts_only = t.Request(None, history=(system, t.Message("user", "Hi")))
+    assert "[SYSTEM_PROMPT]" in decoded(tool_engine, prompt_ids(tool_engine, texts_only))
+
+
 # --------------------------------------------------------------------------- the calls
 
 

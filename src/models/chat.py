@@ -3,7 +3,9 @@
 Both engines encode this list (the local one through mistral_common's tokenizer, vLLM as
 OpenAI chat messages), so they answer exactly the same conversation: the history, then the
 new user turn (its audio, with the instructions as text beside it). Without new audio the
-instructions join the last user message (they are the newest words the model reads).
+instructions join the last user message (they are the newest words the model reads). In a
+conversation with audio, system messages join the next user turn's text (Voxtral's format
+has no system prompt beside audio).
 
 Function calls: Mistral's prompt format reads a call's result only right after the
 assistant turn that made the call, so each output is moved there; a call whose output never
@@ -50,7 +52,7 @@ def chat_messages(request: Request) -> list[Message]:
             m = messages[last_user]
             text = f"{m.text}\n\n{instructions}" if m.text else instructions
             messages[last_user] = replace(m, text=text)
-    messages = _pair_tool_outputs(_join_assistant_turns(messages))
+    messages = _pair_tool_outputs(_join_assistant_turns(_fold_system(messages)))
     if not messages or messages[-1].role not in ("user", "tool"):
         last = messages[-1].role if messages else "nothing"
         raise EngineError(
@@ -59,6 +61,30 @@ def chat_messages(request: Request) -> list[Message]:
             "must come last",
         )
     return messages
+
+
+def _fold_system(messages: list[Message]) -> list[Message]:
+    """With audio in the conversation, system messages as text before the next user turn's
+    (the last one's, if none follows): Voxtral's format (tokenizer v7) refuses a system
+    prompt beside audio. Without audio they stay system prompts."""
+    if not any(m.audio is not None for m in messages):
+        return messages
+    out: list[Message] = []
+    held: list[str] = []
+    for m in messages:
+        if m.role == "system":
+            held.append(m.text)
+        elif m.role == "user" and held:
+            out.append(replace(m, text="\n\n".join([*held, m.text] if m.text else held)))
+            held = []
+        else:
+            out.append(m)
+    if held:
+        last_user = _last_index(out, "user")
+        if last_user is not None:
+            m = out[last_user]
+            out[last_user] = replace(m, text="\n\n".join([m.text, *held] if m.text else held))
+    return out
 
 
 def _join_assistant_turns(messages: list[Message]) -> list[Message]:
