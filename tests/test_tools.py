@@ -33,7 +33,7 @@ from voxtral_server.api.inprocess import InProcessServer
 from voxtral_server.models import types as t
 from voxtral_server.models.audio import wav_bytes
 from voxtral_server.models.chat import chat_messages, mistral_call_id, offered_tools
-from voxtral_server.models.tools import parse_mistral
+from voxtral_server.models.tools import call_ids, parse_mistral
 from voxtral_server.models.vllm import VllmEngine
 from voxtral_server.models.voxtral import VoxtralEngine
 
@@ -295,6 +295,10 @@ def test_a_call_keeps_the_models_id_unless_the_conversation_holds_it() -> None:
     (kept,) = parse_mistral(with_id, (WEATHER,), set())
     assert kept.call_id == "abc123xyz" and kept.arguments == "{}"
     (fresh,) = parse_mistral(with_id, (WEATHER,), {"abc123xyz"})
+    assert fresh.call_id.startswith("call_")
+    # An id copied from the prompt's history (where ids are Mistral's) is not reused either.
+    copied = json.dumps([{"name": TOOL_NAME, "arguments": {}, "id": mistral_call_id(CALL.call_id)}])
+    (fresh,) = parse_mistral(copied, (WEATHER,), call_ids(CALLED))
     assert fresh.call_id.startswith("call_")
     two = parse_mistral(
         json.dumps([{"name": TOOL_NAME, "arguments": {"city": c}} for c in ("Oslo", "Rome")]),

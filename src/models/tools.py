@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .chat import mistral_call_id
 from .types import EngineError, Message, Tool, ToolCall
 
 QUOTE_CHARS = 200  # of the model's output quoted in an invalid_tool_call message
@@ -27,8 +28,10 @@ def new_call_id() -> str:
 
 
 def call_ids(history: Iterable[Message]) -> set[str]:
-    """The call ids a conversation already holds (a new call must not reuse one)."""
-    return {c.call_id for m in history for c in m.tool_calls}
+    """The call ids a conversation already holds, as the client gave them and as the prompt
+    shows them (a new call must reuse neither: the model may copy one from its prompt)."""
+    ids = {c.call_id for m in history for c in m.tool_calls}
+    return ids | {mistral_call_id(i) for i in ids}
 
 
 def invalid_call(problem: str, produced: str) -> EngineError:
