@@ -394,3 +394,21 @@ def test_vllm_call_with_broken_arguments_is_invalid_tool_call(fake_vllm: FakeVll
     totals = vllm_turn(fake_vllm, t.Request(AUDIO, tools=(WEATHER,)))
     assert totals.status == "error" and totals.error_code == "invalid_tool_call"
     assert '{"city": ' in (totals.error or "") and totals.tool_calls == ()
+
+
+def test_vllm_call_cut_off_at_the_token_limit_is_invalid_tool_call(fake_vllm: FakeVllm) -> None:
+    """Seen with real vLLM: a forced call's name came, then `finish_reason: length` before
+    any argument."""
+    fake_vllm.deltas = [*call_deltas(TOOL_NAME, "")[:1], {"content": None}]
+    fake_vllm.finish_reason = "length"
+    totals = vllm_turn(fake_vllm, t.Request(AUDIO, tools=(WEATHER,), tool_choice="required"))
+    assert totals.status == "error" and totals.error_code == "invalid_tool_call"
+    assert "token limit" in (totals.error or "") and TOOL_NAME in (totals.error or "")
+
+
+def test_vllm_answering_in_words_when_a_call_is_required_is_invalid_tool_call(
+    fake_vllm: FakeVllm,
+) -> None:
+    totals = vllm_turn(fake_vllm, t.Request(AUDIO, tools=(WEATHER,), tool_choice="required"))
+    assert totals.status == "error" and totals.error_code == "invalid_tool_call"
+    assert "Hello from fake." in (totals.error or "")

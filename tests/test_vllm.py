@@ -53,6 +53,7 @@ class FakeVllm:
     hold_after: int | None = None  # stall after this many deltas until released
     die_after: int | None = None  # drop the connection after this many deltas
     status: int = 200  # of the completion endpoints
+    finish_reason: str | None = None  # sent with the last delta
     health_failures: int = 0  # /health answers 503 this many more times
     requests: list[dict[str, Any]] = field(default_factory=list)
     health_calls: int = 0
@@ -115,7 +116,10 @@ class FakeVllm:
                 if i == self.die_after:
                     raise ConnectionAbortedError("fake endpoint died")
                 delta = text if isinstance(text, dict) else {"content": text}
-                event = {"object": kind, "choices": [{"delta": delta}]}
+                choice: dict[str, Any] = {"delta": delta}
+                if i == len(self.deltas) - 1 and self.finish_reason is not None:
+                    choice["finish_reason"] = self.finish_reason
+                event = {"object": kind, "choices": [choice]}
                 event["usage"] = {"completion_tokens": i + 1}
                 yield f"data: {json.dumps(event)}\n\n"
             yield "data: [DONE]\n\n"

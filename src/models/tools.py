@@ -17,8 +17,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .chat import mistral_call_id
-from .types import EngineError, Message, Tool, ToolCall
+from .chat import mistral_call_id, must_call
+from .types import EngineError, Message, Request, Tool, ToolCall
 
 QUOTE_CHARS = 200  # of the model's output quoted in an invalid_tool_call message
 
@@ -44,24 +44,32 @@ def checked_call(
 ) -> ToolCall:
     """One call, checked against the offered tools; `arguments` is a JSON object or its
     text. Adds the call's id to `taken`. Raises `EngineError` (invalid_tool_call)."""
-    produced = json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False)
+    args_text = arguments if isinstance(arguments, str) else json.dumps(arguments)
     names = [t.name for t in offered]
     if not isinstance(name, str) or name not in names:
-        raise invalid_call(f"names {name!r}, which is not an offered tool {names}", produced)
+        raise invalid_call(f"names {name!r}, which is not an offered tool {names}", args_text)
     if isinstance(arguments, str):
         try:
-            parsed = json.loads(arguments) if arguments.strip() else {}
+            parsed = json.loads(arguments)
         except ValueError:
-            raise invalid_call("has arguments that are not JSON", arguments) from None
+            raise invalid_call(f"of {name} has arguments that are not JSON", args_text) from None
     else:
         parsed = arguments
     if not isinstance(parsed, dict):
-        raise invalid_call("has arguments that are not a JSON object", produced)
+        raise invalid_call(f"of {name} has arguments that are not a JSON object", args_text)
     if not isinstance(call_id, str) or not call_id or call_id in taken:
         call_id = new_call_id()
     taken.add(call_id)
-    text = arguments if isinstance(arguments, str) and arguments.strip() else json.dumps(parsed)
+    text = arguments if isinstance(arguments, str) else json.dumps(parsed, ensure_ascii=False)
     return ToolCall(call_id, name, text)
+
+
+def check_required(request: Request, calls: tuple[ToolCall, ...], answer: str) -> None:
+    """A completed answer to a request whose tool_choice requires a call must be one."""
+    if must_call(request) and not calls:
+        raise invalid_call(
+            f"never came (tool_choice is {request.tool_choice!r}); the model answered", answer
+        )
 
 
 def parse_mistral(text: str, offered: tuple[Tool, ...], taken: set[str]) -> tuple[ToolCall, ...]:
@@ -93,10 +101,13 @@ class _Part:
 
 
 class ToolCallParts:
-    """OpenAI-style streamed `delta.tool_calls` entries -> whole calls (by `index`)."""
+    """OpenAI-style streamed `delta.tool_calls` entries -> whole calls (by `index`).
+    `cut_off`: the answer stopped at its token limit (`finish_reason: length`), so a call in
+    it is incomplete (vLLM then may have sent only its name)."""
 
     def __init__(self) -> None:
         self._parts: dict[int, _Part] = {}
+        self.cut_off = False
 
     def __bool__(self) -> bool:
         return bool(self._parts)
@@ -113,6 +124,9 @@ class ToolCallParts:
             part.arguments.append(function["arguments"])
 
     def finish(self, offered: tuple[Tool, ...], taken: set[str]) -> tuple[ToolCall, ...]:
+        if self.cut_off:
+            produced = " ".join(f"{p.name}({''.join(p.arguments)}" for p in self._parts.values())
+            raise invalid_call("was cut off at the answer's token limit", produced)
         return tuple(
             checked_call(p.call_id, p.name, "".join(p.arguments), offered, taken)
             for _, p in sorted(self._parts.items())

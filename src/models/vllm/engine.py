@@ -41,7 +41,7 @@ from ...config import Settings
 from ..audio import check_request
 from ..chat import offered_tools
 from ..chunking import ChunkSink, DeltaChunker, WordChunker, final_chunk
-from ..tools import ToolCallParts, call_ids
+from ..tools import ToolCallParts, call_ids, check_required
 from ..types import EngineError, Request, RequestHandle, ToolCall
 from .endpoints import Endpoint, probe_delays
 from .wire import (
@@ -359,9 +359,11 @@ class VllmEngine:
                 stream = self._chunker(handle, turn.sink)
                 await self._stream(turn, stream, parts)
                 stream.end_text()
-                if parts:
-                    request = handle.request
-                    calls = parts.finish(offered_tools(request), call_ids(request.history))
+                request = handle.request
+                if request.mode == "chat" and not stream.cut_short:
+                    if parts:
+                        calls = parts.finish(offered_tools(request), call_ids(request.history))
+                    check_required(request, calls, stream.text)
         except asyncio.CancelledError:
             if stream is not None:
                 stream.end_text()  # cancelled: records that the answer was cut short

@@ -97,6 +97,8 @@ def feed(stream: DeltaChunker, event: dict[str, Any], now: float, calls: ToolCal
             if isinstance(entry, dict):
                 calls.add(entry)
                 called = True
+        if choice.get("finish_reason") == "length":
+            calls.cut_off = True
     usage = event.get("usage") or {}
     total = usage.get("completion_tokens")
     # Continuous usage stats give the exact running count; else one delta ~ one token.

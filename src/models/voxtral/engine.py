@@ -29,7 +29,7 @@ from ..chat import audios as chat_audios
 from ..chat import chat_messages, must_call, offered_tools
 from ..chunking import ChunkSink, WordChunker, final_chunk
 from ..mel import AUDIO_TOKENS_PER_WINDOW, N_SAMPLES, LogMel, processor_features
-from ..tools import call_ids, parse_mistral
+from ..tools import call_ids, check_required, parse_mistral
 from ..types import (
     Chunk,
     EngineError,
@@ -317,10 +317,12 @@ class VoxtralEngine:
         calls: tuple[ToolCall, ...] = ()
         try:
             self._generate(handle, streamer)
+            request = handle.request
             if streamer.call_text is not None:
-                request = handle.request
                 taken = call_ids(request.history)
                 calls = parse_mistral(streamer.call_text, offered_tools(request), taken)
+            if request.mode == "chat" and not streamer.cut_short:
+                check_required(request, calls, streamer.text)
         except EngineError as exc:  # the request's own fault (its conversation, the call)
             logger.warning("request=%s failed: %s: %s", handle.request.id, exc.code, exc)
             error = exc
