@@ -406,6 +406,16 @@ def test_vllm_call_cut_off_at_the_token_limit_is_invalid_tool_call(fake_vllm: Fa
     assert "token limit" in (totals.error or "") and TOOL_NAME in (totals.error or "")
 
 
+def test_vllm_required_call_with_nothing_before_the_token_limit_says_so(
+    fake_vllm: FakeVllm,
+) -> None:
+    """Seen with real vLLM too: nothing of a required call came before `length`."""
+    fake_vllm.deltas = [{"content": ""}]
+    fake_vllm.finish_reason = "length"
+    totals = vllm_turn(fake_vllm, t.Request(AUDIO, tools=(WEATHER,), tool_choice="required"))
+    assert totals.error_code == "invalid_tool_call" and "token limit" in (totals.error or "")
+
+
 def test_vllm_answering_in_words_when_a_call_is_required_is_invalid_tool_call(
     fake_vllm: FakeVllm,
 ) -> None:

@@ -103,7 +103,7 @@ class _Part:
 class ToolCallParts:
     """OpenAI-style streamed `delta.tool_calls` entries -> whole calls (by `index`).
     `cut_off`: the answer stopped at its token limit (`finish_reason: length`), so a call in
-    it is incomplete (vLLM then may have sent only its name)."""
+    it is incomplete (vLLM then may have sent only its name, or nothing of a required one)."""
 
     def __init__(self) -> None:
         self._parts: dict[int, _Part] = {}

@@ -39,7 +39,7 @@ import httpx
 
 from ...config import Settings
 from ..audio import check_request
-from ..chat import offered_tools
+from ..chat import must_call, offered_tools
 from ..chunking import ChunkSink, DeltaChunker, WordChunker, final_chunk
 from ..tools import ToolCallParts, call_ids, check_required
 from ..types import EngineError, Request, RequestHandle, ToolCall
@@ -361,7 +361,7 @@ class VllmEngine:
                 stream.end_text()
                 request = handle.request
                 if request.mode == "chat" and not stream.cut_short:
-                    if parts:
+                    if parts or (parts.cut_off and must_call(request)):
                         calls = parts.finish(offered_tools(request), call_ids(request.history))
                     check_required(request, calls, stream.text)
         except asyncio.CancelledError:
