@@ -73,7 +73,8 @@ def _fold_system(messages: list[Message]) -> list[Message]:
     held: list[str] = []
     for m in messages:
         if m.role == "system":
-            held.append(m.text)
+            if m.text:
+                held.append(m.text)
         elif m.role == "user" and held:
             out.append(replace(m, text="\n\n".join([*held, m.text] if m.text else held)))
             held = []
