@@ -103,18 +103,22 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
     if out.exists() and any(out.iterdir()) and not args.force:
         print(f"error: {out} is not empty (use --force to overwrite)", file=sys.stderr)
         return 2
-    if args.format == "mistral":
-        from .models.tiny_mistral import build_tiny_mistral
+    tool_call = tuple(args.script_tool) if args.script_tool else None
+    try:
+        if args.format == "mistral":
+            from .models.tiny_mistral import build_tiny_mistral
 
-        try:
+            if tool_call is not None:
+                print("error: --script-tool needs --format transformers", file=sys.stderr)
+                return 2
             build_tiny_mistral(out, script=args.script)
-        except ValueError as exc:  # a script the successor-map model cannot say
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-    else:
-        from .models.tiny import build_tiny
+        else:
+            from .models.tiny import build_tiny
 
-        build_tiny(out, script=args.script)
+            build_tiny(out, script=args.script, tool_call=tool_call)
+    except ValueError as exc:  # a script the model cannot say, arguments that are not JSON
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(str(out))
     return 0
 
@@ -231,6 +235,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("make-tiny", help="write an offline tiny random Voxtral checkpoint")
     p.add_argument("dir", help="output folder")
     p.add_argument("--script", help="make greedy decoding answer exactly this text")
+    p.add_argument(
+        "--script-tool",
+        nargs=2,
+        metavar=("NAME", "ARGUMENTS"),
+        help="make greedy decoding answer a user turn with a call of function NAME with "
+        "ARGUMENTS (a JSON object), as Voxtral writes one; --script then answers the "
+        "function's result",
+    )
     p.add_argument("--force", action="store_true", help="write into a non-empty folder")
     p.add_argument(
         "--format",

@@ -49,10 +49,12 @@ WAIT_S = scaled(30.0, 120.0)  # upper bound for one event to arrive; never a pas
 class FakeVllm:
     """An OpenAI-compatible streaming server with knobs: what it says, where it stalls."""
 
-    deltas: list[str] = field(default_factory=lambda: ["Hello ", "from ", "fake."])
+    # Each delta's text, or a whole `delta` object (e.g. one carrying `tool_calls`).
+    deltas: list[str | dict[str, Any]] = field(default_factory=lambda: ["Hello ", "from ", "fake."])
     hold_after: int | None = None  # stall after this many deltas until released
     die_after: int | None = None  # drop the connection after this many deltas
     status: int = 200  # of the completion endpoints
+    finish_reason: str | None = None  # sent with the last delta
     health_failures: int = 0  # /health answers 503 this many more times
     requests: list[dict[str, Any]] = field(default_factory=list)
     health_calls: int = 0
@@ -114,7 +116,11 @@ class FakeVllm:
                     await self._release.wait()
                 if i == self.die_after:
                     raise ConnectionAbortedError("fake endpoint died")
-                event = {"object": kind, "choices": [{"delta": {"content": text}}]}
+                delta = text if isinstance(text, dict) else {"content": text}
+                choice: dict[str, Any] = {"delta": delta}
+                if i == len(self.deltas) - 1 and self.finish_reason is not None:
+                    choice["finish_reason"] = self.finish_reason
+                event = {"object": kind, "choices": [choice]}
                 event["usage"] = {"completion_tokens": i + 1}
                 yield f"data: {json.dumps(event)}\n\n"
             yield "data: [DONE]\n\n"
