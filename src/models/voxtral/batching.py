@@ -31,29 +31,56 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import Any, Protocol
 
 import torch
 
-from ..types import EngineError, RequestHandle
+from ...config import Settings
+from ..chunking import ChunkSink
+from ..steps import StepObserver
+from ..types import EngineError, Request, RequestHandle
+from .load import Runtime
 from .picker import TokenPicker
 from .slots import SlotCache, slot_cache_bytes
 from .streamer import WordStreamer
-
-if TYPE_CHECKING:
-    from .engine import VoxtralEngine, _Job
 
 logger = logging.getLogger(__name__)
 
 _KV_LEN_STEP = 64  # uncompiled decode reads the cache up to the longest row, in these steps
 
 
-class StepObserver(Protocol):
-    """Told about every prefill and decode step (e.g. Prometheus histograms)."""
+@dataclass(frozen=True, eq=False)
+class Job:
+    """A submitted request and where its chunks go."""
 
-    def prefill_step(self, seconds: float, tokens: int) -> None: ...
+    handle: RequestHandle
+    sink: ChunkSink
 
-    def decode_step(self, seconds: float, batch: int) -> None: ...
+
+class Host(Protocol):
+    """What the loop needs from its engine (`VoxtralEngine`): the queue, the prompt, the
+    word streamer, the final chunk."""
+
+    settings: Settings
+    model: Any
+    runtime: Runtime
+
+    def _admit(self, free: int, wait: bool) -> list[Job] | None: ...
+
+    def _release(
+        self, job: Job, streamer: WordStreamer | None, error: EngineError | None,
+        started: float | None,
+    ) -> None: ...  # fmt: skip
+
+    def _streamer(self, handle: RequestHandle, sink: ChunkSink) -> WordStreamer: ...
+
+    def model_inputs(self, request: Request) -> dict[str, torch.Tensor]: ...
+
+    def _generate(self, handle: RequestHandle, streamer: WordStreamer) -> None: ...
+
+    def _max_cache_len(self) -> int: ...
+
+    def _sync(self) -> None: ...
 
 
 def decode_buckets(max_batch: int) -> tuple[int, ...]:
@@ -66,7 +93,7 @@ def decode_buckets(max_batch: int) -> tuple[int, ...]:
 class Slot:
     """One running request in one row of the cache."""
 
-    job: _Job
+    job: Job
     row: int
     started: float | None = None  # its prefill began (the end of its queue wait)
     streamer: WordStreamer | None = None
@@ -86,7 +113,7 @@ class Slot:
 
 
 class BatchLoop:
-    def __init__(self, engine: VoxtralEngine) -> None:
+    def __init__(self, engine: Host) -> None:
         self.engine = engine
         self.model = engine.model
         self.runtime = engine.runtime
@@ -95,6 +122,11 @@ class BatchLoop:
         self.chunk_tokens = settings.engine.prefill_chunk_tokens
         self.length = engine._max_cache_len()
         self.buckets = decode_buckets(self.max_batch)
+        on_cuda = self.runtime.device.type == "cuda"
+        if self.runtime.compile and not on_cuda and len(self.buckets) > 1:
+            # One graph with a symbolic batch size serves every bucket on CPU, but a size of 1
+            # would be specialised and compiled apart (tens of seconds): start at 2.
+            self.buckets = self.buckets[1:]
         text = self.model.config.get_text_config(decoder=True)
         self.cache = SlotCache(
             text, self.max_batch, self.length, self.runtime.dtype, self.runtime.device
@@ -111,7 +143,11 @@ class BatchLoop:
         self._warming = False  # serving warm-up requests: nobody waits for their end
         self._step: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] = self._decode
         if self.runtime.compile:
-            self._step = torch.compile(self._decode, mode=self.runtime.compile_mode)
+            # CUDA: one graph per bucket (CUDA graphs need fixed shapes anyway). CPU: one graph
+            # with a symbolic batch size, compiled once instead of twice (tens of seconds each).
+            self._step = torch.compile(
+                self._decode, mode=self.runtime.compile_mode, dynamic=not on_cuda
+            )
 
     # ----------------------------------------------------------------- the loop
 
@@ -138,7 +174,7 @@ class BatchLoop:
                 for slot in self._active():
                     self._fail(slot, exc)
 
-    def admit(self, jobs: list[_Job]) -> None:
+    def admit(self, jobs: list[Job]) -> None:
         for job in jobs:
             row = self.slots.index(None)
             self.slots[row] = Slot(job, row)
@@ -344,7 +380,7 @@ class BatchLoop:
                 (time.perf_counter() - t0) * 1000,
             )
 
-    def serve_now(self, job: _Job) -> None:
+    def serve_now(self, job: Job) -> None:
         """Serve one warm-up request to its end right here (every slot is free)."""
         self._warming = True
         try:

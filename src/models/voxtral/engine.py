@@ -18,7 +18,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -29,6 +28,7 @@ from ...config import Settings
 from ..audio import SAMPLE_RATE, check_request
 from ..chunking import ChunkSink, WordChunker, final_chunk
 from ..mel import AUDIO_TOKENS_PER_WINDOW, N_SAMPLES, LogMel, processor_features
+from ..steps import StepObserver
 from ..types import (
     Chunk,
     EngineError,
@@ -37,7 +37,8 @@ from ..types import (
     RequestHandle,
     sampling,
 )
-from .batching import BatchLoop, StepObserver
+from .batching import BatchLoop
+from .batching import Job as _Job
 from .embeds import AudioEmbedCache
 from .load import Runtime, load_pretrained
 from .prompt import PromptBuilder
@@ -46,12 +47,6 @@ from .streamer import CancelCriteria, WordStreamer
 logger = logging.getLogger(__name__)
 
 _PROMPT_TEXT_MARGIN = 64  # control and language tokens around each user turn
-
-
-@dataclass(frozen=True)
-class _Job:
-    handle: RequestHandle
-    sink: ChunkSink
 
 
 class ChunkStream:
