@@ -314,3 +314,15 @@ async def test_thirty_two_sessions_commit_at_once_and_all_are_answered(
         assert transport.of("error") == []
         assert "".join(e["delta"] for e in transport.of("response.output_text.delta")) == SCRIPT
         session.close()
+
+
+def test_a_prompt_longer_than_a_slot_is_still_answered(tiny_scripted: Path) -> None:
+    engine = VoxtralEngine.load(engine_settings(tiny_scripted, conversation={"max_turns": 0}))
+    try:
+        assert engine._batch is not None
+        long = Request(speech_like(1.0), "chat", instructions="please listen " * 600)
+        totals = alone(engine, long)
+        assert totals.status == "completed" and totals.answer == SCRIPT
+        assert alone(engine, Request(speech_like(1.0), "chat")).answer == SCRIPT  # still serving
+    finally:
+        engine.close()

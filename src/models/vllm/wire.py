@@ -60,6 +60,8 @@ def build_request(
         body["top_p"] = top_p
     if request.min_new_tokens:
         body["min_tokens"] = request.min_new_tokens  # vLLM's extra sampling parameter
+    if request.seed is not None:
+        body["seed"] = request.seed  # vLLM samples each request with its own generator too
     return client.build_request("POST", f"{url}/v1/chat/completions", json=body)
 
 

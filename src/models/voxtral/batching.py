@@ -7,7 +7,8 @@ Every turn of the loop:
    speculative ones; the engine's queue decides, `VoxtralEngine._admit`);
 2. ends slots whose request was cancelled (cancel, barge-in, close, preemption): within one
    decode step, the other slots untouched;
-3. prefills new requests before the next decode step (first word first), oldest first, at
+3. prefills new requests before the next decode step (first word first), confirmed ones
+   before speculative ones, oldest first, at
    most `engine.prefill_chunk_tokens` prompt tokens per turn, so a long prompt is cut into
    chunks and the running answers never wait for more than one chunk; a prompt's last chunk
    gives its first token at once;
@@ -188,9 +189,10 @@ class BatchLoop:
         self._decode_step()
 
     def _active(self) -> list[Slot]:
-        """Occupied slots, oldest request first."""
+        """Occupied slots in the order their prompts are prefilled: confirmed requests
+        first, speculative ones last, each kind oldest first."""
         slots = [slot for slot in self.slots if slot is not None]
-        return sorted(slots, key=lambda slot: slot.handle.submitted_at)
+        return sorted(slots, key=lambda slot: (slot.handle.speculative, slot.handle.submitted_at))
 
     # ----------------------------------------------------------------- prefill
 
