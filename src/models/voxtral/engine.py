@@ -327,7 +327,9 @@ class VoxtralEngine:
                 self._sync()
                 elapsed = (time.perf_counter() - t0) * 1000
                 self.warmup_ms.append(elapsed)
-                compiling = self.runtime.compile and len(self.warmup_ms) == 1
+                # (batched: the decode step was compiled above, bucket by bucket)
+                first = len(self.warmup_ms) == 1
+                compiling = self.runtime.compile and self._batch is None and first
                 logger.info(
                     "warm-up run %d/%d (%s%s): %.0f ms",
                     i + 1,
