@@ -326,3 +326,28 @@ def test_a_prompt_longer_than_a_slot_is_still_answered(tiny_scripted: Path) -> N
         assert alone(engine, Request(speech_like(1.0), "chat")).answer == SCRIPT  # still serving
     finally:
         engine.close()
+
+
+def test_a_conversation_reuses_its_previous_turns_from_the_cache(
+    tiny_random: Path, random_engine: VoxtralEngine
+) -> None:
+    """Each turn's prompt repeats the previous prompt and answer: the slot's row still holds
+    them, so only the rest is prefilled, and the answer is still the plain pipeline's."""
+    from test_engine import reference_ids
+
+    from voxtral_server.models.types import Conversation
+
+    batch = random_engine._batch
+    assert batch is not None
+    conversation = Conversation(max_turns=3)
+    for turn in range(3):
+        audio = speech_like(1.0 + 0.5 * turn, seed=40 + turn)
+        request = Request(
+            audio, "chat", history=conversation.history, temperature=0.0, max_new_tokens=TOKENS
+        )
+        reused = batch.reused_tokens
+        totals = alone(random_engine, request)
+        assert list(totals.token_ids) == reference_ids(tiny_random, request)
+        if turn:  # at least the previous turn's audio was not prefilled again
+            assert batch.reused_tokens - reused >= 375
+        conversation.add(audio, totals.answer)

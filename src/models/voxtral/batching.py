@@ -34,6 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 from ...config import Settings
@@ -42,6 +43,7 @@ from ..steps import StepObserver
 from ..types import EngineError, Request, RequestHandle
 from .load import Runtime
 from .picker import TokenPicker
+from .prefix import RowMemory, shared_prefix
 from .slots import SlotCache, slot_cache_bytes
 from .streamer import WordStreamer
 
@@ -95,11 +97,12 @@ class Slot:
     """One running request in one row of the cache."""
 
     job: Job
-    row: int
+    row: int = -1  # its row of the KV cache, from the start of its prefill
     started: float | None = None  # its prefill began (the end of its queue wait)
     streamer: WordStreamer | None = None
     picker: TokenPicker | None = None
     embeds: torch.Tensor | None = None  # the prompt, while it is being prefilled
+    prompt_embeds: torch.Tensor | None = None  # the whole prompt (kept for the row's memory)
     prefilled: int = 0  # prompt positions already in the cache
     position: int = 0  # where the next token's keys go
     token: int = 0  # the latest token: the next decode step's input
@@ -139,7 +142,13 @@ class BatchLoop:
             slot_cache_bytes(text, self.max_batch, self.length, self.runtime.dtype) / 2**20,
             list(self.buckets),
         )
-        self.slots: list[Slot | None] = [None] * self.max_batch
+        self.slots: list[Slot] = []  # every running request, in admission order
+        self.rows: list[Slot | None] = [None] * self.max_batch  # who holds each KV row
+        # What a free row still holds from its last answer: a conversation's next turn
+        # starts its prefill after the part it shares (`prefix.py`).
+        self.memory: list[RowMemory | None] = [None] * self.max_batch
+        self.reused_tokens = 0  # prompt tokens not prefilled again, since start-up
+        self._audio_token_id = int(self.model.config.audio_token_id)
         self.observer: StepObserver | None = None
         self._warming = False  # serving warm-up requests: nobody waits for their end
         self._step: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] = self._decode
@@ -154,11 +163,11 @@ class BatchLoop:
 
     @property
     def busy(self) -> bool:
-        return any(slot is not None for slot in self.slots)
+        return bool(self.slots)
 
     @property
     def free(self) -> int:
-        return sum(slot is None for slot in self.slots)
+        return self.max_batch - len(self.slots)
 
     def run(self) -> None:
         """Serve until the engine closes, then end every slot (each ends cancelled)."""
@@ -176,9 +185,7 @@ class BatchLoop:
                     self._fail(slot, exc)
 
     def admit(self, jobs: list[Job]) -> None:
-        for job in jobs:
-            row = self.slots.index(None)
-            self.slots[row] = Slot(job, row)
+        self.slots.extend(Slot(job) for job in jobs)
 
     def step(self) -> None:
         """One turn: end cancelled slots, prefill (up to one chunk), one decode step."""
@@ -191,8 +198,9 @@ class BatchLoop:
     def _active(self) -> list[Slot]:
         """Occupied slots in the order their prompts are prefilled: confirmed requests
         first, speculative ones last, each kind oldest first."""
-        slots = [slot for slot in self.slots if slot is not None]
-        return sorted(slots, key=lambda slot: (slot.handle.speculative, slot.handle.submitted_at))
+        return sorted(
+            self.slots, key=lambda slot: (slot.handle.speculative, slot.handle.submitted_at)
+        )
 
     # ----------------------------------------------------------------- prefill
 
@@ -230,7 +238,8 @@ class BatchLoop:
             if ids.shape[1] + max_new > self.length:
                 return self._serve_alone(slot, ids.shape[1], max_new)
             slot.picker = TokenPicker(self.model, request, ids, max_new, engine.settings.chat)
-            slot.embeds = inputs["inputs_embeds"]
+            slot.embeds = slot.prompt_embeds = inputs["inputs_embeds"]
+            self._take_row(slot, ids[0].cpu().numpy())
         embeds = slot.embeds
         start = slot.prefilled
         end = min(embeds.shape[1], start + budget)
@@ -263,9 +272,31 @@ class BatchLoop:
         )
         assert slot.streamer is not None
         self.engine._generate(slot.handle, slot.streamer)  # ends the streamer itself
-        self.slots[slot.row] = None
+        self.slots.remove(slot)
         self.engine._release(slot.job, slot.streamer, None, slot.started)
         return prompt_len
+
+    def _take_row(self, slot: Slot, ids: np.ndarray) -> None:
+        """Give the slot the free row that already holds most of its prompt (else a free
+        row holding nothing, else the lowest); its prefill starts after what is shared."""
+        assert slot.prompt_embeds is not None
+        best, best_shared = -1, -1
+        for row, holder in enumerate(self.rows):
+            if holder is not None:
+                continue
+            memory = self.memory[row]
+            shared = 0
+            if memory is not None:
+                shared = shared_prefix(memory, ids, slot.prompt_embeds, self._audio_token_id)
+            # More shared wins; then a row that remembers nothing (keep others' memories).
+            if (shared, memory is None) > (best_shared, best >= 0 and self.memory[best] is None):
+                best, best_shared = row, shared
+        slot.row = best
+        self.rows[best] = slot
+        self.memory[best] = None
+        # At least the prompt's last token is run again: it gives the first token's logits.
+        slot.prefilled = min(best_shared, ids.shape[0] - 1)
+        self.reused_tokens += slot.prefilled
 
     # ----------------------------------------------------------------- decode
 
@@ -277,10 +308,17 @@ class BatchLoop:
         rows = self._bucket(max(slot.row for slot in answering) + 1)
         tokens = [0] * rows
         positions = [0] * rows
-        for slot in self.slots[:rows]:
-            if slot is not None:  # a prompt being prefilled: a write its next chunk replaces
-                tokens[slot.row] = slot.token if slot.answering else 0
-                positions[slot.row] = slot.position if slot.answering else slot.prefilled
+        # Rows that are not answering take part too; their write goes where nothing is
+        # kept: past what a prompt being prefilled holds so far (its next piece replaces
+        # it), past what a free row remembers.
+        for row, holder in enumerate(self.rows[:rows]):
+            if holder is not None and holder.answering:
+                tokens[row], positions[row] = holder.token, holder.position
+            elif holder is not None:
+                positions[row] = holder.prefilled
+            else:
+                memory = self.memory[row]
+                positions[row] = memory.length if memory is not None else 0
         device = self.runtime.device
         try:
             with torch.inference_mode():
@@ -349,7 +387,13 @@ class BatchLoop:
 
     def _end(self, slot: Slot, error: EngineError | None) -> None:
         """Free the slot and hand out the final chunk (completed, cancelled or error)."""
-        self.slots[slot.row] = None
+        self.slots.remove(slot)
+        if slot.row >= 0:
+            self.rows[slot.row] = None
+            if error is None and slot.answering:  # every position it wrote is sound
+                assert slot.picker is not None and slot.prompt_embeds is not None
+                ids = slot.picker.ids[: slot.position].cpu().numpy()
+                self.memory[slot.row] = RowMemory(ids, slot.prompt_embeds)
         if slot.streamer is not None and error is None:
             try:
                 slot.streamer.end()  # the last words (nothing once cancelled)

@@ -75,6 +75,11 @@ class TokenPicker:
         self.generated += 1
         return token
 
+    @property
+    def ids(self) -> torch.Tensor:
+        """The prompt and the tokens picked so far, (n + generated,)."""
+        return self._ids[0, : self._length]
+
     def done(self, token: int) -> bool:
         """True once `token` (the latest) ends the answer: EOS or the token budget."""
         return token in self.eos or self.generated >= self.max_new_tokens
