@@ -351,3 +351,24 @@ def test_a_conversation_reuses_its_previous_turns_from_the_cache(
         if turn:  # at least the previous turn's audio was not prefilled again
             assert batch.reused_tokens - reused >= 375
         conversation.add(audio, totals.answer)
+
+
+def test_a_remembered_row_is_shared_only_as_far_as_the_model_saw_the_same() -> None:
+    import numpy as np
+    import torch
+
+    from voxtral_server.models.voxtral.prefix import RowMemory, shared_prefix
+
+    audio = 24
+    ids = np.array([1, 3, audio, audio, audio, 4, 7, 8])  # prompt of 6, then an answer 7, 8
+    embeds = torch.arange(6 * 2, dtype=torch.float32).reshape(1, 6, 2)
+    memory = RowMemory(ids, embeds)
+    same = torch.cat([embeds, torch.ones(1, 3, 2)], dim=1)  # the next turn: prompt + answer
+    assert shared_prefix(memory, np.append(ids, 9), same, audio) == 8
+    other_audio = same.clone()
+    other_audio[0, 3] += 1  # the same ids, a different utterance
+    assert shared_prefix(memory, np.append(ids, 9), other_audio, audio) == 3
+    other_text = np.array([1, 3, audio, audio, audio, 4, 7, 5, 9])
+    assert shared_prefix(memory, other_text, same, audio) == 7
+    audio_where_answer_was = np.array([1, 3, audio, audio, audio, 4, audio, 8])
+    assert shared_prefix(memory, audio_where_answer_was, same[:, :8], audio) == 6

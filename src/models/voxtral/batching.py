@@ -19,7 +19,8 @@ Every turn of the loop:
    next turn.
 
 The decode step runs over rows 0 .. b-1, b the smallest bucket (1, 2, 4, 8, 16, ...,
-`max_batch`) that holds every answering slot (new requests take the lowest free row), so a
+`max_batch`) that holds every answering slot (a new request takes the free row that still
+holds the most of its prompt, from its conversation's previous turn, else the lowest), so a
 compiled step has one shape per bucket: compiled and, on CUDA, recorded as CUDA graphs at
 start-up (`warm_up`), never while serving. A request fails alone: an exception in its prompt,
 prefill or delivery ends that request with an error; only a failing decode step (which all
@@ -50,6 +51,7 @@ from .streamer import WordStreamer
 logger = logging.getLogger(__name__)
 
 _KV_LEN_STEP = 64  # uncompiled decode reads the cache up to the longest row, in these steps
+_MIN_REUSE = 16  # fewer shared tokens (BOS, [INST], ...) are not worth another row's memory
 
 
 @dataclass(frozen=True, eq=False)
@@ -288,6 +290,7 @@ class BatchLoop:
             shared = 0
             if memory is not None:
                 shared = shared_prefix(memory, ids, slot.prompt_embeds, self._audio_token_id)
+                shared = shared if shared >= _MIN_REUSE else 0
             # More shared wins; then a row that remembers nothing (keep others' memories).
             if (shared, memory is None) > (best_shared, best >= 0 and self.memory[best] is None):
                 best, best_shared = row, shared
