@@ -38,7 +38,7 @@ from typing import Any, TypeVar
 import httpx
 
 from ...config import Settings
-from ..audio import check_request
+from ..admission import check_request
 from ..chat import must_call, offered_tools
 from ..chunking import ChunkSink, DeltaChunker, WordChunker, final_chunk
 from ..tools import ToolCallParts, call_ids, check_required

@@ -24,7 +24,8 @@ import torch
 from transformers import CompileConfig, LogitsProcessorList, StaticCache, StoppingCriteriaList
 
 from ...config import Settings
-from ..audio import SAMPLE_RATE, check_request
+from ..admission import check_request
+from ..audio import SAMPLE_RATE
 from ..chat import audios as chat_audios
 from ..chat import chat_messages, must_call, offered_tools
 from ..chunking import ChunkSink, WordChunker, final_chunk
