@@ -30,7 +30,7 @@ from ..chat import audios as chat_audios
 from ..chat import chat_messages, must_call, offered_tools
 from ..chunking import ChunkSink, WordChunker, final_chunk
 from ..mel import AUDIO_TOKENS_PER_WINDOW, N_SAMPLES, LogMel, processor_features
-from ..tools import call_ids, check_required, parse_mistral
+from ..tools import call_ids, check_required, invalid_call, parse_mistral
 from ..types import (
     Chunk,
     EngineError,
@@ -318,12 +318,7 @@ class VoxtralEngine:
         calls: tuple[ToolCall, ...] = ()
         try:
             self._generate(handle, streamer)
-            request = handle.request
-            if streamer.call_text is not None:
-                taken = call_ids(request.history)
-                calls = parse_mistral(streamer.call_text, offered_tools(request), taken)
-            if request.mode == "chat" and not streamer.cut_short:
-                check_required(request, calls, streamer.text)
+            calls = self._calls(handle.request, streamer)
         except EngineError as exc:  # the request's own fault (its conversation, the call)
             logger.warning("request=%s failed: %s: %s", handle.request.id, exc.code, exc)
             error = exc
@@ -335,6 +330,21 @@ class VoxtralEngine:
             if oom and self.runtime.device.type == "cuda":
                 torch.cuda.empty_cache()
         self._finish(job, streamer, error, started, calls)
+
+    def _calls(self, request: Request, streamer: WordStreamer) -> tuple[ToolCall, ...]:
+        """The functions a finished chat answer called; raises `EngineError`
+        (invalid_tool_call) for a call that is cut off, malformed or of a tool not offered,
+        or for words where tool_choice requires a call."""
+        if request.mode != "chat" or streamer.cut_short:
+            return ()
+        calls: tuple[ToolCall, ...] = ()
+        text = streamer.call_text
+        if text is not None:
+            if streamer.token_ids[-1:] != [self.prompts.eos_token]:
+                raise invalid_call("was cut off at the answer's token limit", text)
+            calls = parse_mistral(text, offered_tools(request), call_ids(request.history))
+        check_required(request, calls, streamer.text)
+        return calls
 
     def _finish(
         self,
