@@ -10,6 +10,7 @@ through the real engine. The vLLM engine's calls come from a fake vLLM server st
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from clients import cli
-from conftest import SCRIPT, TOOL_ANSWER, TOOL_ARGS, TOOL_NAME, speech_like
+from conftest import SCRIPT, TOOL_ANSWER, TOOL_ARGS, TOOL_NAME, engine_settings, speech_like
 from mistral_common.protocol.instruct.chunk import AudioChunk
 from mistral_common.protocol.instruct.messages import (
     AssistantMessage,
@@ -28,16 +29,19 @@ from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.protocol.instruct.tool_calls import Function, FunctionCall, Tool, ToolCall
 from mistral_common.tokens.tokenizers.audio import Audio
 from test_vllm import Collector, FakeVllm, vllm_settings
+from transformers import MistralCommonBackend
 
 from voxtral_server.api.inprocess import InProcessServer
 from voxtral_server.models import types as t
 from voxtral_server.models.audio import wav_bytes
 from voxtral_server.models.chat import chat_messages, mistral_call_id, offered_tools
-from voxtral_server.models.tools import call_ids, parse_mistral
+from voxtral_server.models.tiny import END_INST_ID, TOOL_CALLS_ID, script_bias
+from voxtral_server.models.tools import QUOTE_CHARS, call_ids, parse_mistral
 from voxtral_server.models.vllm import VllmEngine
 from voxtral_server.models.voxtral import VoxtralEngine
 
 AUDIO = speech_like(1.0)
+MALFORMED = '[{"name": "get_weather", "arguments": {"city": "Par'
 WEATHER = t.Tool(
     TOOL_NAME,
     "The weather in a city now",
@@ -255,23 +259,63 @@ def test_a_call_of_a_tool_not_offered_ends_with_invalid_tool_call(
     assert texts == [] and totals.tool_calls == ()
 
 
-def test_a_required_call_comes_first_and_malformed_json_is_invalid_tool_call(
-    scripted_engine: VoxtralEngine,
-) -> None:
-    """The text-scripted model, made to call, writes no JSON: the answer is an error quoting
-    what it wrote, not words."""
-    request = t.Request(AUDIO, tools=(WEATHER,), tool_choice="required", max_new_tokens=40)
+def test_a_required_call_comes_first(scripted_engine: VoxtralEngine) -> None:
+    """The text-scripted model, made to call, writes no valid call (random text, cut off or
+    not, depending on the CPU's arithmetic): the answer is an error quoting it, not words."""
+    request = t.Request(AUDIO, tools=(WEATHER,), tool_choice="required", max_new_tokens=200)
     texts, totals = final(scripted_engine, request)
     assert totals.token_ids[0] == scripted_engine.prompts.tool_calls_token
     assert totals.status == "error" and totals.error_code == "invalid_tool_call"
-    assert totals.error is not None and "not JSON" in totals.error
     written = scripted_engine.processor.tokenizer.decode(
         list(totals.token_ids[1:]), skip_special_tokens=True
     )
-    assert written[:40] in totals.error and len(totals.error) < 400  # quoted, truncated
+    assert totals.error is not None and written[:10] in totals.error
     assert texts == [] and totals.tool_calls == ()
     # Without tools the same model says its script, as before.
     assert final(scripted_engine, t.Request(AUDIO))[1].answer == SCRIPT
+
+
+def test_what_the_model_wrote_is_quoted_truncated() -> None:
+    written = "no call here " * 40
+    with pytest.raises(t.EngineError) as caught:
+        parse_mistral(written, (WEATHER,), set())
+    assert str(caught.value).endswith(repr(written[:QUOTE_CHARS] + "..."))
+
+
+@pytest.fixture(scope="module")
+def malformed_engine(
+    tiny_tool_scripted: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[VoxtralEngine]:
+    """The tool-scripted checkpoint, scripted instead to answer with a call whose JSON
+    breaks off, then EOS."""
+    folder = tmp_path_factory.mktemp("tiny-malformed")
+    shutil.copytree(tiny_tool_scripted, folder, dirs_exist_ok=True)
+    tokenizer = MistralCommonBackend.from_pretrained(str(folder))
+    written = tokenizer.encode(MALFORMED, add_special_tokens=False)
+    config = folder / "generation_config.json"
+    data = json.loads(config.read_text())
+    data["sequence_bias"] = script_bias({END_INST_ID: [TOOL_CALLS_ID, *written]})
+    config.write_text(json.dumps(data))
+    engine = VoxtralEngine.load(engine_settings(folder))
+    yield engine
+    engine.close()
+
+
+def test_a_call_that_is_not_json_is_invalid_tool_call(malformed_engine: VoxtralEngine) -> None:
+    texts, totals = final(malformed_engine, t.Request(AUDIO, tools=(WEATHER,)))
+    assert totals.token_ids[-1] == malformed_engine.prompts.eos_token  # the model finished
+    assert totals.status == "error" and totals.error_code == "invalid_tool_call"
+    assert "not JSON" in (totals.error or "") and MALFORMED in (totals.error or "")
+    assert texts == [] and totals.tool_calls == ()
+
+
+def test_a_call_cut_off_at_the_token_limit_is_invalid_tool_call(
+    tool_engine: VoxtralEngine,
+) -> None:
+    texts, totals = final(tool_engine, t.Request(AUDIO, tools=(WEATHER,), max_new_tokens=6))
+    assert totals.status == "error" and totals.error_code == "invalid_tool_call"
+    assert "token limit" in (totals.error or "") and '[{"name"' in (totals.error or "")
+    assert texts == [] and totals.tool_calls == ()
 
 
 @pytest.mark.parametrize(

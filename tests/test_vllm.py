@@ -596,6 +596,35 @@ async def test_websocket_words_are_exactly_what_vllm_answers(
         assert words.startswith(VLLM_SCRIPT)
 
 
+def test_real_vllm_takes_the_tools_and_a_call_with_its_result_and_answers(
+    replicas: list[VllmServer],
+) -> None:
+    """What the fake cannot prove: vLLM's Mistral tokenizer accepts the tools, the call ids
+    this server sends and the call -> result history, and its tool parser lets words through."""
+    from voxtral_server.models.types import Message, Tool, ToolCall
+
+    weather = Tool("get_weather", "The weather", {"type": "object", "properties": {}})
+    call = ToolCall("call_5f0e2b7c9a1d4e3f8b6a0c2d", "get_weather", '{"city": "Paris"}')
+    history = (
+        Message("user", audio=speech_like(1.0, seed=1)),
+        Message("assistant", tool_calls=(call,)),
+        Message("tool", '{"sky": "clear"}', call_id=call.call_id),
+    )
+    engine = VllmEngine.load(server_settings([replicas[0].url], MAX_TOKENS))
+    try:
+        for request in (
+            EngineRequest(AUDIO, "chat", tools=(weather,)),
+            EngineRequest(None, "chat", history=history, tools=(weather,)),
+        ):
+            collector = Collector()
+            engine.submit(request, collector)
+            totals = collector.final().totals
+            assert totals is not None and totals.status == "completed", totals
+            assert totals.answer.startswith(VLLM_SCRIPT) and totals.tool_calls == ()
+    finally:
+        engine.close()
+
+
 @pytest.mark.asyncio
 async def test_a_killed_replica_fails_its_turn_and_is_used_again_once_back(
     replicas: list[VllmServer],

@@ -191,6 +191,10 @@ class VllmServer:
             "4",
             "--seed",
             "0",
+            # Function calling as the README tells operators to serve it (tool_choice auto).
+            "--enable-auto-tool-choice",
+            "--tool-call-parser",
+            "mistral",
         ]
         if self.api_key:
             cmd += ["--api-key", self.api_key]

@@ -38,9 +38,9 @@ from typing import Any, TypeVar
 import httpx
 
 from ...config import Settings
+from ..admission import check_request
 from ..chat import must_call, offered_tools
 from ..chunking import ChunkSink, DeltaChunker, WordChunker, final_chunk
-from ..requests import check_request
 from ..tools import ToolCallParts, call_ids, check_required
 from ..types import EngineError, Request, RequestHandle, ToolCall
 from .endpoints import Endpoint, probe_delays

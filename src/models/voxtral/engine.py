@@ -25,14 +25,14 @@ import torch
 from transformers import CompileConfig, LogitsProcessorList, StaticCache, StoppingCriteriaList
 
 from ...config import Settings
+from ..admission import check_request
 from ..audio import SAMPLE_RATE
 from ..chat import audios as chat_audios
 from ..chat import chat_messages, must_call, offered_tools
 from ..chunking import ChunkSink, WordChunker, final_chunk
 from ..mel import AUDIO_TOKENS_PER_WINDOW, N_SAMPLES, LogMel, processor_features
-from ..requests import check_request
 from ..steps import StepObserver
-from ..tools import call_ids, check_required, parse_mistral
+from ..tools import call_ids, check_required, invalid_call, parse_mistral
 from ..types import (
     Chunk,
     EngineError,
@@ -287,19 +287,6 @@ class VoxtralEngine:
                 error = exc
         self._finish(job, streamer, error, started, calls)
 
-    @staticmethod
-    def _calls(request: Request, streamer: WordStreamer) -> tuple[ToolCall, ...]:
-        """The functions the answer called; `EngineError` (invalid_tool_call) for a call
-        that is malformed, not offered, or missing where tool_choice requires one."""
-        calls: tuple[ToolCall, ...] = ()
-        if streamer.call_text is not None:
-            calls = parse_mistral(
-                streamer.call_text, offered_tools(request), call_ids(request.history)
-            )
-        if request.mode == "chat" and not streamer.cut_short:
-            check_required(request, calls, streamer.text)
-        return calls
-
     def _next_job(self) -> _Job | None:
         """The next request to serve (blocking), or None once closed."""
         jobs = self._admit(1, wait=True)
@@ -390,6 +377,21 @@ class VoxtralEngine:
             if oom and self.runtime.device.type == "cuda":
                 torch.cuda.empty_cache()
         self._release(job, streamer, error, started)
+
+    def _calls(self, request: Request, streamer: WordStreamer) -> tuple[ToolCall, ...]:
+        """The functions a finished chat answer called; raises `EngineError`
+        (invalid_tool_call) for a call that is cut off, malformed or of a tool not offered,
+        or for words where tool_choice requires a call."""
+        if request.mode != "chat" or streamer.cut_short:
+            return ()
+        calls: tuple[ToolCall, ...] = ()
+        text = streamer.call_text
+        if text is not None:
+            if streamer.token_ids[-1:] != [self.prompts.eos_token]:
+                raise invalid_call("was cut off at the answer's token limit", text)
+            calls = parse_mistral(text, offered_tools(request), call_ids(request.history))
+        check_required(request, calls, streamer.text)
+        return calls
 
     def _finish(
         self,

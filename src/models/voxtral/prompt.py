@@ -26,6 +26,7 @@ class PromptBuilder:
         self._model_id = model_id
         # The token Voxtral starts a function call with (its answer then is the call's JSON).
         self.tool_calls_token: int = self._tokenizer.instruct_tokenizer.TOOL_CALLS
+        self.eos_token: int = self._tokenizer.instruct_tokenizer.tokenizer.eos_id
 
     def transcription(self, audio: np.ndarray, language: str | None) -> list[int]:
         request = TranscriptionRequest.from_openai(

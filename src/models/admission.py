@@ -1,4 +1,4 @@
-"""What every engine refuses before queueing a request."""
+"""What every engine refuses before it queues a request, so the caller hears at once."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from .types import EngineError, Request
 
 
 def check_request(request: Request, max_utterance_s: float) -> None:
-    """Raise for an unknown mode, audio the model cannot answer (`audio.validate`), or a
-    chat the model cannot continue (`chat.chat_messages`)."""
+    """Raises for an unknown mode, audio the model cannot answer (`audio.validate`), a chat
+    conversation it cannot continue, or tools or a tool_choice it cannot be given."""
     if request.mode not in ("transcribe", "chat"):
         raise EngineError("invalid_mode", f"mode must be transcribe or chat, not {request.mode!r}")
     if request.audio is not None:
@@ -17,5 +17,5 @@ def check_request(request: Request, max_utterance_s: float) -> None:
     elif request.mode == "transcribe":
         raise AudioInputError("empty_audio", "nothing to transcribe: the request has no audio")
     if request.mode == "chat":
-        chat_messages(request)  # a conversation the model cannot continue
-        offered_tools(request)  # tools or a tool_choice it cannot be given
+        chat_messages(request)
+        offered_tools(request)
