@@ -19,17 +19,18 @@ itself) once, under uvicorn on a free loopback port in this process, with `serve
 raised to fit the largest level. Then, for each concurrency level C, opens C WebSocket
 sessions at once; each does --turns push-to-talk turns in transcription mode (no
 conversation history grows the prompt): session.update (`"type": "transcription"`,
-turn_detection null); the clip as input_audio_buffer.append events of 40 ms (back to back, or
-at real-time pace with --pace); a no-op session.update round trip, so the server holds all the
-audio before the commit is timed; input_audio_buffer.commit and response.create back to back;
-read up to response.done. All sessions run their turns at the same time; the serial worker
-answers one at a time, so its queue wait grows with C, while the batched one runs up to
-max_batch answers together: that is what this benchmark shows. With no --model it
-builds a tiny scripted checkpoint (real architecture, random weights, a fixed 11-word
-answer), so it runs offline on a CPU.
+turn_detection null); the clip as input_audio_buffer.append events of 40 ms (back to back,
+or at real-time pace with --pace); a no-op session.update round trip, so the server holds
+all the audio before the commit is timed; input_audio_buffer.commit (a transcription session
+writes the turn down by itself); read up to
+conversation.item.input_audio_transcription.completed. All sessions run their turns at the
+same time; the serial worker answers one at a time, so its queue wait grows with C, while
+the batched one runs up to max_batch answers together: that is what this benchmark shows.
+With no --model it builds a tiny scripted checkpoint (real architecture, random weights, a
+fixed 11-word answer), so it runs offline on a CPU.
 
 Per level:
-  client 1st word  commit sent -> first response.output_text.delta received (client clock)
+  client 1st word  commit sent -> first input_audio_transcription.delta received (client clock)
   server 1st word  commit received -> first delta handed to the transport (timings.first_word_ms)
   queue wait       request queued -> engine worker picks it up (timings.queue_wait_ms)
   turns            completed turns / turns attempted
@@ -185,6 +186,11 @@ class Client:
         await self.ws.close()
 
 
+DELTA = "conversation.item.input_audio_transcription.delta"
+COMPLETED = "conversation.item.input_audio_transcription.completed"
+FAILED = "conversation.item.input_audio_transcription.failed"
+
+
 async def run_turn(client: Client, audio_events: list[str], pace: bool) -> dict[str, Any]:
     for text in audio_events:
         await client.ws.send(text)
@@ -193,23 +199,17 @@ async def run_turn(client: Client, audio_events: list[str], pace: bool) -> dict[
     await client.ws.send(BARRIER)  # every append is in the buffer once this is answered
     await client.recv_until("session.updated")
     sent = time.perf_counter()
+    # A transcription session writes the committed turn down by itself.
     await client.ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
-    await client.ws.send(json.dumps({"type": "response.create"}))
-    # engine_busy (queue full) is an error event with no response: the turn ends there.
-    at, event = await client.recv_until(
-        "response.output_text.delta", "response.done", stop_on_error=True
-    )
-    first_at = at if event["type"] == "response.output_text.delta" else None
-    if event["type"] != "response.done":
-        _, event = await client.recv_until("response.done")
-    status = event["response"]["status"]
-    if status == "failed":  # an error event follows: read it, which counts it
-        with contextlib.suppress(TurnFailed):
-            await client.recv_until("error", stop_on_error=True)
-        raise TurnFailed("generation_failed")
-    if status != "completed":
-        client.result.errors[f"response_{status}"] += 1
-        raise TurnFailed(f"response_{status}")
+    # engine_busy (queue full) is a transcription.failed event: the turn ends there.
+    at, event = await client.recv_until(DELTA, COMPLETED, FAILED, stop_on_error=True)
+    first_at = at if event["type"] == DELTA else None
+    if event["type"] == DELTA:
+        _, event = await client.recv_until(COMPLETED, FAILED)
+    if event["type"] == FAILED:
+        code = event["error"].get("code", "unknown")
+        client.result.errors[code] += 1
+        raise TurnFailed(code)
     t = event["timings"]
     return {
         "client_ms": (first_at - sent) * 1000 if first_at is not None else None,

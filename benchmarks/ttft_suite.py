@@ -161,8 +161,18 @@ Client = WebSocketClient | WebRTCClient
 CLIENTS: tuple[type[WebSocketClient] | type[WebRTCClient], ...] = (WebSocketClient, WebRTCClient)
 
 
+# The first word and the end of a turn: an answer's, or (transcription session) the words
+# of the user's item written down.
+FIRST_WORD = (
+    "response.output_text.delta",
+    "response.output_audio_transcript.delta",
+    "conversation.item.input_audio_transcription.delta",
+)
+TURN_DONE = ("response.done", "conversation.item.input_audio_transcription.completed")
+
+
 async def recv_until(
-    client: Client, type_: str, forbid: str | None = None
+    client: Client, type_: str | tuple[str, ...], forbid: str | None = None
 ) -> tuple[float, dict[str, Any]]:
     while True:
         at, event = await asyncio.wait_for(client.recv(), EVENT_TIMEOUT_S)
@@ -173,7 +183,7 @@ async def recv_until(
                 f"{client.name}: {forbid} arrived before the calibrated chunk was sent "
                 "(the VAD ended the turn earlier than in the calibration run)"
             )
-        if event["type"] == type_:
+        if event["type"] == type_ or event["type"] in type_:
             return at, event
 
 
@@ -235,15 +245,17 @@ async def run_turn(
         await recv_until(client, "session.updated", forbid="input_audio_buffer.speech_stopped")
         sent = time.perf_counter()
         await client.send(audio_events[k])
-        first_at, first = await recv_until(client, "response.output_text.delta")
+        first_at, first = await recv_until(client, FIRST_WORD)
         cancel_sent = None
         if cancel:
             cancel_sent = time.perf_counter()
             await client.send(json.dumps({"type": "response.cancel"}))
-        done_at, done = await recv_until(client, "response.done")
+        done_at, done = await recv_until(client, TURN_DONE)
     finally:
         await client.close()
     t = done["timings"]
+    if "response" not in done:  # a transcription: it cannot be cancelled
+        done["response"] = {"status": "completed"}
     if t.get("transport") != client.name:
         raise RuntimeError(f"{client.name}: timings say transport {t.get('transport')!r}")
     status = done["response"]["status"]
