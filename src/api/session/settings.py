@@ -128,8 +128,10 @@ class SessionSettings:
             fmt = audio_format(audio_in.format, "session.audio.input.format")
             new = replace(new, input_format=fmt)
         if "transcription" in audio_in.model_fields_set:
+            # null: captions off; a `model`: on; only a `language`: that language, no change.
             t = audio_in.transcription
-            new = replace(new, transcription_model=(t.model or "voxtral") if t else None)
+            if t is None or t.model:
+                new = replace(new, transcription_model=t.model if t else None)
         if audio_in.transcription is not None and audio_in.transcription.language:
             new = replace(new, language=audio_in.transcription.language)
         if "turn_detection" in audio_in.model_fields_set:

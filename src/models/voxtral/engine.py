@@ -403,6 +403,7 @@ class VoxtralEngine:
     ) -> None:
         """Hand out the final chunk. `streamer`/`started` are None if it never ran."""
         handle = job.handle
+        speculative = handle.request.speculative
         final = final_chunk(handle, streamer, error, started, time.perf_counter(), calls)
         queue_wait_ms = final.totals.queue_wait_ms if final.totals else 0.0
         try:
@@ -411,7 +412,8 @@ class VoxtralEngine:
             logger.exception("request=%s could not hand out the final chunk", handle.request.id)
         target = self.settings.streaming.latency_target_ms
         first_ms = final.first_token_latency_ms or 0.0
-        if streamer is not None and streamer.chunks and first_ms > target:
+        # A speculative request (a run during a pause, a caption) waits by design.
+        if streamer is not None and streamer.chunks and first_ms > target and not speculative:
             logger.warning(
                 "request=%s first token after %.1f ms, above streaming.latency_target_ms=%g "
                 "(queue_wait_ms=%.1f)",
