@@ -22,7 +22,7 @@ from _common import OUT, machine, median, pct, table, write_json
 
 from voxtral_server.config import load_settings
 from voxtral_server.models.audio import read_audio_file
-from voxtral_server.models.types import Conversation, Request
+from voxtral_server.models.types import Message, Request
 from voxtral_server.models.voxtral import VoxtralEngine
 from voxtral_server.models.voxtral.embeds import AudioEmbedCache
 
@@ -38,15 +38,16 @@ class NoCache(AudioEmbedCache):
 
 def conversation(engine: VoxtralEngine, audio: Any, max_turns: int) -> list[float]:
     """Model TTFT (ms) of each turn of one conversation; each turn is a new utterance."""
-    talk = Conversation(max_turns)
+    history: list[Message] = []  # the last max_turns exchanges, oldest first
     ttfts = []
     for _ in range(TURNS):
         utterance = audio.copy()  # a new array per turn, as a new recording would be
-        request = Request(utterance, "chat", history=talk.history, max_new_tokens=8)
+        request = Request(utterance, "chat", history=tuple(history), max_new_tokens=8)
         final = list(engine.stream(request))[-1].totals
         assert final is not None and final.model_ttft_ms is not None, final
         ttfts.append(final.model_ttft_ms)
-        talk.add(utterance, final.answer)
+        history += [Message("user", audio=utterance), Message("assistant", final.answer)]
+        del history[: max(0, len(history) - 2 * max_turns)]
     return ttfts
 
 

@@ -387,9 +387,9 @@ WS_CASES = {
         ('{"type": 7, "event_id": "evt_bad"}',), "invalid_event", ("no string 'type'",), "evt_bad"
     ),
     "unknown_event_type": WsCase(
-        (event("conversation.item.create", event_id="evt_bad"),),
+        (event("transcription_session.update", event_id="evt_bad"),),
         "unknown_event",
-        ("'conversation.item.create'", "supported: session.update"),
+        ("'transcription_session.update'", "supported: session.update"),
         "evt_bad",
     ),
     "session_type_banana": WsCase(
@@ -460,8 +460,8 @@ WS_CASES = {
     ),
     "response_create_with_nothing_committed": WsCase(
         (event("response.create", event_id="evt_bad"),),
-        "no_committed_audio",
-        ("commit the input audio buffer first",),
+        "nothing_to_answer",
+        ("commit the input audio buffer", "conversation.item.create"),
         "evt_bad",
     ),
     "response_cancel_with_no_response": WsCase(
@@ -700,11 +700,11 @@ async def test_webrtc_turn_after_bad_channel_messages(main: Running) -> None:
     async with rtc_call(main.base_url) as client:
         client.channel.send("{this is not json")
         client.channel.send(b"\x00\x01binary")
-        client.channel.send(event("conversation.item.create"))
+        client.channel.send(event("transcription_session.update"))
         client.channel.send(event("session.update", session={"type": "banana"}))
         await client.wait_error("invalid_json", "not valid JSON")
         await client.wait_error("binary_not_supported", "JSON text messages")
-        await client.wait_error("unknown_event", "'conversation.item.create'")
+        await client.wait_error("unknown_event", "'transcription_session.update'")
         await client.wait_error("invalid_event", "session.type")
         await client.answered_turn()
 

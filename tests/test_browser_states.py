@@ -188,8 +188,10 @@ def test_transcribe_mode_says_transcribing_and_writing(browser: Any, server: str
     browser.evaluate("window.__voxtralPage.conversation.connected('listening')")
     feed(browser, {"type": "input_audio_buffer.committed", "item_id": "item_1"})
     assert shown_state(browser) == ("thinking", "Transcribing…")
-    feed(browser, *answer("resp_1", "item_1", "Hello"))
+    delta = "conversation.item.input_audio_transcription.delta"
+    feed(browser, {"type": delta, "item_id": "item_1", "content_index": 0, "delta": "Hello"})
     assert shown_state(browser) == ("speaking", "Writing")
+    assert browser.inner_text(".turn.bot .bubble") == "Hello"
     browser.select_option("#mode", "chat")
     assert shown_state(browser) == ("speaking", LABELS["speaking"])
 
@@ -405,3 +407,22 @@ def test_a_turn_the_speaker_went_on_with_is_answered_once(
         assert sum(r.retracted or 0 for r in records) >= 1, records
         snap(page, "revised-live")
         assert page.console_errors == []
+
+
+def test_the_users_words_fill_the_you_spoke_bubble(browser: Any, server: str) -> None:
+    browser.goto(server)  # not connected: the events below are the only ones
+    browser.evaluate("window.__voxtralPage.conversation.connected('listening')")
+    feed(browser, {"type": "input_audio_buffer.committed", "item_id": "item_1"})
+    assert browser.inner_text(".turn.user .bubble") == "You spoke"
+    delta = "conversation.item.input_audio_transcription.delta"
+    feed(
+        browser,
+        *answer("resp_1", "item_1", "Paris."),
+        {"type": delta, "item_id": "item_1", "content_index": 0, "delta": "What is"},
+        {"type": delta, "item_id": "item_1", "content_index": 0, "delta": " the capital?"},
+    )
+    assert browser.inner_text(".turn.user .bubble") == "What is the capital?"
+    completed = "conversation.item.input_audio_transcription.completed"
+    feed(browser, {"type": completed, "item_id": "item_1", "transcript": "What's the capital?"})
+    assert browser.inner_text(".turn.user .bubble") == "What's the capital?"
+    assert browser.inner_text(".turn.bot .bubble") == "Paris."  # the answer is untouched

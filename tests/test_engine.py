@@ -22,11 +22,10 @@ from voxtral_server.models.audio import (
 )
 from voxtral_server.models.types import (
     Chunk,
-    Conversation,
     EngineError,
+    Message,
     ModelLoadError,
     Request,
-    Turn,
 )
 from voxtral_server.models.voxtral import VoxtralEngine
 
@@ -61,9 +60,13 @@ def reference_ids(model_dir: Path, request: Request) -> list[int]:
             return {"type": "audio", "base64": base64.b64encode(wav_bytes(audio)).decode()}
 
         conversation: list[dict[str, Any]] = []
-        for turn in request.history:
-            conversation.append({"role": "user", "content": [audio_part(turn.audio)]})
-            conversation.append({"role": "assistant", "content": turn.answer})
+        for m in request.history:
+            if m.role == "user":
+                assert m.audio is not None
+                conversation.append({"role": "user", "content": [audio_part(m.audio)]})
+            else:
+                conversation.append({"role": m.role, "content": m.text})
+        assert request.audio is not None
         conversation.append({"role": "user", "content": [audio_part(request.audio)]})
         inputs = processor.apply_chat_template(conversation)
     with torch.inference_mode():
@@ -74,7 +77,10 @@ def reference_ids(model_dir: Path, request: Request) -> list[int]:
 
 def _requests() -> dict[str, Request]:
     audio = speech_like(2.5, seed=11)
-    history = (Turn(speech_like(1.5, seed=12), "an earlier answer"),)
+    history = (
+        Message("user", audio=speech_like(1.5, seed=12)),
+        Message("assistant", "an earlier answer"),
+    )
     return {
         "transcribe": Request(audio, "transcribe", language="en", max_new_tokens=MAX_NEW),
         "chat": Request(audio, "chat", temperature=0.0, max_new_tokens=MAX_NEW),
@@ -138,16 +144,6 @@ def test_scripted_words_arrive_one_per_chunk(scripted_engine: VoxtralEngine, mod
     assert chunks[0].first_token_latency_ms is not None
     assert totals.model_ttft_ms is not None
     assert totals.model_ttft_ms <= chunks[0].first_token_latency_ms  # queue wait comes first
-
-
-def test_conversation_keeps_only_the_last_turns() -> None:
-    conversation = Conversation(max_turns=2)
-    for i in range(3):
-        conversation.add(np.zeros(10, np.float32), f"answer {i}")
-    assert [t.answer for t in conversation.history] == ["answer 1", "answer 2"]
-    alone = Conversation(max_turns=0)
-    alone.add(np.zeros(10, np.float32), "dropped")
-    assert alone.history == ()
 
 
 def test_cancel_after_first_chunk_stops_within_two_tokens(tiny_random: Path) -> None:
@@ -354,7 +350,12 @@ def test_no_request_compiles_after_warm_up(compiled_engines: dict[str, Any]) -> 
         Request(
             speech_like(3.0),
             "chat",
-            history=(Turn(speech_like(4.0), "before"), Turn(speech_like(1.0), "and again")),
+            history=(
+                Message("user", audio=speech_like(4.0)),
+                Message("assistant", "before"),
+                Message("user", audio=speech_like(1.0)),
+                Message("assistant", "and again"),
+            ),
             max_new_tokens=20,
         ),
     ]
@@ -369,14 +370,16 @@ def test_a_long_chat_encodes_each_utterance_once_and_answers_the_same(
     """Turn after turn the history's audio comes from the encoder cache (the history keeps
     the very arrays that were answered), and every answer still equals the plain pipeline's,
     which re-reads all the audio."""
-    conversation = Conversation(max_turns=3)
+    history: list[Message] = []  # the last three exchanges
     for turn in range(4):
         audio = speech_like(1.0 + 0.5 * turn, seed=20 + turn)
         request = Request(
-            audio, "chat", history=conversation.history, temperature=0.0, max_new_tokens=MAX_NEW
+            audio, "chat", history=tuple(history), temperature=0.0, max_new_tokens=MAX_NEW
         )
         hits = random_engine._embeds.hits
         totals = _final(collect(random_engine, request))
         assert list(totals.token_ids) == reference_ids(tiny_random, request)
-        assert random_engine._embeds.hits - hits == len(request.history)  # none re-encoded
-        conversation.add(audio, totals.answer)
+        earlier = sum(m.audio is not None for m in request.history)
+        assert random_engine._embeds.hits - hits == earlier  # none re-encoded
+        history += [Message("user", audio=audio), Message("assistant", totals.answer)]
+        del history[: max(0, len(history) - 6)]

@@ -92,7 +92,7 @@ async def test_a_cancel_anywhere_in_an_answer_leaves_the_conversation_working(
 ) -> None:
     """The cancel lands after the engine has finished, with `delivered` of the answer's words
     shown to the client: whatever that number, the next turn is answered in full, and the
-    history only ever holds whole answers the client saw (never an empty one)."""
+    history only ever holds what the client saw of each answer (never an empty one)."""
     engine = HeldAnswers(scripted_engine)
     t = FakeTransport()
     session = Session(engine, Settings(), t)  # type: ignore[arg-type]
@@ -115,13 +115,13 @@ async def test_a_cancel_anywhere_in_an_answer_leaves_the_conversation_working(
         sink(chunk)
     done = await t.wait_for("response.done")
     shown = "".join(e["delta"] for e in t.of("response.output_text.delta"))
+    answers = [m.text for m in session.conversation.history() if m.role == "assistant"]
     if delivered == len(words):  # every word was out before the cancel: nothing was cut
         assert done["response"]["status"] == "completed" and shown == SCRIPT
-        assert [turn.answer for turn in session.conversation.history] == [SCRIPT]
+        assert answers == [SCRIPT]
     else:
         assert done["response"]["status"] == "cancelled"
-        assert session.conversation.history == ()
-    assert all(turn.answer.strip() for turn in session.conversation.history)
+        assert answers == ([shown] if shown.strip() else [])
 
     await ask(session)  # the next turn, on the same conversation
     chunks, sink = await engine.complete.get()
@@ -195,12 +195,13 @@ async def test_an_unknown_language_is_refused_when_set_and_a_valid_one_then_work
     assert "language" in error["message"] and "'zz'" in error["message"], error
     assert session.language == "en" and not t.of("session.updated")  # nothing changed
     await session.handle_text(update("fr"))
-    assert t.of("session.updated")[0]["session"]["audio"]["input"]["transcription"] == {
-        "language": "fr"
-    }
-    await ask(session)
-    done = await t.wait_for("response.done")
-    assert done["response"]["status"] == "completed", done
+    assert (
+        t.of("session.updated")[0]["session"]["audio"]["input"]["transcription"]["language"] == "fr"
+    )
+    await session.handle_text(append_event(SPEECH))
+    await session.handle_text('{"type": "input_audio_buffer.commit"}')  # written down
+    done = await t.wait_for("conversation.item.input_audio_transcription.completed")
+    assert done["transcript"] == SCRIPT, done
     session.close()
 
 
@@ -390,12 +391,12 @@ async def test_a_failure_at_any_stage_ends_that_turn_with_an_error_and_the_next_
         assert error["code"] == "generation_failed" and "injected" in error["message"], error
     else:
         assert error["code"] == "tts_failed" and "injected" in error["message"], error
-        assert first["response"]["output"][0]["content"][0]["text"] == SCRIPT  # text arrived
+        assert first["response"]["output"][0]["content"][0]["transcript"] == SCRIPT  # words came
     tts.stage = None  # the next turn: nothing fails any more
     await ask(session)
     second = await t.wait_for("response.done", 2)
     assert second["response"]["status"] == "completed", second
-    assert second["response"]["output"][0]["content"][0]["text"] == SCRIPT
+    assert second["response"]["output"][0]["content"][0]["transcript"] == SCRIPT
     assert t.of("response.output_audio.delta"), "the next answer was spoken"
     session.close()
     await session.wait_closed()

@@ -44,13 +44,38 @@ async def test_server_vad_turn_answers_by_itself(scripted_engine: VoxtralEngine)
     for frame in frames(SPEECH):
         session.append_audio(frame)
     done = await t.wait_for("response.done")
-    assert t.types()[:5] == [
+    # OpenAI's item lifecycle: the user's item as soon as it is committed, then the answer's
+    # item with its first word, its content part, the words, and everything closed in order.
+    lifecycle = [k for k in t.types() if not k.endswith(".delta")]
+    assert lifecycle == [
         "session.created",
         "input_audio_buffer.speech_started",
         "input_audio_buffer.speech_stopped",
         "input_audio_buffer.committed",
+        "conversation.item.added",
+        "conversation.item.done",
         "response.created",
+        "response.output_item.added",
+        "conversation.item.added",
+        "response.content_part.added",
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "conversation.item.done",
+        "response.done",
     ]
+    user, answer = (e["item"] for e in t.of("conversation.item.added"))
+    committed = t.of("input_audio_buffer.committed")[0]
+    assert user["id"] == committed["item_id"] and user["role"] == "user"
+    assert user["content"][0]["type"] == "input_audio"
+    assert answer["role"] == "assistant" and answer["status"] == "in_progress"
+    assert t.of("conversation.item.added")[1]["previous_item_id"] == user["id"]
+    assert {e["item_id"] for e in t.of("response.output_text.delta")} == {answer["id"]}
+    final = t.of("conversation.item.done")[1]["item"]
+    assert final["status"] == "completed"
+    assert final["content"] == [{"type": "output_text", "text": SCRIPT}]
+    assert done["response"]["output"] == [final]
+    assert done["response"]["usage"]["output_tokens"] == done["timings"]["tokens"]
     assert words(t) == SCRIPT.split()
     assert t.of("response.output_text.done")[0]["text"] == SCRIPT
     assert done["response"]["status"] == "completed"
@@ -71,7 +96,11 @@ async def test_push_to_talk_waits_for_response_create(scripted_engine: VoxtralEn
         await session.handle_text(append(frame))
     assert "input_audio_buffer.speech_started" not in t.types()
     await session.handle_text('{"type": "input_audio_buffer.commit"}')
-    assert t.types()[-1] == "input_audio_buffer.committed"
+    assert t.types()[-3:] == [
+        "input_audio_buffer.committed",
+        "conversation.item.added",
+        "conversation.item.done",
+    ]
     assert "response.created" not in t.types()
     await session.handle_text('{"type": "response.create"}')
     await t.wait_for("response.done")
@@ -130,10 +159,17 @@ async def test_session_update_switches_mode_language_and_instructions(
     assert state["audio"]["input"]["transcription"]["language"] == "fr"
     assert (session.mode, session.language) == ("transcribe", "fr")
     await session.handle_text(append(SPEECH))
+    # A transcription session writes each committed turn down by itself.
     await session.handle_text('{"type": "input_audio_buffer.commit"}')
-    await session.handle_text('{"type": "response.create"}')
-    await t.wait_for("response.done")
-    assert words(t) == SCRIPT.split()
+    item_id = t.of("input_audio_buffer.committed")[0]["item_id"]
+    done = await t.wait_for("conversation.item.input_audio_transcription.completed")
+    deltas = t.of("conversation.item.input_audio_transcription.delta")
+    assert done["item_id"] == item_id and {d["item_id"] for d in deltas} == {item_id}
+    assert [d["delta"].strip() for d in deltas] == SCRIPT.split()
+    assert done["transcript"] == SCRIPT and "response.created" not in t.types()
+    await session.handle_text('{"type": "response.create", "event_id": "e1"}')
+    refused = (await t.wait_for("error"))["error"]
+    assert refused["code"] == "not_in_transcription_session" and refused["event_id"] == "e1"
     await session.handle_text(
         json.dumps(
             {
@@ -161,7 +197,10 @@ async def test_chat_keeps_the_conversation(scripted_engine: VoxtralEngine) -> No
         await session.handle_text('{"type": "input_audio_buffer.commit"}')
         await session.handle_text('{"type": "response.create"}')
         await t.wait_for("response.done", i + 1)
-    assert [turn.answer for turn in session.conversation.history] == [SCRIPT, SCRIPT]
+    assert [m.text for m in session.conversation.history() if m.role == "assistant"] == [
+        SCRIPT,
+        SCRIPT,
+    ]
     session.close()
 
 
@@ -227,7 +266,7 @@ async def test_vad_offsets_survive_a_session_update_after_audio(
     started = t.of("input_audio_buffer.speech_started")[0]["audio_start_ms"]
     stopped = t.of("input_audio_buffer.speech_stopped")[0]["audio_end_ms"]
     assert 10_150 <= started <= 10_450 and 12_400 <= stopped <= 13_000  # stream offsets
-    turn_audio = session.conversation.history[0].audio
+    turn_audio = session.conversation.history()[0].audio
     assert 2.3 <= turn_audio.size / SAMPLE_RATE <= 3.2  # the speech itself, not silence
     session.close()
 

@@ -105,6 +105,7 @@ async def ws_turn(url: str, barge_in: bool = False) -> list[dict[str, Any]]:
     events: list[dict[str, Any]] = []
     first: str | None = None  # the id of the turn's response
     async with websockets.connect(url) as ws:
+        await ws.send(SPOKEN_EVENTS)
         for message in appends(SPEECH):
             await ws.send(message)
         while True:
@@ -119,6 +120,12 @@ async def ws_turn(url: str, barge_in: bool = False) -> list[dict[str, Any]]:
                     return events  # the next turn is being spoken
             if event["type"] == "response.done" and not barge_in:
                 return events
+
+
+# Extension: the server tells which phrase starts to sound (voxtral.output_audio.spoken).
+SPOKEN_EVENTS = json.dumps(
+    {"type": "session.update", "session": {"voxtral": {"spoken_events": True}}}
+)
 
 
 def of(events: list[dict[str, Any]], type_: str) -> list[dict[str, Any]]:
@@ -138,8 +145,9 @@ async def test_websocket_audio_is_the_answer_spoken(
     events = await ws_turn(base_url.replace("http", "ws") + "/v1/realtime")
     done = of(events, "response.done")[0]
     assert done["response"]["status"] == "completed"
-    shown = "".join(e["delta"] for e in of(events, "response.output_text.delta"))
-    phrases = [e["delta"] for e in of(events, "response.output_audio_transcript.delta")]
+    shown = "".join(e["delta"] for e in of(events, "response.output_audio_transcript.delta"))
+    phrases = [e["delta"] for e in of(events, "voxtral.output_audio.spoken")]
+    assert not of(events, "response.output_text.delta")  # one text stream: the transcript
     assert shown == SCRIPT and "".join(phrases) == SCRIPT  # every word spoken is shown, in order
     assert len(phrases) > 1  # spoken phrase by phrase, not at the end
     assert of(events, "response.output_audio_transcript.done")[0]["transcript"] == SCRIPT
@@ -200,6 +208,8 @@ async def test_webrtc_track_carries_the_answer_spoken(
     client = ListeningClient()
     try:
         await client.connect(base_url)
+        await client.wait_for("session.created")
+        client.channel.send(SPOKEN_EVENTS)
         done = await client.wait_for("response.done")
         # The track goes on with silence after the answer: keep listening a moment longer
         # than the jitter buffer holds, so the answer's tail has arrived.
@@ -210,8 +220,8 @@ async def test_webrtc_track_carries_the_answer_spoken(
     finally:
         await client.close()
     assert done["response"]["status"] == "completed"
-    shown = "".join(e["delta"] for e in client.events if e["type"].endswith("text.delta"))
-    phrases = [e["delta"] for e in client.events if e["type"].endswith("transcript.delta")]
+    shown = "".join(e["delta"] for e in client.events if e["type"].endswith("transcript.delta"))
+    phrases = [e["delta"] for e in client.events if e["type"] == "voxtral.output_audio.spoken"]
     assert shown == SCRIPT and "".join(phrases) == SCRIPT
     heard = np.concatenate(client.frames)
     expected = render(espeak, phrases, 48_000)
@@ -323,6 +333,7 @@ async def test_webrtc_track_sends_no_speech_after_a_barge_in(server: tuple[str, 
     try:
         await client.connect(base_url)
         await client.wait_for("session.created")
+        client.channel.send(SPOKEN_EVENTS)
         (call,) = app.state.server.peers.calls
         log = TrackLog(call.speech_track)
         for message in appends(SPEECH):

@@ -336,12 +336,15 @@ def test_no_delta_for_delta_timeout_ends_the_turn_with_an_error(
 def test_requests_carry_the_api_key_history_and_transcription_fields(
     fakes: list[FakeVllm], engines: list[VllmEngine]
 ) -> None:
-    from voxtral_server.models.types import Turn
+    from voxtral_server.models.types import Message
 
     a, _ = fakes
     engine = VllmEngine.load(vllm_settings([a.url], api_key="test-key-123"))
     engines.append(engine)
-    history = (Turn(speech_like(0.5, seed=1), "Earlier answer."),)
+    history = (
+        Message("user", audio=speech_like(0.5, seed=1)),
+        Message("assistant", "Earlier answer."),
+    )
     chat = Collector()
     engine.submit(
         EngineRequest(AUDIO, "chat", instructions="Be brief.", history=history, temperature=0),

@@ -59,6 +59,8 @@ class TurnDetection(_Loose):
 
 
 class Transcription(_Loose):
+    # Any model name: the user's words are always written down by Voxtral itself.
+    model: str | None = Field(default=None, max_length=200)
     language: Annotated[str | None, AfterValidator(check_language)] = Field(
         default=None, pattern=r"^[a-z]{2}$"
     )
@@ -67,6 +69,7 @@ class Transcription(_Loose):
 class AudioInput(_Loose):
     # A present `turn_detection: null` means push-to-talk; an absent key means "unchanged".
     turn_detection: TurnDetection | None = None
+    # A present `transcription: null` turns the user's captions off.
     transcription: Transcription | None = None
 
 
@@ -74,11 +77,53 @@ class AudioConfig(_Loose):
     input: AudioInput | None = None
 
 
+MAX_TOOLS = 64
+
+
+class ToolParam(_Loose):
+    type: Literal["function"] = "function"
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_-]+$")
+    description: str = Field(default="", max_length=4000)
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class ToolChoiceFunction(_Loose):
+    type: Literal["function"]
+    name: str = Field(min_length=1, max_length=64)
+
+
+ToolChoice = Literal["auto", "none", "required"] | ToolChoiceFunction
+Modalities = list[Literal["text", "audio"]]
+
+
+class VoxtralOptions(_Loose):
+    """Extension (`session.voxtral`): what this server can send beyond OpenAI's events."""
+
+    # `voxtral.output_audio.spoken` {response_id, item_id, delta}: the words of a phrase
+    # whose audio has just started (the page marks the words being spoken).
+    spoken_events: bool = False
+
+
 class SessionConfig(_Loose):
     # "realtime" answers what was said (chat); "transcription" writes it down.
     type: Literal["realtime", "transcription"] | None = None
     instructions: str | None = Field(default=None, max_length=4000)
     audio: AudioConfig | None = None
+    output_modalities: Modalities | None = Field(default=None, min_length=1, max_length=1)
+    tools: list[ToolParam] | None = Field(default=None, max_length=MAX_TOOLS)
+    tool_choice: ToolChoice | None = None
+    max_output_tokens: int | Literal["inf"] | None = Field(default=None)
+    voxtral: VoxtralOptions | None = None
+
+    @model_validator(mode="after")
+    def _max_tokens(self) -> SessionConfig:
+        _check_max_tokens(self.max_output_tokens)
+        return self
+
+
+def _check_max_tokens(value: int | str | None) -> None:
+    if isinstance(value, int) and not 1 <= value <= 4096:
+        raise ValueError("max_output_tokens must be between 1 and 4096, or 'inf'")
 
 
 class SessionUpdate(_Event):
@@ -99,13 +144,81 @@ class InputAudioBufferClear(_Event):
     type: Literal["input_audio_buffer.clear"]
 
 
+class ContentPartParam(_Loose):
+    type: str = Field(max_length=40)
+    text: str | None = None
+    audio: str | None = None  # base64, in the session's input audio format
+    transcript: str | None = None
+
+
+class ItemParam(_Loose):
+    """A conversation item as a client sends it (OpenAI's `ConversationItem`)."""
+
+    type: Literal["message", "function_call", "function_call_output", "item_reference"]
+    id: str | None = Field(default=None, min_length=1)
+    role: Literal["user", "assistant", "system"] | None = None
+    content: list[ContentPartParam] | None = Field(default=None, max_length=64)
+    call_id: str | None = Field(default=None, max_length=64)
+    name: str | None = Field(default=None, max_length=64)
+    arguments: str | None = None
+    output: str = ""
+
+
+class ConversationItemCreate(_Event):
+    type: Literal["conversation.item.create"]
+    previous_item_id: str | None = None
+    item: ItemParam
+
+
+class ConversationItemRetrieve(_Event):
+    type: Literal["conversation.item.retrieve"]
+    item_id: str
+
+
+class ConversationItemDelete(_Event):
+    type: Literal["conversation.item.delete"]
+    item_id: str
+
+
+class ConversationItemTruncate(_Event):
+    type: Literal["conversation.item.truncate"]
+    item_id: str
+    content_index: int = Field(default=0, ge=0)
+    audio_end_ms: int = Field(ge=0)
+
+
+class ResponseParams(_Loose):
+    """response.create's `response`: this answer's own settings (absent: the session's)."""
+
+    instructions: str | None = Field(default=None, max_length=4000)
+    output_modalities: Modalities | None = Field(default=None, min_length=1, max_length=1)
+    max_output_tokens: int | Literal["inf"] | None = None
+    # "none": an out-of-band answer, kept out of the conversation.
+    conversation: Literal["auto", "none"] = "auto"
+    # Its own context instead of the conversation (items, or {"type": "item_reference"}).
+    input: list[ItemParam] | None = Field(default=None, max_length=256)
+    tools: list[ToolParam] | None = Field(default=None, max_length=MAX_TOOLS)
+    tool_choice: ToolChoice | None = None
+    metadata: dict[str, str] | None = Field(default=None, max_length=16)
+
+    @model_validator(mode="after")
+    def _max_tokens(self) -> ResponseParams:
+        _check_max_tokens(self.max_output_tokens)
+        return self
+
+
 class ResponseCreate(_Event):
     type: Literal["response.create"]
+    response: ResponseParams | None = None
 
 
 class ResponseCancel(_Event):
     type: Literal["response.cancel"]
     response_id: str | None = None
+
+
+class OutputAudioBufferClear(_Event):
+    type: Literal["output_audio_buffer.clear"]
 
 
 class ClientTiming(_Event):
@@ -131,6 +244,11 @@ ClientEvent = Annotated[
     | InputAudioBufferClear
     | ResponseCreate
     | ResponseCancel
+    | ConversationItemCreate
+    | ConversationItemRetrieve
+    | ConversationItemDelete
+    | ConversationItemTruncate
+    | OutputAudioBufferClear
     | ClientTiming
     | ClientFallback,
     Field(discriminator="type"),
@@ -142,6 +260,11 @@ CLIENT_EVENT_TYPES = (
     "input_audio_buffer.clear",
     "response.create",
     "response.cancel",
+    "conversation.item.create",
+    "conversation.item.retrieve",
+    "conversation.item.delete",
+    "conversation.item.truncate",
+    "output_audio_buffer.clear",
     "voxtral.client_timing",
     "voxtral.fallback",
 )
@@ -223,7 +346,11 @@ class SessionState(BaseModel):
     object: Literal["realtime.session"] = "realtime.session"
     model: str
     instructions: str | None = None
+    output_modalities: list[str] | None = None
     audio: dict[str, Any]
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    max_output_tokens: int | Literal["inf"] | None = None
 
 
 class SessionCreated(ServerEvent):
@@ -265,14 +392,133 @@ class Cleared(ServerEvent):
 class Response(BaseModel):
     id: str
     object: Literal["realtime.response"] = "realtime.response"
-    status: Literal["in_progress", "completed", "cancelled", "failed"]
+    status: Literal["in_progress", "completed", "cancelled", "failed", "incomplete"]
     status_details: dict[str, Any] | None = None
     output: list[dict[str, Any]] = Field(default_factory=list)
+    # None for an out-of-band answer (response.create with conversation "none").
+    conversation_id: str | None = None
+    output_modalities: list[str] | None = None
+    max_output_tokens: int | Literal["inf"] | None = None
+    metadata: dict[str, str] | None = None
+    usage: dict[str, Any] | None = None
 
 
 class ResponseCreated(ServerEvent):
     type: Literal["response.created"] = "response.created"
     response: Response
+
+
+class ErrorDetail(BaseModel):
+    type: str = "invalid_request_error"
+    code: str
+    message: str
+    event_id: str | None = None
+
+
+class ItemAdded(ServerEvent):
+    type: Literal["conversation.item.added"] = "conversation.item.added"
+    previous_item_id: str | None = None
+    item: dict[str, Any]
+
+
+class ItemDone(ServerEvent):
+    type: Literal["conversation.item.done"] = "conversation.item.done"
+    previous_item_id: str | None = None
+    item: dict[str, Any]
+
+
+class ItemRetrieved(ServerEvent):
+    type: Literal["conversation.item.retrieved"] = "conversation.item.retrieved"
+    item: dict[str, Any]
+
+
+class ItemTruncated(ServerEvent):
+    type: Literal["conversation.item.truncated"] = "conversation.item.truncated"
+    item_id: str
+    content_index: int = 0
+    audio_end_ms: int
+
+
+class InputTranscriptionDelta(ServerEvent):
+    type: Literal["conversation.item.input_audio_transcription.delta"] = (
+        "conversation.item.input_audio_transcription.delta"
+    )
+    item_id: str
+    content_index: int = 0
+    delta: str
+
+
+class InputTranscriptionCompleted(ServerEvent):
+    type: Literal["conversation.item.input_audio_transcription.completed"] = (
+        "conversation.item.input_audio_transcription.completed"
+    )
+    item_id: str
+    content_index: int = 0
+    transcript: str
+    usage: dict[str, Any]
+    timings: Timings | None = None  # extension, as in response.done
+
+
+class InputTranscriptionFailed(ServerEvent):
+    type: Literal["conversation.item.input_audio_transcription.failed"] = (
+        "conversation.item.input_audio_transcription.failed"
+    )
+    item_id: str
+    content_index: int = 0
+    error: ErrorDetail
+
+
+class OutputItemAdded(ServerEvent):
+    type: Literal["response.output_item.added"] = "response.output_item.added"
+    response_id: str
+    output_index: int
+    item: dict[str, Any]
+
+
+class OutputItemDone(ServerEvent):
+    type: Literal["response.output_item.done"] = "response.output_item.done"
+    response_id: str
+    output_index: int
+    item: dict[str, Any]
+
+
+class ContentPartAdded(ServerEvent):
+    type: Literal["response.content_part.added"] = "response.content_part.added"
+    response_id: str
+    item_id: str
+    output_index: int
+    content_index: int = 0
+    part: dict[str, Any]
+
+
+class ContentPartDone(ServerEvent):
+    type: Literal["response.content_part.done"] = "response.content_part.done"
+    response_id: str
+    item_id: str
+    output_index: int
+    content_index: int = 0
+    part: dict[str, Any]
+
+
+class FunctionCallArgumentsDelta(ServerEvent):
+    type: Literal["response.function_call_arguments.delta"] = (
+        "response.function_call_arguments.delta"
+    )
+    response_id: str
+    item_id: str
+    output_index: int
+    call_id: str
+    delta: str
+
+
+class FunctionCallArgumentsDone(ServerEvent):
+    type: Literal["response.function_call_arguments.done"] = "response.function_call_arguments.done"
+    response_id: str
+    item_id: str
+    output_index: int
+    call_id: str
+    name: str
+    arguments: str
 
 
 class TextDelta(ServerEvent):
@@ -318,7 +564,7 @@ class AudioDone(ServerEvent):
 
 
 class TranscriptDelta(ServerEvent):
-    """A phrase whose audio has just started (both transports): the words being spoken."""
+    """An audio answer's words, each the moment it is complete (its audio follows)."""
 
     type: Literal["response.output_audio_transcript.delta"] = (
         "response.output_audio_transcript.delta"
@@ -327,6 +573,20 @@ class TranscriptDelta(ServerEvent):
     item_id: str
     output_index: int = 0
     content_index: int = 0
+    delta: str
+    # Extras for the browser UI, as on response.output_text.delta.
+    chunk_index: int | None = None
+    first_token_latency_ms: float | None = None
+    processing_time_ms: float | None = None
+
+
+class Spoken(ServerEvent):
+    """Extension (opt-in: `session.voxtral.spoken_events`): a phrase whose audio has just
+    started, on either transport: the words being spoken now."""
+
+    type: Literal["voxtral.output_audio.spoken"] = "voxtral.output_audio.spoken"
+    response_id: str
+    item_id: str
     delta: str
 
 
@@ -376,13 +636,6 @@ class ResponseDone(ServerEvent):
     type: Literal["response.done"] = "response.done"
     response: Response
     timings: Timings
-
-
-class ErrorDetail(BaseModel):
-    type: str = "invalid_request_error"
-    code: str
-    message: str
-    event_id: str | None = None
 
 
 class Error(ServerEvent):

@@ -12,8 +12,6 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from .types import EngineError, Request
-
 SAMPLE_RATE = 16000  # Hz, what Voxtral's encoder expects
 PCM16_SCALE = 32768.0  # int16 <-> float in [-1, 1): the one scale used both ways
 _PCM16_MIN, _PCM16_MAX = -32768, 32767
@@ -91,14 +89,6 @@ def wav_bytes(audio: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     sf.write(buffer, audio, SAMPLE_RATE, format="WAV", subtype="PCM_16")
     return buffer.getvalue()
-
-
-def check_request(request: Request, max_utterance_s: float) -> None:
-    """What every engine refuses before queueing a request: an unknown mode, or audio the
-    model cannot answer (`validate`)."""
-    if request.mode not in ("transcribe", "chat"):
-        raise EngineError("invalid_mode", f"mode must be transcribe or chat, not {request.mode!r}")
-    validate(request.audio, max_utterance_s)
 
 
 def _check_pcm16(pcm: np.ndarray) -> np.ndarray:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import secrets
 import threading
 import time
-from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -36,44 +35,54 @@ class ModelLoadError(EngineError):
         super().__init__("model_load_failed", message)
 
 
+Role = Literal["system", "user", "assistant", "tool"]
+
+
 @dataclass(frozen=True)
-class Turn:
-    """One earlier exchange of a chat: what the user said and what the model answered."""
+class ToolCall:
+    """A function the model asked to call: its arguments as JSON text."""
 
-    audio: np.ndarray  # 16 kHz mono float32
-    answer: str
+    call_id: str
+    name: str
+    arguments: str
 
 
-class Conversation:
-    """The last `max_turns` exchanges of a chat, oldest first (older ones are dropped)."""
+@dataclass(frozen=True)
+class Tool:
+    """A function the model may call (`parameters`: its JSON schema)."""
 
-    def __init__(self, max_turns: int) -> None:
-        self._turns: deque[Turn] = deque(maxlen=max_turns)
+    name: str
+    description: str = ""
+    parameters: dict[str, Any] = field(default_factory=dict)
 
-    def add(self, audio: np.ndarray, answer: str) -> None:
-        if self._turns.maxlen:
-            self._turns.append(Turn(audio, answer))
 
-    def clear(self) -> None:
-        self._turns.clear()
+@dataclass(frozen=True, eq=False)
+class Message:
+    """One entry of a chat's history: what someone said, in text and/or audio.
 
-    def drop_last(self) -> None:
-        """Forget the newest exchange (its answer was taken back)."""
-        if self._turns:
-            self._turns.pop()
+    user: `audio` (16 kHz mono float32) and/or `text`; assistant: `text` and/or
+    `tool_calls`; tool: `text` is the output of the call `call_id`; system: `text`.
+    """
 
-    @property
-    def history(self) -> tuple[Turn, ...]:
-        return tuple(self._turns)
+    role: Role
+    text: str = ""
+    audio: np.ndarray | None = None
+    tool_calls: tuple[ToolCall, ...] = ()
+    call_id: str | None = None
 
 
 @dataclass(frozen=True)
 class Request:
-    audio: np.ndarray  # 16 kHz mono float32
+    # 16 kHz mono float32: what to transcribe, or the user's new utterance in chat mode
+    # (None in chat mode: answer the history as it stands; its last message is the user's
+    # or a tool's).
+    audio: np.ndarray | None
     mode: Mode = "chat"
     language: str | None = None  # transcribe mode; None = let the model detect it
-    instructions: str | None = None  # chat mode: text sent along with the audio
-    history: tuple[Turn, ...] = ()  # chat mode: earlier turns, oldest first
+    instructions: str | None = None  # chat mode: text sent along with the newest user turn
+    history: tuple[Message, ...] = ()  # chat mode: the conversation so far, oldest first
+    tools: tuple[Tool, ...] = ()  # chat mode: functions the model may call
+    tool_choice: str = "auto"  # "auto", "none", "required", or a tool's name
     max_new_tokens: int | None = None  # None = model.max_new_tokens
     temperature: float | None = None  # None = chat.temperature (chat) / 0 (transcribe)
     top_p: float | None = None
@@ -115,6 +124,8 @@ class Totals:
     error_code: str | None = None
     error: str | None = None
     token_ids: tuple[int, ...] = ()  # every generated token, EOS included
+    tool_calls: tuple[ToolCall, ...] = ()  # functions the model called (chat with tools)
+    prompt_tokens: int | None = None  # tokens the model read (when the engine knows)
 
 
 @dataclass(frozen=True)

@@ -95,30 +95,38 @@ function onEvent(event) {
     case "input_audio_buffer.cleared":
       conversation.abandoned();
       break;
-    case "response.created": {
-      const turn = transcript.answer(state.lastItem);
-      state.responding = {
-        id: event.response.id, turn, turnEndedAt: state.lastTurnEnd, stoppedAt: state.lastStop,
-        firstWordAt: null, firstAudioAt: null, text: "", spokenLength: 0, retracted: false,
-      };
-      state.lastTurnEnd = state.lastStop = null; // one turn's estimate serves one answer
-      watchFirstAudio(state.responding);
-      ui.cancel.disabled = false;
-      conversation.responseCreated();
+    case "response.created":
+      answerStarted(event.response.id, state.lastItem);
       break;
-    }
-    case "response.output_text.delta": {
+    case "response.output_text.delta":
+    case "response.output_audio_transcript.delta": {
+      // The answer's words, each as soon as it is complete (an audio answer's transcript
+      // comes ahead of its audio).
       const r = state.responding;
       if (!r || r.id !== event.response_id) break;
-      r.turn.dataset.item = event.item_id;
-      if (r.firstWordAt == null) {
-        r.firstWordAt = performance.now();
-        if (r.turnEndedAt != null) transcript.firstWord(r.turn, Math.max(0, r.firstWordAt - r.turnEndedAt));
+      r.turn.dataset.answer = event.item_id; // the answer's own item (data-item: the turn's)
+      addWords(r, event.delta);
+      break;
+    }
+    case "conversation.item.input_audio_transcription.delta": {
+      // The user's words written down: in transcribe mode they are the answer; in chat mode
+      // they fill the "You spoke" bubble.
+      if (ui.mode.value !== "transcribe") {
+        transcript.userWords(event.item_id, event.delta);
+        break;
       }
-      r.text += event.delta;
-      renderAnswer(r);
-      transcript.scroll();
-      conversation.answerArriving();
+      let r = state.responding;
+      if (!r || r.id !== `transcription:${event.item_id}`) {
+        r = answerStarted(`transcription:${event.item_id}`, event.item_id);
+        r.reportId = event.item_id; // the server logs a transcription under its item
+      }
+      addWords(r, event.delta);
+      break;
+    }
+    case "conversation.item.input_audio_transcription.completed": {
+      const r = state.responding;
+      if (r && r.id === `transcription:${event.item_id}`) answerDone(r, "completed", event.timings);
+      else transcript.userWords(event.item_id, event.transcript, true);
       break;
     }
     case "response.output_audio.delta": {
@@ -128,7 +136,7 @@ function onEvent(event) {
       conversation.answerArriving();
       break;
     }
-    case "response.output_audio_transcript.delta": {
+    case "voxtral.output_audio.spoken": {
       // A phrase has started to sound: mark its words as spoken.
       const r = state.responding;
       if (!r || r.id !== event.response_id) break;
@@ -141,7 +149,7 @@ function onEvent(event) {
       // The speaker went on after an early end of turn: its answer is taken back (before or
       // after its response.done), and the same user item will be committed again.
       const r = state.responding;
-      if (r && r.turn.dataset.item === event.item_id) {
+      if (r && (r.turn.dataset.item === event.item_id || r.turn.dataset.answer === event.item_id)) {
         r.retracted = true;
         if (state.player) state.player.flush();
       }
@@ -150,26 +158,7 @@ function onEvent(event) {
     }
     case "response.done": {
       const r = state.responding;
-      if (!r || r.id !== event.response.id) break;
-      const status = event.response.status;
-      if (status !== "completed" && !r.retracted && !r.turn.classList.contains("retracted")) r.turn.classList.add(status);
-      if (status === "cancelled" && state.player) state.player.flush();
-      const t = event.timings;
-      if (r.turnEndedAt == null && r.stoppedAt != null && t.silence_ms != null) r.turnEndedAt = r.stoppedAt - t.silence_ms;
-      const since = (at) => (at != null && r.turnEndedAt != null ? Math.max(0, at - r.turnEndedAt) : null);
-      const seen = since(r.firstWordAt);
-      const heard = since(r.firstAudioAt);
-      transcript.strip(r.turn, t, seen, heard);
-      if ((seen != null || heard != null) && state.transport) {
-        // Lands in the server's per-turn log line and metrics, beside its own figures.
-        const report = { type: "voxtral.client_timing", response_id: r.id };
-        if (seen != null) report.first_word_ms = seen;
-        if (heard != null) report.first_audio_ms = heard;
-        state.transport.send(report);
-      }
-      state.responding = null;
-      ui.cancel.disabled = true;
-      conversation.responseDone(state.player ? state.player.drained() : Promise.resolve());
+      if (r && r.id === event.response.id) answerDone(r, event.response.status, event.timings);
       break;
     }
     case "error":
@@ -179,6 +168,52 @@ function onEvent(event) {
     default:
       break;
   }
+}
+
+// An answer (or, in transcribe mode, the written-down turn) begins: its bubble.
+function answerStarted(id, itemId) {
+  const turn = transcript.answer(itemId);
+  state.responding = {
+    id, turn, turnEndedAt: state.lastTurnEnd, stoppedAt: state.lastStop,
+    firstWordAt: null, firstAudioAt: null, text: "", spokenLength: 0, retracted: false, reportId: id,
+  };
+  state.lastTurnEnd = state.lastStop = null; // one turn's estimate serves one answer
+  watchFirstAudio(state.responding);
+  ui.cancel.disabled = false;
+  conversation.responseCreated();
+  return state.responding;
+}
+
+function addWords(r, delta) {
+  if (r.firstWordAt == null) {
+    r.firstWordAt = performance.now();
+    if (r.turnEndedAt != null) transcript.firstWord(r.turn, Math.max(0, r.firstWordAt - r.turnEndedAt));
+  }
+  r.text += delta;
+  renderAnswer(r);
+  transcript.scroll();
+  conversation.answerArriving();
+}
+
+// response.done (or the transcription completed): the latency strip, the browser's report.
+function answerDone(r, status, t) {
+  if (status !== "completed" && !r.retracted && !r.turn.classList.contains("retracted")) r.turn.classList.add(status);
+  if (status === "cancelled" && state.player) state.player.flush();
+  if (r.turnEndedAt == null && r.stoppedAt != null && t.silence_ms != null) r.turnEndedAt = r.stoppedAt - t.silence_ms;
+  const since = (at) => (at != null && r.turnEndedAt != null ? Math.max(0, at - r.turnEndedAt) : null);
+  const seen = since(r.firstWordAt);
+  const heard = since(r.firstAudioAt);
+  transcript.strip(r.turn, t, seen, heard);
+  if ((seen != null || heard != null) && state.transport) {
+    // Lands in the server's per-turn log line and metrics, beside its own figures.
+    const report = { type: "voxtral.client_timing", response_id: r.reportId };
+    if (seen != null) report.first_word_ms = seen;
+    if (heard != null) report.first_audio_ms = heard;
+    state.transport.send(report);
+  }
+  state.responding = null;
+  ui.cancel.disabled = true;
+  conversation.responseDone(state.player ? state.player.drained() : Promise.resolve());
 }
 
 function renderAnswer(r) {
@@ -235,10 +270,12 @@ function sendSettings() {
       type: ui.mode.value === "transcribe" ? "transcription" : "realtime",
       audio: {
         input: {
-          transcription: { language: ui.language.value },
+          // The user's words are written down too (the "You spoke" bubble).
+          transcription: { model: "voxtral", language: ui.language.value },
           turn_detection: state.turnMode === "vad" ? endOfTurn.detection() : null,
         },
       },
+      voxtral: { spoken_events: true }, // which phrase is sounding: its words are marked
     },
   });
   t.setSending(state.turnMode === "vad" || state.held);
@@ -273,7 +310,8 @@ function release() {
       t.setSending(false);
       state.lastTurnEnd = released;
       t.send({ type: "input_audio_buffer.commit" });
-      t.send({ type: "response.create" });
+      // A transcription session writes the turn down by itself; a chat is asked to answer.
+      if (ui.mode.value !== "transcribe") t.send({ type: "response.create" });
     },
     t.kind === "webrtc" ? 150 : 60,
   );

@@ -84,6 +84,17 @@ export class Transcript {
     return turn;
   }
 
+  // The user's words written down (input transcription): they replace "You spoke".
+  userWords(itemId, text, whole = false) {
+    const turn = this.users.get(itemId);
+    if (!turn) return;
+    const bubble = turn.querySelector(".bubble");
+    if (whole || !turn.dataset.heard) bubble.textContent = "";
+    turn.dataset.heard = "1";
+    bubble.textContent += text;
+    this.scroll();
+  }
+
   answer(itemId) {
     const turn = this.add("bot", "");
     if (itemId) turn.dataset.item = itemId;
@@ -94,7 +105,8 @@ export class Transcript {
   // the user's turn stays and will be committed again.
   retract(itemId) {
     for (const turn of this.element.querySelectorAll(".turn.bot")) {
-      if (turn.dataset.item !== itemId || turn.classList.contains("retracted")) continue;
+      const ours = turn.dataset.item === itemId || turn.dataset.answer === itemId;
+      if (!ours || turn.classList.contains("retracted")) continue;
       turn.classList.remove("cancelled");
       turn.classList.add("retracted");
       const note = document.createElement("div");

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Coroutine
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -22,20 +22,23 @@ import numpy as np
 from ...config import Settings
 from ...models import vad
 from ...models.audio import SAMPLE_RATE, AudioInputError
+from ...models.chat import chat_messages
 from ...models.engine import Engine
 from ...models.tts import TtsEngine
 from ...models.turn.worker import JudgeWorker
 from ...models.types import (
     Chunk,
-    Conversation,
     EngineError,
+    Message,
     Request,
     RequestHandle,
+    Totals,
     ms_between,
 )
 from .. import protocol as p
 from ..metrics import Metrics, quoted
 from ..speech import AudioOut, Speech
+from . import items as conv
 from . import report
 from .endpointing import PauseWatch
 from .input import (
@@ -47,16 +50,18 @@ from .input import (
     Silence,
     SpeechBegan,
     TurnEnded,
+    decode_pcm16,
     ms_to_samples,
     parse_event,
 )
 from .response import Answer, settled, sink, speak, status_of
-from .settings import SessionSettings
+from .settings import SessionSettings, max_tokens_of, tool_choice_of, tools_of
 from .speculation import Speculation, SpeculationStats, engine_ms
 
 logger = logging.getLogger(__name__)
 
 Transport = p.Transport
+MIN_ITEMS = 64  # items a conversation keeps at least (history reads the last turns only)
 _BIG_EVENT_BYTES = 64 * 1024  # parsed off the event loop above this (~2 s of 16 kHz audio)
 
 
@@ -89,12 +94,14 @@ class Session:
         if td is not None and td.semantic is not None and judge is None:
             # semantic_vad configured, its judge missing, vad.judge_fallback allowed this.
             self.config = replace(self.config, turn_detection=replace(td, type="server_vad"))
-        self.conversation = Conversation(settings.conversation.max_turns)
+        turns = settings.conversation.max_turns
+        self.conversation = conv.Conversation(turns, max(MIN_ITEMS, 8 * (turns + 1)))
+        self._captions: dict[str, Answer] = {}  # input transcriptions running, by id
         self.input = InputBuffer(settings.audio.max_utterance_s)
         a = settings.audio
         self._pacer = InputPacer(a.max_input_rate, a.max_utterance_s, time.monotonic)
         self._committed: TurnEnded | None = None  # a user turn awaiting its answer
-        self._last_item: str | None = None
+        self.conversation_id = p.new_id("conv")
         self._answer: Answer | None = None
         self._answer_next = False  # a VAD turn waits for the current answer to end
         # Turn-taking: the judge (semantic_vad), the pause being judged, the answer run
@@ -116,6 +123,8 @@ class Session:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        if self.tts is not None:  # spoken answers where the transport carries audio
+            self.config = replace(self.config, output_modality="audio")
         await self._use_vad()
         self.transport.send(p.SessionCreated(session=self._state()))
         logger.info("session=%s opened transport=%s", self.id, self.transport.name)
@@ -129,6 +138,8 @@ class Session:
             # Also ends an answer that is being spoken: its finishing task runs on at once
             # and logs the turn (nothing is sent any more).
             self._answer.stop()
+        for caption in self._captions.values():
+            caption.stop()
         self._end_pause()
         self._stop_vad()
         if self._own_vad is not None:
@@ -139,6 +150,11 @@ class Session:
     async def wait_closed(self) -> None:
         """After `close()`: until the tasks it stopped (speech, its finishing) have ended."""
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    @property
+    def can_speak(self) -> bool:
+        """Answers can be spoken: a TTS engine, and a transport that carries audio."""
+        return self.tts is not None and self.audio_out is not None
 
     @property
     def responding(self) -> bool:
@@ -200,9 +216,26 @@ class Session:
         elif isinstance(event, p.InputAudioBufferClear):
             self._clear()
         elif isinstance(event, p.ResponseCreate):
-            self._create_response(event.event_id)
+            self._create_response(event.event_id, event.response or p.ResponseParams())
         elif isinstance(event, p.ResponseCancel):
             self._cancel(event.event_id, event.response_id)
+        elif isinstance(event, p.ConversationItemCreate):
+            self._create_item(event)
+        elif isinstance(event, p.ConversationItemRetrieve):
+            item = self.conversation.get(event.item_id)
+            if item is None:  # OpenAI's code (pipecat, for one, expects it)
+                raise p.ProtocolError(
+                    "item_retrieve_invalid_item_id",
+                    f"no item {event.item_id!r} in the conversation",
+                    event.event_id,
+                )
+            self.transport.send(p.ItemRetrieved(item=item.wire()))
+        elif isinstance(event, p.ConversationItemDelete):
+            self._delete_item(event)
+        elif isinstance(event, p.ConversationItemTruncate):
+            self._truncate(event)
+        elif isinstance(event, p.OutputAudioBufferClear):
+            self._clear_output_audio()
         elif isinstance(event, p.ClientTiming):
             self._log.client_report(event)
         elif isinstance(event, p.ClientFallback):
@@ -252,7 +285,7 @@ class Session:
             self._revise(revised)
             item_id = revised.turn.item_id
         self.transport.send(p.SpeechStarted(audio_start_ms=event.audio_start_ms, item_id=item_id))
-        if self._answer is not None and td.interrupt_response:
+        if self._answer is not None and td.interrupt_response and self.mode == "chat":
             logger.info("session=%s barge-in cancels response=%s", self.id, self._answer.id)
             self._answer.barged_in = True
             self._answer.stop()
@@ -264,18 +297,18 @@ class Session:
         turn = revised.turn
         logger.info("session=%s speech resumed: turn %s revised", self.id, turn.item_id)
         answer = self._answer
-        if answer is not None and answer.item_id == turn.item_id:
-            answer.retracted = True
+        if answer is not None and answer.user_item == turn.item_id:
+            answer.retracted = True  # its items leave the conversation when it ends
             answer.stop()
         elif self._committed is not None and self._committed.item_id == turn.item_id:
             self._committed = None  # committed, its answer not started yet
             self._answer_next = False
-        elif revised.in_history:
-            self.conversation.drop_last()
+        for item_id in revised.answer_items:  # its answer, completed
+            self._remove_item(item_id)
         self._retracted += 1
         self._merge = revised
-        self._last_item = revised.previous_item
-        self.transport.send(p.ItemDeleted(item_id=turn.item_id))
+        # The user item goes too: it comes back, with the rest of the speech, at the commit.
+        self._remove_item(turn.item_id)
 
     def _paused(self, pause: Paused) -> None:
         """Speech stopped: maybe the end of the turn. Start answering now, unseen."""
@@ -339,8 +372,10 @@ class Session:
         if self._merge is not None:
             audio = np.concatenate([self._merge.turn.audio, audio])
         response_id = p.new_id("resp")
+        history = self.conversation.history()
         try:
-            handle = self._submit(audio, response_id, speculative=True)
+            request = self._request(audio, history, p.ResponseParams(), response_id, True)
+            handle = self._submit(request)
         except (AudioInputError, EngineError):
             return  # too short to answer, or no room: the turn will be submitted as usual
         self._spec = Speculation(response_id, handle, pause.turn_end, self.turns)
@@ -378,32 +413,125 @@ class Session:
                 else ms_between(since, time.perf_counter()),
             )
         )
-        previous = self._last_item
         self._committed_turn(turn)
         if (
             td.semantic is not None
             and turn.how in ("semantic", "silence")
             and self.settings.vad.revision_window_ms > 0
         ):
-            self._revisable = _Revisable(turn, previous)
-        if td.create_response:
-            if self._answer is not None:
-                # The previous answer is still ending (cancelled by this very speech, or
-                # running on): this turn starts as soon as its response.done goes out.
-                self._answer_next = True
-            else:
-                self._create_response(None)
+            self._revisable = _Revisable(turn)
+        if td.create_response or self.mode == "transcribe":
+            self._answer_turn()
+
+    def _answer_turn(self) -> None:
+        """Answer (or, in a transcription session, write down) the committed turn: now, or as
+        soon as the previous answer's response.done goes out (cancelled by this very speech,
+        or running on)."""
+        if self._answer is not None:
+            self._answer_next = True
+        elif self.mode == "transcribe":
+            self._transcribe()
+        else:
+            self._create_response(None, p.ResponseParams(), automatic=True)
 
     def _commit(self, event_id: str | None) -> None:
         self._revisable = None
         now = time.perf_counter()
         audio = self.input.commit(event_id)
         self._committed_turn(TurnEnded(p.new_id("item"), audio, 0, now))
+        if self.mode == "transcribe":  # a commit alone writes the turn down
+            self._answer_turn()
 
     def _committed_turn(self, turn: TurnEnded) -> None:
-        self.transport.send(p.Committed(item_id=turn.item_id, previous_item_id=self._last_item))
-        self._last_item = turn.item_id
+        """The user's turn is over: its audio becomes a user item of the conversation."""
+        previous = self.conversation.last_id
+        self.transport.send(p.Committed(item_id=turn.item_id, previous_item_id=previous))
+        item = conv.Item(turn.item_id, "message", "user", audio=turn.audio)
+        self._add_item(item)
         self._committed = turn
+        if self.mode == "chat" and self.config.transcription_model is not None:
+            self._caption(item)
+
+    def _add_item(self, item: conv.Item, previous_item_id: str | None = None) -> None:
+        previous = self.conversation.add(item, previous_item_id)
+        self.transport.send(p.ItemAdded(previous_item_id=previous, item=item.wire()))
+        self.transport.send(p.ItemDone(previous_item_id=previous, item=item.wire()))
+
+    def _remove_item(self, item_id: str) -> None:
+        if self.conversation.delete(item_id) is not None:
+            self.transport.send(p.ItemDeleted(item_id=item_id))
+
+    def _previous_of(self, item: conv.Item) -> str | None:
+        return self.conversation.previous_id(item) if item in self.conversation.items else None
+
+    # ----------------------------------------------------------------- conversation events
+
+    def _create_item(self, event: p.ConversationItemCreate) -> None:
+        if event.item.type == "item_reference":
+            raise p.ProtocolError(
+                "invalid_item",
+                "item_reference items only go in response.create's input",
+                event.event_id,
+            )
+        item = conv.from_client(event.item, self._decode_audio, p.new_id("item"), event.event_id)
+        try:
+            self._add_item(item, event.previous_item_id)
+        except p.ProtocolError as exc:
+            raise p.ProtocolError(exc.code, str(exc), event.event_id) from None
+
+    def _delete_item(self, event: p.ConversationItemDelete) -> None:
+        item = self.conversation.find(event.item_id, event.event_id)
+        self._remove_item(item.id)
+
+    def _truncate(self, event: p.ConversationItemTruncate) -> None:
+        """Cut an assistant item's text to the words heard in its first `audio_end_ms`."""
+        item = self.conversation.find(event.item_id, event.event_id)
+        if item.role != "assistant" or item.type != "message":
+            raise p.ProtocolError(
+                "invalid_item", "only assistant message items can be truncated", event.event_id
+            )
+        if event.content_index != 0:
+            raise p.ProtocolError(
+                "invalid_content_index",
+                f"item {item.id} has one content part (index 0), not {event.content_index}",
+                event.event_id,
+            )
+        answer = self._answer
+        running = answer is not None and answer.item is item
+        timeline = self._timeline(answer) if running and answer else item.extra.get("timeline")
+        duration = timeline.duration_ms if timeline is not None else 0
+        if event.audio_end_ms > duration:
+            raise p.ProtocolError(
+                "invalid_audio_end_ms",
+                f"audio_end_ms {event.audio_end_ms} is beyond the {duration:.0f} ms of audio "
+                f"of item {item.id}",
+                event.event_id,
+            )
+        if running and answer is not None:
+            answer.heard_ms = event.audio_end_ms  # cut when it ends
+            answer.stop()
+        elif timeline is not None:
+            item.text = timeline.text_until(event.audio_end_ms)
+        else:
+            item.text = ""
+        self.transport.send(
+            p.ItemTruncated(item_id=item.id, audio_end_ms=event.audio_end_ms, content_index=0)
+        )
+
+    def _decode_audio(self, b64: str) -> np.ndarray:
+        """Audio of a client's item, in the session's input format, as 16 kHz float32."""
+        try:
+            return decode_pcm16(b64)
+        except ValueError as exc:
+            raise p.ProtocolError("invalid_audio", f"item audio: {exc}") from None
+
+    def _clear_output_audio(self) -> None:
+        """`output_audio_buffer.clear`: stop the speech (the answer ends cancelled)."""
+        answer = self._answer
+        if answer is not None and answer.speech is not None:
+            answer.stop()
+        elif self.audio_out is not None:
+            self.audio_out.clear()
 
     def _clear(self) -> None:
         self._revisable = self._merge = None
@@ -414,57 +542,229 @@ class Session:
 
     # ----------------------------------------------------------------- answers
 
-    def _create_response(self, event_id: str | None) -> None:
+    def _create_response(
+        self, event_id: str | None, params: p.ResponseParams, automatic: bool = False
+    ) -> None:
+        """An answer over the conversation (or `params.input`): response.created now, its
+        items and words as they come. `automatic`: turn detection asked for it."""
+        if self.mode == "transcribe":
+            raise p.ProtocolError(
+                "not_in_transcription_session",
+                "a transcription session writes each committed turn down by itself "
+                "(conversation.item.input_audio_transcription.*); response.create is for "
+                "realtime sessions",
+                event_id,
+            )
         if self._answer is not None:
             raise p.ProtocolError(
                 "conversation_already_has_active_response",
                 f"response {self._answer.id} is still running; cancel it first",
                 event_id,
             )
-        turn = self._committed
-        if turn is None:
+        in_conversation = params.conversation == "auto"
+        turn = self._committed if params.input is None else None
+        history = self._context(params, event_id)
+        try:
+            chat_messages(Request(None, history=history, instructions=params.instructions))
+        except EngineError:
             raise p.ProtocolError(
-                "no_committed_audio",
-                "nothing to answer: commit the input audio buffer first",
+                "nothing_to_answer",
+                "nothing to answer: commit the input audio buffer, or add a user item "
+                "(conversation.item.create), first",
                 event_id,
-            )
-        response_id = p.new_id("resp")
-        spec = self._kept_speculation(turn)
+            ) from None
+        spec = self._kept_speculation(turn) if automatic and turn is not None else None
+        if spec is None:
+            self._discard_speculation()
+        response_id = spec.id if spec is not None else p.new_id("resp")
         if spec is not None:
             handle = spec.handle
-            response_id = spec.id
             self.engine.promote(handle)
         else:
             try:
-                handle = self._submit(turn.audio, response_id)
+                request = self._request(None, history, params, response_id)
+                handle = self._submit(request)
             except (AudioInputError, EngineError) as exc:
                 # The turn stays committed: a client may retry response.create (engine_busy).
                 self._error(exc.code, str(exc), event_id)
                 return
-        self._committed = None
+        if in_conversation:
+            self._committed = None
+        # The answer's clock starts when it was asked for: at the end of the turn, or at the
+        # response.create (a push-to-talk client may wait before sending it).
+        asked_at = turn.at if automatic and turn is not None else time.perf_counter()
         clock = report.TurnClock(
-            turn.at, how=turn.how, silence_ms=turn.silence_ms, speech_end_at=turn.speech_end_at
+            asked_at,
+            how=turn.how if turn is not None else "commit",
+            silence_ms=turn.silence_ms if turn is not None else None,
+            speech_end_at=turn.speech_end_at if turn is not None and automatic else None,
         )
         clock.speculative = spec is not None
-        self._answer = Answer(response_id, turn.item_id, handle, turn.audio, clock, self.transport)
-        if self.mode == "chat" and self.tts is not None and self.audio_out is not None:
-            self._answer.speech = self._speech(response_id, turn.item_id)
-        self.transport.send(
-            p.ResponseCreated(response=p.Response(id=response_id, status="in_progress"))
+        modality = (params.output_modalities or [self.config.output_modality])[0]
+        spoken = modality == "audio" and self.can_speak and self.mode == "chat"
+        answer = Answer(
+            response_id,
+            handle,
+            turn.audio if turn is not None else None,
+            clock,
+            self.transport,
+            user_item=turn.item_id if turn is not None else None,
+            spoken=spoken,
+            add_item=self.conversation.add if in_conversation else None,
         )
+        answer.response = p.Response(
+            id=response_id,
+            status="in_progress",
+            conversation_id=self.conversation_id if in_conversation else None,
+            output_modalities=["audio" if spoken else "text"],
+            max_output_tokens=request_max_tokens(params, self.config.max_output_tokens) or "inf",
+            metadata=params.metadata,
+        )
+        self._answer = answer
+        if spoken:
+            answer.speech = self._speech(response_id, answer.message_id)
+        self.transport.send(p.ResponseCreated(response=answer.response))
         if spec is not None:  # the words it has so far go out now, the rest as they come
             self.spec_stats.kept += 1
             for chunk in spec.held:
                 self._on_chunk(response_id, chunk)
 
-    def _kept_speculation(self, turn: TurnEnded) -> Speculation | None:
+    def _context(self, params: p.ResponseParams, event_id: str | None) -> tuple[Message, ...]:
+        """What the answer reads: the conversation, or the response's own `input`."""
+        if params.input is None:
+            return self.conversation.history()
+        chosen: list[conv.Item] = []
+        for i, param in enumerate(params.input):
+            if param.type == "item_reference":
+                if not param.id:
+                    raise p.ProtocolError(
+                        "invalid_item", f"input[{i}]: an item_reference needs an id", event_id
+                    )
+                chosen.append(self.conversation.find(param.id, event_id))
+            else:
+                chosen.append(
+                    conv.from_client(param, self._decode_audio, p.new_id("item"), event_id)
+                )
+        return conv.messages(chosen)
+
+    def _request(
+        self,
+        audio: np.ndarray | None,
+        history: tuple[Message, ...],
+        params: p.ResponseParams,
+        response_id: str,
+        speculative: bool = False,
+    ) -> Request:
+        """The engine request of an answer (or a transcription, in a transcription session)."""
+        config = self.config
+        if self.mode == "transcribe":
+            return Request(
+                audio, "transcribe", language=config.language, id=response_id,
+                speculative=speculative,
+            )  # fmt: skip
+        tools = config.tools if params.tools is None else tools_of(params.tools)
+        choice = config.tool_choice if params.tool_choice is None else tool_choice_of(
+            params.tool_choice
+        )  # fmt: skip
+        if choice not in ("auto", "none", "required") and choice not in {t.name for t in tools}:
+            raise EngineError("invalid_tool_choice", f"tool_choice names no tool: {choice!r}")
+        instructions = config.instructions if params.instructions is None else params.instructions
+        return Request(
+            audio,
+            "chat",
+            instructions=instructions or None,
+            history=history,
+            tools=tools,
+            tool_choice=choice,
+            max_new_tokens=request_max_tokens(params, config.max_output_tokens),
+            id=response_id,  # the engine's log lines name the response
+            speculative=speculative,
+        )
+
+    def _transcribe(self) -> None:
+        """Transcription session: write the committed turn down (its user item's captions)."""
+        turn = self._committed
+        if turn is None:
+            return
+        self._committed = None
+        item = self.conversation.get(turn.item_id)
+        spec = self._kept_speculation(turn)
+        if spec is not None:
+            handle, response_id = spec.handle, spec.id
+            self.engine.promote(handle)
+        else:
+            response_id = p.new_id("resp")
+            try:
+                handle = self._submit(
+                    self._request(turn.audio, (), p.ResponseParams(), response_id)
+                )
+            except (AudioInputError, EngineError) as exc:
+                self._transcription_failed(turn.item_id, exc.code, str(exc))
+                return
+        clock = report.TurnClock(
+            turn.at, how=turn.how, silence_ms=turn.silence_ms, speech_end_at=turn.speech_end_at
+        )
+        clock.speculative = spec is not None
+        if item is None:  # deleted meanwhile: written down for the log only
+            item = conv.Item(turn.item_id, "message", "user", audio=turn.audio)
+        self._answer = Answer(
+            response_id, handle, turn.audio, clock, self.transport, user_item=turn.item_id,
+            transcribes=item,
+        )  # fmt: skip
+        if spec is not None:
+            self.spec_stats.kept += 1
+            for chunk in spec.held:
+                self._on_chunk(response_id, chunk)
+
+    def _transcription_failed(self, item_id: str, code: str, message: str) -> None:
+        error = p.ErrorDetail(type="server_error", code=code, message=message)
+        self.transport.send(p.InputTranscriptionFailed(item_id=item_id, error=error))
+
+    def _caption(self, item: conv.Item, sent: str = "") -> None:
+        """A realtime session's input transcription: the user item written down by the same
+        engine, at the lowest priority (a speculative request: it never holds up an answer;
+        stopped for one, it starts again and skips the words already sent)."""
+        if item.audio is None or self.closed:
+            return
+        caption_id = p.new_id("tr")
+        request = Request(
+            item.audio, "transcribe", language=self.config.language, id=caption_id,
+            speculative=True,
+        )  # fmt: skip
+        try:
+            handle = self._submit(request)
+        except (AudioInputError, EngineError) as exc:
+            self._transcription_failed(item.id, exc.code, str(exc))
+            return
+        clock = report.TurnClock(time.perf_counter())
+        caption = Answer(caption_id, handle, None, clock, self.transport, transcribes=item)
+        caption.already_sent = sent
+        self._captions[caption_id] = caption
+
+    def _on_caption(self, caption: Answer, chunk: Chunk) -> None:
+        if not chunk.is_final:
+            caption.deliver(chunk)
+            return
+        del self._captions[caption.id]
+        totals = chunk.totals
+        assert totals is not None and caption.transcribes is not None
+        item = caption.transcribes
+        if totals.status == "completed":
+            caption.send_done("completed", totals, None, self._previous_of)
+        elif totals.status == "error":
+            self._transcription_failed(item.id, totals.error_code or "failed", totals.error or "")
+        elif caption.handle.preempted and not self.closed:
+            self._caption(item, caption.already_sent + caption.answer_text)  # again, later
+
+    def _kept_speculation(self, turn: TurnEnded | None) -> Speculation | None:
         """The run started at this turn's pause, if it answers exactly this turn; any other
         is discarded."""
         spec, self._spec = self._spec, None
         if spec is None:
             return None
         if (
-            turn.how in ("silence", "semantic")
+            turn is not None
+            and turn.how in ("silence", "semantic")
             and spec.turn_end == turn.end
             and spec.turns == self.turns
             and spec.usable
@@ -474,32 +774,24 @@ class Session:
         self._discard_speculation()
         return None
 
-    def _submit(
-        self, audio: np.ndarray, response_id: str, speculative: bool = False
-    ) -> RequestHandle:
-        chat = self.mode == "chat"
-        request = Request(
-            audio,
-            "chat" if chat else "transcribe",
-            language=self.config.language,
-            instructions=self.config.instructions,
-            history=self.conversation.history if chat else (),
-            id=response_id,  # the engine's log lines name the response
-            speculative=speculative,
-        )
+    def _submit(self, request: Request) -> RequestHandle:
         loop = self._loop
         assert loop is not None, "start() the session first"
+        response_id = request.id
 
         def current() -> RequestHandle | None:
             answer, spec = self._answer, self._spec
             if answer is not None and answer.id == response_id:
                 return answer.handle
+            caption = self._captions.get(response_id)
+            if caption is not None:
+                return caption.handle
             return spec.handle if spec is not None and spec.id == response_id else None
 
         return self.engine.submit(request, sink(loop, self._on_chunk, response_id, current))
 
     def _cancel(self, event_id: str | None, response_id: str | None) -> None:
-        if self._answer is None:
+        if self._answer is None or self._answer.transcribes is not None:
             raise p.ProtocolError(
                 "response_cancel_not_active", "there is no response to cancel", event_id
             )
@@ -522,7 +814,7 @@ class Session:
             self.audio_out,
             self.settings.tts,
             (response_id, item_id),
-            self.transport,
+            self.transport if self.config.spoken_events else None,
             failed,
         )
         self._tasks.add(speech.task)  # so that wait_closed() covers its synthesis
@@ -538,6 +830,11 @@ class Session:
             if chunk.is_final:
                 self._discarded.discard(response_id)
                 self.spec_stats.wasted_ms += engine_ms(chunk)
+            return
+        caption = self._captions.get(response_id)
+        if caption is not None:
+            if not self.closed:
+                self._on_caption(caption, chunk)
             return
         answer = self._answer
         if answer is None or answer.id != response_id:
@@ -585,27 +882,45 @@ class Session:
         timings = report.timings(
             answer.clock, totals, text, self.transport.name, time.perf_counter()
         )
-        if totals.status == "completed" and self.mode == "chat" and text.strip():
-            # Only whole answers the client saw; the model refuses an empty assistant turn.
-            self.conversation.add(answer.audio, text)
-            revisable = self._revisable
-            if revisable is not None and revisable.turn.item_id == answer.item_id:
-                revisable.in_history = True
+        revisable = self._revisable
+        if revisable is not None and revisable.turn.item_id == answer.user_item:
+            revisable.answer_items = [item.id for item in answer.output]
         spec_stats, retracted = self.spec_stats.reset(), self._retracted
         self._retracted = 0
         turn = report.record(
             self.id, self.turns, self.mode, status, timings, totals, spec_stats, retracted
         )
-        self._log.add(answer.id, turn, None if self.closed else self._loop)
+        # A transcription is logged under its item (the id its client knows it by).
+        logged_as = answer.transcribes.id if answer.transcribes is not None else answer.id
+        self._log.add(logged_as, turn, None if self.closed else self._loop)
         if self.closed:
             return
-        answer.send_done(status, totals, timings)
+        heard = self._heard(answer, totals)
+        answer.send_done(status, totals, timings, self._previous_of, heard)
+        if answer.retracted:  # the turn was not over: its answer leaves the conversation
+            for item in answer.output:
+                self._remove_item(item.id)
         if totals.status == "error":
             self._error(totals.error_code or "generation_failed", totals.error or "failed")
         if self._answer_next:
             self._answer_next = False
             if self._committed is not None:
-                self._create_response(None)
+                self._answer_turn()
+
+    def _heard(self, answer: Answer, totals: Totals) -> str | None:
+        """What the user heard of a spoken answer cut short (None: all of it, or text). The
+        speech's timeline stays on the item, for a later `conversation.item.truncate`."""
+        timeline = self._timeline(answer)
+        if timeline is None:
+            return None
+        answer.item_timeline(timeline)
+        if totals.status == "completed" and answer.heard_ms is None:
+            return None
+        heard_ms = answer.heard_ms if answer.heard_ms is not None else timeline.played_ms()
+        return str(timeline.text_until(heard_ms))
+
+    def _timeline(self, answer: Answer) -> Any:
+        return getattr(answer.speech, "timeline", None) if answer.speech is not None else None
 
     # ----------------------------------------------------------------- session.update
 
@@ -676,8 +991,14 @@ class _Revisable:
     """A turn the judge ended, while speech resuming may still show it was not over."""
 
     turn: TurnEnded
-    previous_item: str | None  # the item before it (a revised turn is committed again)
-    in_history: bool = False  # its answer completed and went into the conversation
+    answer_items: list[str] = field(default_factory=list)  # its answer's items, once done
+
+
+def request_max_tokens(params: p.ResponseParams, session: int | None) -> int | None:
+    """An answer's token limit: its own, else the session's (None: model.max_new_tokens)."""
+    if "max_output_tokens" in params.model_fields_set:
+        return max_tokens_of(params.max_output_tokens)
+    return session
 
 
 def _fields_set(event: p.SessionUpdate) -> set[str]:

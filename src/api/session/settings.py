@@ -7,7 +7,7 @@ from typing import Any, Literal, TypeVar
 
 from ...config import Settings, VadSettings
 from ...models.audio import SAMPLE_RATE
-from ...models.types import Mode
+from ...models.types import Mode, Tool
 from .. import protocol as p
 from .endpointing import EAGERNESS, Eagerness
 
@@ -67,20 +67,33 @@ class TurnDetection:
         }
 
 
+Modality = Literal["text", "audio"]
+
+
 @dataclass(frozen=True)
 class SessionSettings:
     mode: Mode
     language: str | None
     instructions: str | None
     turn_detection: TurnDetection | None  # None: push-to-talk
+    # How answers come: "audio" (spoken, with a transcript) or "text".
+    output_modality: Modality = "text"
+    tools: tuple[Tool, ...] = ()
+    tool_choice: str = "auto"  # auto | none | required | a tool's name
+    max_output_tokens: int | None = None  # None: "inf" (model.max_new_tokens)
+    # The user's words written down after each committed turn (input_audio_transcription
+    # events): the model name the client asked for, or None (off).
+    transcription_model: str | None = None
+    spoken_events: bool = False  # extension: voxtral.output_audio.spoken
 
     @classmethod
-    def from_config(cls, settings: Settings) -> SessionSettings:
+    def from_config(cls, settings: Settings, can_speak: bool = False) -> SessionSettings:
         return cls(
             settings.mode,
             settings.transcribe.language,
             settings.conversation.instructions,
             TurnDetection.defaults(settings.vad),
+            output_modality="audio" if can_speak else "text",
         )
 
     def updated(self, cfg: p.SessionConfig, vad: VadSettings) -> SessionSettings:
@@ -91,9 +104,22 @@ class SessionSettings:
             new = replace(new, mode="chat" if cfg.type == "realtime" else "transcribe")
         if "instructions" in cfg.model_fields_set:
             new = replace(new, instructions=cfg.instructions or None)
+        if cfg.output_modalities:
+            new = replace(new, output_modality=cfg.output_modalities[0])
+        if cfg.tools is not None:
+            new = replace(new, tools=tools_of(cfg.tools))
+        if cfg.tool_choice is not None:
+            new = replace(new, tool_choice=tool_choice_of(cfg.tool_choice))
+        if "max_output_tokens" in cfg.model_fields_set:
+            new = replace(new, max_output_tokens=max_tokens_of(cfg.max_output_tokens))
+        if cfg.voxtral is not None:
+            new = replace(new, spoken_events=cfg.voxtral.spoken_events)
         audio_in = cfg.audio.input if cfg.audio else None
         if audio_in is None:
             return new
+        if "transcription" in audio_in.model_fields_set:
+            t = audio_in.transcription
+            new = replace(new, transcription_model=(t.model or "voxtral") if t else None)
         if audio_in.transcription is not None and audio_in.transcription.language:
             new = replace(new, language=audio_in.transcription.language)
         if "turn_detection" in audio_in.model_fields_set:
@@ -115,16 +141,52 @@ class SessionSettings:
     def state(self, session_id: str, model: str) -> p.SessionState:
         """The `session` object of session.created / session.updated."""
         td = self.turn_detection
+        transcription: dict[str, Any] | None = None
+        if self.transcription_model is not None or self.mode == "transcribe":
+            transcription = {"model": self.transcription_model or "voxtral"}
+            if self.language:
+                transcription["language"] = self.language
         return p.SessionState(
             id=session_id,
             type="realtime" if self.mode == "chat" else "transcription",
             model=model,
             instructions=self.instructions,
+            output_modalities=[self.output_modality],
             audio={
                 "input": {
                     "format": {"type": "audio/pcm", "rate": SAMPLE_RATE},
                     "turn_detection": td.describe() if td is not None else None,
-                    "transcription": {"language": self.language},
-                }
+                    "transcription": transcription,
+                },
+                "output": {"format": {"type": "audio/pcm", "rate": 24000}},
             },
+            tools=[
+                {
+                    "type": "function",
+                    "name": t.name,
+                    "description": t.description,
+                    "parameters": t.parameters,
+                }
+                for t in self.tools
+            ],
+            tool_choice=self.tool_choice
+            if self.tool_choice in ("auto", "none", "required")
+            else {"type": "function", "name": self.tool_choice},
+            max_output_tokens=self.max_output_tokens or "inf",
         )
+
+
+def tools_of(params: list[p.ToolParam]) -> tuple[Tool, ...]:
+    names = [t.name for t in params]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise p.ProtocolError("invalid_tools", f"tool names must be unique: {', '.join(repeated)}")
+    return tuple(Tool(t.name, t.description, t.parameters) for t in params)
+
+
+def tool_choice_of(choice: p.ToolChoice) -> str:
+    return choice if isinstance(choice, str) else choice.name
+
+
+def max_tokens_of(value: int | str | None) -> int | None:
+    return value if isinstance(value, int) else None

@@ -38,8 +38,8 @@ from typing import Any, TypeVar
 import httpx
 
 from ...config import Settings
-from ..audio import check_request
 from ..chunking import ChunkSink, DeltaChunker, WordChunker, final_chunk
+from ..requests import check_request
 from ..types import EngineError, Request, RequestHandle
 from .endpoints import Endpoint, probe_delays
 from .wire import (

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import json
 from typing import Any
 
@@ -10,6 +9,7 @@ import httpx
 
 from ...config import Settings
 from ..audio import wav_bytes
+from ..chat import chat_messages, openai_messages
 from ..chunking import DeltaChunker
 from ..types import Request, sampling
 
@@ -32,6 +32,7 @@ def build_request(
     max_tokens = request.max_new_tokens or settings.model.max_new_tokens
     temperature, top_p = sampling(request, settings.chat)
     if request.mode == "transcribe":
+        assert request.audio is not None  # check_request
         data: dict[str, str] = {
             "model": model,
             "stream": "true",
@@ -50,7 +51,7 @@ def build_request(
         )
     body: dict[str, Any] = {
         "model": model,
-        "messages": chat_messages(request),
+        "messages": openai_messages(chat_messages(request)),
         "stream": True,
         "stream_options": {"include_usage": True, "continuous_usage_stats": True},
         "max_tokens": max_tokens,
@@ -61,27 +62,6 @@ def build_request(
     if request.min_new_tokens:
         body["min_tokens"] = request.min_new_tokens  # vLLM's extra sampling parameter
     return client.build_request("POST", f"{url}/v1/chat/completions", json=body)
-
-
-def chat_messages(request: Request) -> list[dict[str, Any]]:
-    """OpenAI chat messages for a chat turn: history, then the audio and the instructions.
-
-    The same conversation the local engine's prompt encodes (`prompt.PromptBuilder.chat`).
-    """
-    messages: list[dict[str, Any]] = []
-    for turn in request.history:
-        messages.append({"role": "user", "content": [_audio_part(turn.audio)]})
-        messages.append({"role": "assistant", "content": turn.answer})
-    content = [_audio_part(request.audio)]
-    if request.instructions:
-        content.append({"type": "text", "text": request.instructions})
-    messages.append({"role": "user", "content": content})
-    return messages
-
-
-def _audio_part(audio: Any) -> dict[str, Any]:
-    data = base64.b64encode(wav_bytes(audio)).decode("ascii")
-    return {"type": "input_audio", "input_audio": {"data": data, "format": "wav"}}
 
 
 def parse_event(data: str, where: str) -> dict[str, Any]:

@@ -24,9 +24,12 @@ import torch
 from transformers import CompileConfig, StaticCache, StoppingCriteriaList
 
 from ...config import Settings
-from ..audio import SAMPLE_RATE, check_request
+from ..audio import SAMPLE_RATE
+from ..chat import audios as chat_audios
+from ..chat import chat_messages
 from ..chunking import ChunkSink, WordChunker, final_chunk
 from ..mel import AUDIO_TOKENS_PER_WINDOW, N_SAMPLES, LogMel, processor_features
+from ..requests import check_request
 from ..types import (
     Chunk,
     EngineError,
@@ -403,15 +406,23 @@ class VoxtralEngine:
         not grow with the audio it would otherwise re-read.
         """
         if request.mode == "transcribe":
+            assert request.audio is not None  # check_request
             ids = self.prompts.transcription(request.audio, request.language)
             audios = [request.audio]
         else:
-            ids = self.prompts.chat(request.audio, request.instructions, request.history)
-            audios = [turn.audio for turn in request.history] + [request.audio]
+            messages = chat_messages(request)
+            ids = self.prompts.chat(messages, request.tools, request.tool_choice)
+            audios = chat_audios(messages)
         input_ids = torch.tensor([ids], device=self.runtime.device)
         embeds = self.model.get_input_embeddings()(input_ids)
-        audio = torch.cat([self._audio_embeds(a) for a in audios])
         mask = (input_ids == self.model.config.audio_token_id).unsqueeze(-1).expand_as(embeds)
+        if not audios:  # a text-only conversation
+            return {
+                "input_ids": input_ids,
+                "attention_mask": torch.ones_like(input_ids),
+                "inputs_embeds": embeds,
+            }
+        audio = torch.cat([self._audio_embeds(a) for a in audios])
         if int(mask.sum()) != audio.numel():
             raise EngineError(
                 "generation_failed",

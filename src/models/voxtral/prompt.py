@@ -7,9 +7,7 @@ comes from `mel.LogMel`. The number of `[AUDIO]` tokens depends only on the audi
 
 from __future__ import annotations
 
-import base64
 import io
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -17,12 +15,8 @@ from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.protocol.transcription.request import TranscriptionRequest
 
 from ..audio import wav_bytes
-from ..types import Turn
-
-
-def _audio_part(audio: np.ndarray) -> dict[str, Any]:
-    data = base64.b64encode(wav_bytes(audio)).decode("ascii")
-    return {"type": "input_audio", "input_audio": {"data": data, "format": "wav"}}
+from ..chat import openai_messages, openai_tools
+from ..types import Message, Tool
 
 
 class PromptBuilder:
@@ -37,15 +31,11 @@ class PromptBuilder:
         return list(self._tokenizer.encode_transcription(request).tokens)
 
     def chat(
-        self, audio: np.ndarray, instructions: str | None, history: Sequence[Turn]
+        self, messages: list[Message], tools: tuple[Tool, ...] = (), tool_choice: str = "auto"
     ) -> list[int]:
-        messages: list[dict[str, Any]] = []
-        for turn in history:
-            messages.append({"role": "user", "content": [_audio_part(turn.audio)]})
-            messages.append({"role": "assistant", "content": turn.answer})
-        content = [_audio_part(audio)]
-        if instructions:
-            content.append({"type": "text", "text": instructions})
-        messages.append({"role": "user", "content": content})
-        request = ChatCompletionRequest.from_openai(messages=messages)
+        """The conversation `chat.chat_messages` gives, encoded for the model to answer."""
+        kwargs: dict[str, Any] = {}
+        if tools and tool_choice != "none":
+            kwargs["tools"] = openai_tools(tools)
+        request = ChatCompletionRequest.from_openai(messages=openai_messages(messages), **kwargs)
         return list(self._tokenizer.encode_chat_completion(request).tokens)
