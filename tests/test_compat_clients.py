@@ -144,13 +144,13 @@ def test_openai_npm_realtime_ws_over_wss(tls_server: tuple[str, Path], speech: P
         env={"NODE_EXTRA_CA_CERTS": str(cert)},
     )
     no_problems(run)
-    session = run.of("session")[0]["session"]
-    assert session["audio"]["input"]["format"] == {"type": "audio/pcm", "rate": 24000}
     assert words(run.turn("voice")["text"]) == ANSWER, run.describe()
     assert words(run.turn("text")["text"]) == ANSWER, run.describe()
     assert all(r["status"] == "completed" for r in run.of("response"))
     types = run.server_event_types()
     assert not [t for t in types if t.startswith("response.output_audio")], run.describe()
+    session = run.of("session")[0]["session"]  # nothing declared yet: OpenAI's default
+    assert session["audio"]["input"]["format"] == {"type": "audio/pcm", "rate": 24000}
 
 
 def test_pipecat_realtime_service_answers_its_context_and_speech_once(
@@ -172,19 +172,20 @@ def test_pipecat_realtime_service_answers_its_context_and_speech_once(
 
 
 def test_livekit_realtime_model_streams_every_delta(server: str, speech: Path) -> None:
-    """livekit-plugins-openai 1.8.9 `openai.realtime.RealtimeModel(base_url=...)`: the
-    answer to speech streams as one message with its text and 24 kHz audio (no delta
-    dropped for an unknown item), a typed message added through `update_chat_ctx` is
-    accepted and answered by `generate_reply()`, and the remote chat context ends with the
-    typed message and both answers."""
+    """livekit-plugins-openai 1.8.9 `openai.realtime.RealtimeModel(base_url=...)`: a
+    greeting asked for before anyone spoke (`generate_reply(instructions=...)`, how
+    LiveKit's quickstart starts) and the answer to speech each stream as one message with
+    its text and 24 kHz audio (no delta dropped for an unknown item); a typed message added
+    through `update_chat_ctx` is accepted and answered by `generate_reply()`; the remote
+    chat context ends with the typed message and the answers."""
     run = run_python_client(require(LIVEKIT), "livekit_client.py", server + "/v1", str(speech))
     no_problems(run)
-    for what in ("voice", "text"):
+    for what in ("greeting", "voice", "text"):
         sent = run.turn(what)["messages"]
         assert sent is not None and len(sent) == 1, run.describe()
         assert words(sent[0]["text"]) == ANSWER, run.describe()
         assert sent[0]["audio_bytes"] > 0
         assert sent[0]["modalities"] == ["audio", "text"]
     items = run.of("chat_ctx")[0]["items"]
-    assert [words(i["text"]) for i in items if i["role"] == "assistant"] == [ANSWER, ANSWER]
+    assert [words(i["text"]) for i in items if i["role"] == "assistant"] == [ANSWER] * 3
     assert [i["text"] for i in items if i["role"] == "user"][-1] == TYPED, run.describe()

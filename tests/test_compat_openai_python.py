@@ -96,15 +96,17 @@ class Session:
         self.conn = conn
         self.events: list[dict[str, Any]] = []
 
-    async def next(self, type_: str, within_s: float = 60) -> dict[str, Any]:
-        """The next server event of `type_` (those before it are kept, not returned). Waits
-        on the connection itself: `within_s` only bounds a server that never answers."""
+    async def next(self, *types: str, within_s: float = 60) -> dict[str, Any]:
+        """The next server event of one of `types` (those before it are kept, not
+        returned); an `error` on the way fails the test with it. Waits on the connection
+        itself: `within_s` only bounds a server that never answers."""
         while True:
             raw = await asyncio.wait_for(self.conn.recv_bytes(), within_s)
             event = json.loads(raw)
             self.events.append(event)
-            if event["type"] == type_:
+            if event["type"] in types:
                 return event
+            assert event["type"] != "error", f"waiting for {types}: {event}"
 
     def of(self, type_: str, since: int = 0) -> list[dict[str, Any]]:
         return [e for e in self.events[since:] if e["type"] == type_]
@@ -113,8 +115,13 @@ class Session:
         return [e["type"] for e in self.events[since:]]
 
     def assert_all_valid(self) -> None:
-        rejected = [(e["type"], why) for e in self.events if (why := rejected_by_a_reference(e))]
-        assert not rejected, "\n".join(f"{t}: {why}" for t, why in rejected[:5])
+        rejected = {}
+        for event in self.events:
+            if event["type"] not in rejected and (why := rejected_by_a_reference(event)):
+                rejected[event["type"]] = why
+        assert not rejected, f"rejected: {sorted(rejected)}\n" + "\n".join(
+            f"{t}: {why[:800]}" for t, why in rejected.items()
+        )
 
     async def send(self, event: dict[str, Any]) -> None:
         await self.conn.send(event)
@@ -148,11 +155,7 @@ async def session(server: str) -> AsyncIterator[Session]:
     client = AsyncOpenAI(api_key="not-needed", base_url=server + "/v1")
     async with client.realtime.connect(model="gpt-realtime") as conn:
         s = Session(conn)
-        created = await s.next("session.created")
-        assert created["session"]["audio"]["input"]["format"] == {
-            "type": "audio/pcm",
-            "rate": 24000,
-        }, "a client that declares nothing gets OpenAI's default, 24 kHz PCM"
+        await s.next("session.created")
         yield s
     s.assert_all_valid()
     assert not s.of("error"), s.of("error")
@@ -177,6 +180,15 @@ def answer_text(done: dict[str, Any]) -> str:
         for part in item.get("content", [])
     ]
     return words(" ".join(parts))
+
+
+@pytest.mark.asyncio
+async def test_a_client_that_declares_nothing_gets_24khz_pcm(server: str) -> None:
+    """OpenAI's default (and only) PCM rate, in and out, is what session.created reports."""
+    async with session(server) as s:
+        audio = s.of("session.created")[0]["session"]["audio"]
+        pcm = {"type": "audio/pcm", "rate": 24000}
+        assert (audio["input"]["format"], audio["output"]["format"]) == (pcm, pcm)
 
 
 @pytest.mark.asyncio
@@ -216,8 +228,8 @@ async def test_a_typed_item_is_answered_with_the_whole_item_lifecycle(server: st
         added = await s.next("conversation.item.added")
         assert added["item"]["role"] == "user" and added["item"]["id"]
         assert added["item"]["content"][0] == {"type": "input_text", "text": TYPED}
-        start = len(s.events)
         await s.conn.response.create()
+        start = s.events.index(await s.next("response.created"))
         done = await s.next("response.done")
         assert done["response"]["status"] == "completed"
         assert answer_text(done) == ANSWER
@@ -285,6 +297,7 @@ async def test_output_audio_buffer_clear_cuts_the_answer_short(server: str) -> N
         whole = await s.type_and_answer()
         whole_audio = audio_bytes(s.of("response.output_audio.delta"))
         start = len(s.events)
+        await s.conn.conversation.item.create(item=user_text(TYPED))
         await s.conn.response.create()
         await s.next("response.output_audio.delta")
         await s.conn.response.cancel()
@@ -394,7 +407,9 @@ async def test_unknown_and_malformed_events_get_clear_errors_and_the_session_goe
     async with session(server) as s:
         for n, (named, event) in enumerate(bad.items()):
             await s.conn.send_raw(json.dumps({**event, "event_id": f"bad_{n}"}))
-            error = (await s.next("error"))["error"]
+            reply = await s.next("error", "session.updated")
+            assert reply["type"] == "error", (named, reply)
+            error = reply["error"]
             assert error["event_id"] == f"bad_{n}", error
             if named == "unknown_event":
                 assert error["code"] == "unknown_event"

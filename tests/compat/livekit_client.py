@@ -2,9 +2,10 @@
 (`openai.realtime.RealtimeModel(base_url=...)`), driven as LiveKit's AgentSession drives it.
 
 argv: HTTP_BASE_URL PCM24K_FILE (the plugin turns http://host/v1 into ws://host/v1/realtime).
-A voice turn: the speech pushed as 24 kHz `rtc.AudioFrame`s, the server's turn detection
-answers. Then a typed user message added with `update_chat_ctx` and answered with
-`generate_reply()`. Reports each generation's messages (text as the plugin streams it,
+First a greeting (`generate_reply(instructions=...)` before anyone spoke, as LiveKit's
+quickstart starts), then a voice turn: the speech pushed as 24 kHz `rtc.AudioFrame`s, the
+server's turn detection answers. Then a typed user message added with `update_chat_ctx` and
+answered with `generate_reply()`. Reports each generation's messages (text as the plugin streams it,
 audio bytes, modalities), the session's `error` events, the plugin's warnings and errors
 (it logs a dropped delta as "failed to handle event"), and the final remote chat context.
 """
@@ -24,6 +25,7 @@ from livekit.agents import llm
 from livekit.plugins import openai
 
 TEXT_MESSAGE = "What is the capital of France?"
+GREETING = "Greet the user and offer your assistance."
 
 
 async def collect(generation: llm.GenerationCreatedEvent, out: asyncio.Queue[Any]) -> None:
@@ -81,7 +83,23 @@ async def main(argv: list[str]) -> None:
 
     session.on("error", on_error)
     session.on("openai_server_event_received", lambda ev: emit("server_event", type=ev["type"]))
+
+    async def reply(what: str, **options: str) -> bool:
+        """`generate_reply()` and the messages it streams; False if it failed."""
+        try:
+            await session.generate_reply(**options)
+        except llm.RealtimeError as exc:
+            emit("error", error=f"generate_reply: {exc}")
+            emit("turn", what=what, messages=None)
+            return False
+        messages = await responses.get()
+        emit("turn", what=what, messages=messages)
+        return messages is not None
+
     try:
+        # LiveKit's quickstart greets first: an answer before anyone said anything.
+        if not await reply("greeting", instructions=GREETING):
+            return
         answered = asyncio.Event()
 
         def push(chunk: bytes) -> None:
@@ -106,13 +124,7 @@ async def main(argv: list[str]) -> None:
             await session.update_chat_ctx(chat_ctx)
         except llm.RealtimeError as exc:
             emit("error", error=f"update_chat_ctx: {exc}")
-        try:
-            await session.generate_reply()
-        except llm.RealtimeError as exc:
-            emit("error", error=f"generate_reply: {exc}")
-            emit("turn", what="text", messages=None)
-        else:
-            emit("turn", what="text", messages=await responses.get())
+        await reply("text")
         emit("chat_ctx", items=chat_items(session.chat_ctx))
     finally:
         await session.aclose()
