@@ -75,6 +75,7 @@ async def main(argv: list[str]) -> None:
                 history = [i for i in history if i.item_id != event.item.item_id] + [event.item]
             elif event.type == "agent_end":
                 emit("audio", bytes=audio_bytes)
+                audio_bytes = 0
                 await turns_done.put(None)
 
     async with session:

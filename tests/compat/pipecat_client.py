@@ -1,12 +1,15 @@
 """pipecat-ai's OpenAI Realtime service against the server (`OpenAIRealtimeLLMService`,
-`base_url` pointed at it), in a pipeline as pipecat's realtime examples build one.
+`base_url` pointed at it), in a pipeline as pipecat's realtime examples build one, with a
+simulated loudspeaker as its output transport.
 
 argv: WS_URL PCM24K_FILE. The context starts with a system message and a user message, so
 the service opens the conversation with `conversation.item.create` for each and answers
-that first (a context turn); then the speech goes in as 24 kHz `InputAudioRawFrame`s and the
-server's turn detection answers it (a voice turn). Reports each response's text as pipecat
-hands it on (LLMTextFrames between LLMFullResponseStart/End), audio frames, and every
-ErrorFrame (pipecat treats a server `error` as fatal).
+that first (a context turn); then the speech goes in as 24 kHz `InputAudioRawFrame`s and
+the server's turn detection answers it (a voice turn). When the user starts speaking,
+pipecat truncates the last answer to what was played (`conversation.item.truncate`).
+Reports each response's text as pipecat hands it on (LLMTextFrames between
+LLMFullResponseStart/End), its audio, every ErrorFrame and every warning pipecat logs
+(a server `error` is fatal to its service).
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from pipecat.frames.frames import (
     LLMFullResponseEndFrame,
     LLMFullResponseStartFrame,
     LLMTextFrame,
+    OutputAudioRawFrame,
+    StartFrame,
     TTSAudioRawFrame,
 )
 from pipecat.pipeline.pipeline import Pipeline
@@ -39,6 +44,8 @@ from pipecat.processors.aggregators.llm_response_universal import (
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.services.openai.realtime.events import SessionProperties
 from pipecat.services.openai.realtime.llm import OpenAIRealtimeLLMService
+from pipecat.transports.base_output import BaseOutputTransport
+from pipecat.transports.base_transport import TransportParams
 from pipecat.workers.runner import WorkerRunner
 
 CONTEXT = [
@@ -76,6 +83,23 @@ class Observer(FrameProcessor):
         await self.push_frame(frame, direction)
 
 
+class Speaker(BaseOutputTransport):
+    """A loudspeaker that plays in real time into nothing: as every pipecat app has an
+    output transport, the service learns when the bot stops speaking (BotStoppedSpeaking)
+    and truncates what the user did not hear when they talk over it."""
+
+    def __init__(self) -> None:
+        super().__init__(TransportParams(audio_out_enabled=True, audio_out_sample_rate=SAMPLE_RATE))
+
+    async def start(self, frame: StartFrame) -> None:
+        await super().start(frame)
+        await self.set_transport_ready(frame)
+
+    async def write_audio_frame(self, frame: OutputAudioRawFrame) -> bool:
+        await asyncio.sleep(len(frame.audio) / 2 / frame.sample_rate)  # the time it plays
+        return True
+
+
 async def main(argv: list[str]) -> None:
     url, pcm_path = argv[0], argv[1]
     responses: asyncio.Queue[str | None] = asyncio.Queue()
@@ -95,13 +119,13 @@ async def main(argv: list[str]) -> None:
     llm = OpenAIRealtimeLLMService(
         api_key="not-needed",
         base_url=url,
-        settings=OpenAIRealtimeLLMService.Settings(
-            session_properties=SessionProperties(instructions="You are a helpful assistant.")
-        ),
+        settings=OpenAIRealtimeLLMService.Settings(session_properties=SessionProperties()),
     )
     context = LLMContext(CONTEXT)
     aggregators = LLMContextAggregatorPair(context)
-    pipeline = Pipeline([aggregators.user(), llm, Observer(responses), aggregators.assistant()])
+    pipeline = Pipeline(
+        [aggregators.user(), llm, Observer(responses), Speaker(), aggregators.assistant()]
+    )
     worker = PipelineWorker(pipeline, enable_rtvi=False)
 
     @worker.event_handler("on_pipeline_error")
