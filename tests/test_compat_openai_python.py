@@ -24,9 +24,11 @@ import numpy as np
 import pytest
 import soundfile as sf
 import soxr
-from clients import SPEECH
+from aiortc import RTCSessionDescription
+from aiortc.contrib.media import MediaPlayer
+from clients import SPEECH, Client
 from compat_harness import CLIENT_RATE, words
-from conftest import SCRIPT
+from conftest import SAMPLE_WAV, SCRIPT
 from openai import AsyncOpenAI
 from openai.types.realtime import RealtimeServerEvent
 from pydantic import Field, TypeAdapter, ValidationError
@@ -457,3 +459,36 @@ async def test_rest_transcription_and_chat_completions_with_audio(server: str) -
     )
     content = [c.choices[0].delta.content or "" async for c in chat if c.choices]
     assert words("".join(content)) == ANSWER
+
+
+@pytest.mark.asyncio
+async def test_a_webrtc_call_made_through_the_sdk_frames_and_clears_its_audio(server: str) -> None:
+    """`client.realtime.calls.create(sdp=..., session=...)` with an aiortc peer (the SDK's
+    WebRTC path, the microphone a wav file): the spoken answer to the speech is framed by
+    `output_audio_buffer.started` / `stopped` on the data channel, and
+    `output_audio_buffer.clear` during the next answer gives `output_audio_buffer.cleared`."""
+    peer = Client()
+    peer.player = MediaPlayer(str(SAMPLE_WAV))
+    peer.pc.addTrack(peer.player.audio)
+    await peer.pc.setLocalDescription(await peer.pc.createOffer())
+    client = AsyncOpenAI(api_key="not-needed", base_url=server + "/v1")
+    answer = await client.realtime.calls.create(
+        sdp=peer.pc.localDescription.sdp,
+        session={"type": "realtime", "output_modalities": ["audio"]},
+    )
+    try:
+        await peer.pc.setRemoteDescription(RTCSessionDescription(answer.text, "answer"))
+        await peer.wait_for("output_audio_buffer.stopped")
+        first = [e["type"] for e in peer.events]
+        assert first.index("output_audio_buffer.started") < first.index("response.done")
+        peer.events.clear()
+        peer.send({"type": "conversation.item.create", "item": user_text(TYPED)})
+        peer.send({"type": "response.create"})
+        await peer.wait_for("output_audio_buffer.started")
+        peer.send({"type": "response.cancel"})
+        peer.send({"type": "output_audio_buffer.clear"})
+        await peer.wait_for("output_audio_buffer.cleared")
+        assert (await peer.wait_for("response.done"))["response"]["status"] == "cancelled"
+        assert not [e for e in peer.events if e["type"] == "error"], peer.events
+    finally:
+        await peer.close()
