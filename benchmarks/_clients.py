@@ -13,6 +13,19 @@ import websockets
 
 CHUNK_MS = 40  # audio per append: what a real-time client sends at a time
 SOUND_RMS = 0.01  # a received audio frame louder than this (-40 dBFS) is speech, not silence
+# The benchmarks' audio is 16 kHz PCM16: declared in each conversation's session.update
+# (a session that declares nothing takes OpenAI's 24 kHz).
+PCM16K = {"type": "audio/pcm", "rate": 16000}
+
+
+def with_16k_input(session: dict[str, Any]) -> dict[str, Any]:
+    """A session.update's `session` with audio.input.format set to 16 kHz PCM."""
+    audio = dict(session.get("audio") or {})
+    audio["input"] = {**(audio.get("input") or {}), "format": PCM16K}
+    return {**session, "audio": audio}
+
+
+DECLARE_16K = json.dumps({"type": "session.update", "session": with_16k_input({})})
 
 
 def appends(audio: np.ndarray, chunk_ms: int = CHUNK_MS) -> list[str]:

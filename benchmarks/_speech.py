@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _clients import WebRTCClient, WebSocketClient
+from _clients import DECLARE_16K, WebRTCClient, WebSocketClient
 
 from voxtral_server.api.app import create_app
 from voxtral_server.api.inprocess import InProcessServer
@@ -67,6 +67,8 @@ async def speech_turn(
     await client.connect(base_url)
     try:
         await _until(client, "session.created")
+        await client.send(DECLARE_16K)
+        await _until(client, "session.updated")
         for text in audio_events[:k]:
             await client.send(text)
         await client.send(BARRIER)

@@ -60,7 +60,7 @@ from typing import Any
 
 import av
 import numpy as np
-from _clients import WebRTCClient, WebSocketClient
+from _clients import WebRTCClient, WebSocketClient, with_16k_input
 from _common import OUT, machine, pct, table, write_json
 from _piper_sets import Clip, Labels, complete_set, paused_set
 from aiortc.mediastreams import MediaStreamTrack
@@ -284,7 +284,7 @@ async def run_clip(
         await _expect(client, "session.created")
         update = {
             "type": "session.update",
-            "session": {"audio": {"input": {"turn_detection": mode}}},
+            "session": with_16k_input({"audio": {"input": {"turn_detection": mode}}}),
         }
         await client.send(json.dumps(update))
         await _expect(client, "session.updated")

@@ -36,7 +36,7 @@ from typing import Any
 import httpx
 import numpy as np
 import websockets
-from _clients import WebRTCClient
+from _clients import DECLARE_16K, WebRTCClient
 from _common import pct, table, write_json
 
 from voxtral_server.api.inprocess import free_port
@@ -129,6 +129,7 @@ class Flood:
     async def _run(self) -> None:
         event = flood_event()
         async with websockets.connect(self.url, max_size=None) as ws:
+            await ws.send(DECLARE_16K)
 
             async def drain() -> None:
                 async for _ in ws:

@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from _clients import CHUNK_MS, appends
+from _clients import CHUNK_MS, appends, with_16k_input
 from _common import OUT, machine, pct, table, write_json
 
 from voxtral_server.api.app import create_app
@@ -68,7 +68,9 @@ LEVEL_TIMEOUT_S = 600.0  # a whole level, after which its sessions are abandoned
 IDLE_TIMEOUT_S = 30.0  # for the server to close every session after a level
 SESSION = {
     "type": "session.update",
-    "session": {"type": "transcription", "audio": {"input": {"turn_detection": None}}},
+    "session": with_16k_input(
+        {"type": "transcription", "audio": {"input": {"turn_detection": None}}}
+    ),
 }
 BARRIER = json.dumps({"type": "session.update", "session": {}})  # a no-op round trip
 METRICS = {  # per-turn key -> label

@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 import websockets
-from _clients import appends
+from _clients import appends, with_16k_input
 from _common import pct, table, write_json
 
 from voxtral_server.api.app import create_app
@@ -159,7 +159,8 @@ async def session_loop(
             await until("input_audio_buffer.cleared")
             fuzzing = False
             update: dict[str, Any] = {"audio": {"input": {"turn_detection": None}}}
-            await ws.send(json.dumps({"type": "session.update", "session": {} if vad else update}))
+            session = with_16k_input({} if vad else update)
+            await ws.send(json.dumps({"type": "session.update", "session": session}))
             await until("session.updated")
             while run.take():
                 for text in audio:

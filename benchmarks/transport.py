@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _clients import WebRTCClient, WebSocketClient, appends
+from _clients import WebRTCClient, WebSocketClient, appends, with_16k_input
 from _common import OUT, machine, median, pct, table, write_json
 
 from voxtral_server.api.app import create_app
@@ -65,7 +65,10 @@ METRICS = {  # row label -> per-turn key
     "model TTFT": "model_ttft_ms",
     "queue wait": "queue_wait_ms",
 }
-PTT = {"type": "session.update", "session": {"audio": {"input": {"turn_detection": None}}}}
+PTT = {
+    "type": "session.update",
+    "session": with_16k_input({"audio": {"input": {"turn_detection": None}}}),
+}
 
 
 # ----------------------------------------------------------------- server

@@ -85,7 +85,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, also when imported
-from _clients import CHUNK_MS, WebRTCClient, WebSocketClient, appends
+from _clients import CHUNK_MS, WebRTCClient, WebSocketClient, appends, with_16k_input
 from _common import OUT, machine, median, pct, table, write_json
 from _speech import measure_speech, speech_engine
 
@@ -132,7 +132,9 @@ BARRIER = json.dumps({"type": "session.update", "session": {}})  # changes nothi
 CALIBRATE = json.dumps(
     {
         "type": "session.update",
-        "session": {"audio": {"input": {"turn_detection": {"create_response": False}}}},
+        "session": with_16k_input(
+            {"audio": {"input": {"turn_detection": {"create_response": False}}}}
+        ),
     }
 )
 
@@ -221,10 +223,12 @@ async def run_turn(
     await client.connect(base_url)
     try:
         await recv_until(client, "session.created")
+        session: dict[str, Any] = {}
         if mode is not None:
-            kind = "realtime" if mode == "chat" else "transcription"
-            await client.send(json.dumps({"type": "session.update", "session": {"type": kind}}))
-            await recv_until(client, "session.updated")
+            session["type"] = "realtime" if mode == "chat" else "transcription"
+        update = {"type": "session.update", "session": with_16k_input(session)}
+        await client.send(json.dumps(update))
+        await recv_until(client, "session.updated")
         for text in audio_events[:k]:
             await client.send(text)
         await client.send(BARRIER)

@@ -38,6 +38,8 @@ def _settings(args: argparse.Namespace) -> Settings:
         ("server", "host"): getattr(args, "host", None),
         ("server", "port"): getattr(args, "port", None),
         ("tts", "engine"): getattr(args, "tts", None),
+        ("server", "tls_cert"): getattr(args, "tls_cert", None),
+        ("server", "tls_key"): getattr(args, "tls_key", None),
     }
     return load_settings(args.config, overrides)
 
@@ -101,18 +103,22 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
     if out.exists() and any(out.iterdir()) and not args.force:
         print(f"error: {out} is not empty (use --force to overwrite)", file=sys.stderr)
         return 2
-    if args.format == "mistral":
-        from .models.tiny_mistral import build_tiny_mistral
+    tool_call = tuple(args.script_tool) if args.script_tool else None
+    try:
+        if args.format == "mistral":
+            from .models.tiny_mistral import build_tiny_mistral
 
-        try:
+            if tool_call is not None:
+                print("error: --script-tool needs --format transformers", file=sys.stderr)
+                return 2
             build_tiny_mistral(out, script=args.script)
-        except ValueError as exc:  # a script the successor-map model cannot say
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-    else:
-        from .models.tiny import build_tiny
+        else:
+            from .models.tiny import build_tiny
 
-        build_tiny(out, script=args.script)
+            build_tiny(out, script=args.script, tool_call=tool_call)
+    except ValueError as exc:  # a script the model cannot say, arguments that are not JSON
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(str(out))
     return 0
 
@@ -138,8 +144,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from .api.app import create_app
     from .api.http_limits import uvicorn_options
+    from .api.tls import TlsError, tls_options
 
     settings = _settings(args)
+    try:
+        tls = tls_options(settings.server)
+    except TlsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     host, port = settings.server.host, settings.server.port
     if host not in LOOPBACK and settings.server.auth_token is None and not args.insecure:
         print(
@@ -155,7 +167,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     sys.setswitchinterval(0.001)
     _log_to_file(settings)
     _log_config_source(args.config)
-    logger.info("serving on http://%s:%d/ (model %s)", host, port, settings.model.id)
+    scheme = "https" if tls else "http"
+    logger.info("serving on %s://%s:%d/ (model %s)", scheme, host, port, settings.model.id)
     uvicorn.run(
         create_app(settings),
         host=host,
@@ -163,6 +176,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log_config=None,  # keep our logging setup
         timeout_graceful_shutdown=5,
         **uvicorn_options(settings),  # keep-alive, request-header deadline, WebSocket sizes
+        **tls,
     )
     return 0
 
@@ -221,6 +235,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("make-tiny", help="write an offline tiny random Voxtral checkpoint")
     p.add_argument("dir", help="output folder")
     p.add_argument("--script", help="make greedy decoding answer exactly this text")
+    p.add_argument(
+        "--script-tool",
+        nargs=2,
+        metavar=("NAME", "ARGUMENTS"),
+        help="make greedy decoding answer a user turn with a call of function NAME with "
+        "ARGUMENTS (a JSON object), as Voxtral writes one; --script then answers the "
+        "function's result",
+    )
     p.add_argument("--force", action="store_true", help="write into a non-empty folder")
     p.add_argument(
         "--format",
@@ -250,6 +272,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--port", type=int, help="TCP port (overrides server.port)")
         p.add_argument(
             "--insecure", action="store_true", help="allow a non-loopback host without a token"
+        )
+        p.add_argument(
+            "--tls-cert", metavar="FILE", help="PEM certificate: serve https/wss (server.tls_cert)"
+        )
+        p.add_argument(
+            "--tls-key", metavar="FILE", help="PEM private key for --tls-cert (server.tls_key)"
         )
         p.add_argument(
             "--tts",

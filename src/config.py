@@ -107,7 +107,6 @@ class TtsSettings(_Section):
     engine: Literal["none", "espeak", "kokoro"] = "none"
     voice: str | None = None
     speed: float = Field(default=1.0, ge=0.5, le=2.0)
-    sample_rate: int = Field(default=24_000, ge=8000, le=48_000)
     model: str = "hexgrad/Kokoro-82M"
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     first_phrase_min_words: int = Field(default=2, ge=1, le=64)
@@ -146,11 +145,24 @@ class ServerSettings(_Section):
     allowed_origins: tuple[str, ...] = ()
     max_sessions: int = Field(default=32, ge=1, le=10_000)
     max_event_bytes: int = Field(default=1_048_576, ge=1024, le=64 * 1_048_576)
+    max_request_bytes: int = Field(default=26_214_400, ge=1024, le=1024 * 1_048_576)
     # null = no cap (a reverse proxy or `ssh -L` makes every client one address).
     max_sessions_per_client: int | None = Field(default=8, ge=1, le=10_000)
     # 0 or null = never.
     idle_timeout_s: float | None = Field(default=300.0, ge=0, le=86_400)
     request_header_timeout_s: float = Field(default=10.0, gt=0, le=300)
+    # PEM files: serve https:// and wss:// (both or neither).
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ServerSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            given, missing = (
+                ("tls_cert", "tls_key") if self.tls_key is None else ("tls_key", "tls_cert")
+            )
+            raise ValueError(f"{given} is set but {missing} is not: TLS needs both files")
+        return self
 
 
 class VadSettings(_Section):
@@ -247,10 +259,17 @@ class Settings(_Section):
         return _validate(data, source="overrides")
 
 
+# Keys that existed once: what replaced them, so an old config file says what to do.
+REMOVED_KEYS = {
+    "tts.sample_rate": "removed: the WebSocket's speech now comes in each session's "
+    "audio.output.format (PCM16 at 24 kHz unless the client asks otherwise)",
+}
+
+
 def _describe(error: Any) -> str:
     key = ".".join(str(part) for part in error["loc"]) or "(top level)"
     if error["type"] == "extra_forbidden":
-        return f"{key}: unknown key"
+        return f"{key}: {REMOVED_KEYS.get(key, 'unknown key')}"
     return f"{key}: {error['msg']} (got {error.get('input')!r})"
 
 

@@ -5,7 +5,6 @@ and a collector of the per-turn TTFT log lines."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import logging
 import os
@@ -17,11 +16,11 @@ from contextlib import contextmanager
 from typing import Any
 
 import httpx
-import numpy as np
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.contrib.media import MediaPlayer
 from conftest import REPO, SAMPLE_WAV
 from patience import scaled
+from wire import PUSH_TO_TALK, append_event
 
 from voxtral_server.api.metrics import TTFT_LOGGER, TurnRecord, parse_line
 from voxtral_server.models.audio import read_audio_file
@@ -93,12 +92,9 @@ class Client:
 
 def ptt_events() -> list[str]:
     """One push-to-talk turn on the sample clip, as client events (JSON text)."""
-    pcm = (np.clip(SPEECH, -1, 1) * 32767).astype("<i2").tobytes()
     return [
-        json.dumps(
-            {"type": "session.update", "session": {"audio": {"input": {"turn_detection": None}}}}
-        ),
-        json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(pcm).decode()}),
+        PUSH_TO_TALK,
+        append_event(SPEECH),
         json.dumps({"type": "input_audio_buffer.commit"}),
         json.dumps({"type": "response.create"}),
     ]

@@ -18,6 +18,11 @@ from voxtral_server.models.tiny import build_tiny
 from voxtral_server.models.voxtral import VoxtralEngine
 
 SCRIPT = "Hello world, the quick brown fox jumps over the lazy dog."
+# The tool-scripted checkpoint answers a user turn with this call, and a function's result
+# with TOOL_ANSWER.
+TOOL_NAME = "get_weather"
+TOOL_ARGS = '{"city": "Paris", "unit": "celsius"}'
+TOOL_ANSWER = "It is sunny in Paris."
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE_WAV = REPO / "static" / "sample.wav"
 
@@ -49,6 +54,20 @@ def tiny_random(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_scripted(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny(tmp_path_factory.mktemp("tiny-scripted"), script=SCRIPT)
+
+
+@pytest.fixture(scope="session")
+def tiny_tool_scripted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny(
+        tmp_path_factory.mktemp("tiny-tool"), script=TOOL_ANSWER, tool_call=(TOOL_NAME, TOOL_ARGS)
+    )
+
+
+@pytest.fixture(scope="session")
+def tool_engine(tiny_tool_scripted: Path) -> Iterator[VoxtralEngine]:
+    engine = VoxtralEngine.load(engine_settings(tiny_tool_scripted))
+    yield engine
+    engine.close()
 
 
 @pytest.fixture(scope="session")

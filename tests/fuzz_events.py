@@ -108,18 +108,30 @@ def turn_detection() -> st.SearchStrategy[dict[str, Any] | None]:
     )
 
 
+def audio_format() -> st.SearchStrategy[dict[str, Any]]:
+    """Formats the server takes, and ones it must refuse by name."""
+    return _optional_fields(
+        {
+            "type": st.sampled_from(["audio/pcm", "audio/pcmu", "audio/pcma", "audio/opus"]),
+            "rate": st.sampled_from([24000, 16000, 8000, 44100, 0, -1]),
+        }
+    )
+
+
 def session_config() -> st.SearchStrategy[dict[str, Any]]:
     audio_input = _optional_fields(
         {
+            "format": audio_format(),
             "turn_detection": turn_detection(),
             "transcription": _optional_fields({"language": st.sampled_from(LANGUAGES)}),
         }
     )
+    audio_output = _optional_fields({"format": audio_format()})
     return _optional_fields(
         {
             "type": st.sampled_from(["realtime", "transcription"]),
             "instructions": st.one_of(st.none(), st.text(max_size=200)),
-            "audio": _optional_fields({"input": audio_input}),
+            "audio": _optional_fields({"input": audio_input, "output": audio_output}),
         }
     )
 

@@ -35,6 +35,7 @@ from aiortc.contrib.media import MediaPlayer
 from conftest import SAMPLE_WAV, SCRIPT
 from fakes import FakeTransport
 from servers import running_server
+from wire import PUSH_TO_TALK, appends, pcm16_b64
 
 from voxtral_server.api import protocol as p
 from voxtral_server.api.session import Session
@@ -58,21 +59,6 @@ WRONG_TOKEN = "not-the-token-0123456789abcdef"
 
 def event(type_: str, **fields: Any) -> str:
     return json.dumps({"type": type_, **fields})
-
-
-def pcm_b64(audio: np.ndarray) -> str:
-    return base64.b64encode((np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes()).decode()
-
-
-def appends(audio: np.ndarray) -> list[str]:
-    step = 16 * CHUNK_MS
-    return [
-        event("input_audio_buffer.append", audio=pcm_b64(audio[i : i + step]))
-        for i in range(0, audio.size, step)
-    ]
-
-
-PUSH_TO_TALK = event("session.update", session={"audio": {"input": {"turn_detection": None}}})
 
 
 def deltas(seen: list[dict[str, Any]]) -> str:
@@ -439,7 +425,7 @@ WS_CASES = {
         ("even number of bytes", "got 3"),
     ),
     "oversize_event": WsCase(
-        (event("input_audio_buffer.append", audio=pcm_b64(np.zeros(4000, np.float32))),),
+        (event("input_audio_buffer.append", audio=pcm16_b64(np.zeros(4000, np.float32))),),
         "event_too_large",
         ("exceeds server.max_event_bytes = 8192",),
     ),
@@ -452,7 +438,8 @@ WS_CASES = {
     ),
     "commit_under_100_ms": WsCase(
         (
-            event("input_audio_buffer.append", audio=pcm_b64(np.zeros(800, np.float32))),
+            # 50 ms at 24 kHz: the format of a session that declared none
+            event("input_audio_buffer.append", audio=pcm16_b64(np.zeros(1200, np.float32))),
             event("input_audio_buffer.commit"),
         ),
         "input_audio_buffer_commit_empty",

@@ -50,6 +50,7 @@ def test_kept_keys_of_the_original_system_exist() -> None:
 @pytest.mark.parametrize(
     ("text", "words"),
     [
+        ("tts:\n  sample_rate: 24000\n", "tts.sample_rate: removed: the WebSocket's speech"),
         ("model:\n  colour: blue\n", "model.colour: unknown key"),
         ("modle:\n  id: x\n", "modle: unknown key"),
         ("model:\n  warmup_runs: many\n", "model.warmup_runs"),

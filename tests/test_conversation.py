@@ -10,8 +10,9 @@ import typing
 from typing import Any
 
 import pytest
-from conftest import SAMPLE_WAV, SCRIPT
+from conftest import SAMPLE_WAV, SCRIPT, TOOL_ANSWER, TOOL_ARGS, TOOL_NAME
 from fakes import FakeTransport, frames
+from wire import PCM16K, pcm16_b64
 
 from voxtral_server.api.session import Session
 from voxtral_server.config import Settings
@@ -55,7 +56,7 @@ async def new_session(
     transport = FakeTransport()
     session = Session(recording, Settings(), transport)  # type: ignore[arg-type]
     await session.start()
-    ptt = {"audio": {"input": {"turn_detection": None}}, **update}
+    ptt = {"audio": {"input": {"turn_detection": None, "format": PCM16K}}, **update}
     await session.handle_text(json.dumps({"type": "session.update", "session": ptt}))
     return session, transport, recording
 
@@ -218,7 +219,7 @@ async def test_first_word_counts_from_the_response_create(scripted_engine: Voxtr
     saw from sending response.create to the first word (it used to include the wait)."""
     session, t, _ = await new_session(scripted_engine)
     await session.handle_text(
-        json.dumps({"type": "input_audio_buffer.append", "audio": pcm_b64(SPEECH)})
+        json.dumps({"type": "input_audio_buffer.append", "audio": pcm16_b64(SPEECH)})
     )
     await send(session, "input_audio_buffer.commit")
     await asyncio.sleep(0.5)  # the client's own pause: the scenario, not a synchronisation
@@ -229,15 +230,6 @@ async def test_first_word_counts_from_the_response_create(scripted_engine: Voxtr
     done = await t.wait_for("response.done")
     assert 0 < done["timings"]["first_word_ms"] <= seen_ms
     session.close()
-
-
-def pcm_b64(audio: Any) -> str:
-    import base64
-
-    import numpy as np
-
-    pcm = (np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes()
-    return base64.b64encode(pcm).decode()
 
 
 @pytest.mark.asyncio
@@ -360,3 +352,70 @@ async def test_every_event_validates_against_the_openai_sdk_types(
         "conversation.item.deleted",
         "error",
     } <= kinds
+
+
+WEATHER_TOOL = {
+    "type": "function",
+    "name": TOOL_NAME,
+    "description": "The weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+}
+
+
+@pytest.mark.asyncio
+async def test_a_spoken_question_calls_a_function_and_its_result_is_answered(
+    tool_engine: VoxtralEngine,
+) -> None:
+    """Voxtral calls a function from speech: the call comes as a function_call item with its
+    arguments; the client runs it, adds the output, and the answer uses it."""
+    session, t, engine = await new_session(tool_engine, tools=[WEATHER_TOOL], tool_choice="auto")
+    state = t.of("session.updated")[0]["session"]
+    assert state["tools"][0]["name"] == TOOL_NAME and state["tool_choice"] == "auto"
+    await session.handle_text(
+        json.dumps({"type": "input_audio_buffer.append", "audio": pcm16_b64(SPEECH)})
+    )
+    await send(session, "input_audio_buffer.commit")
+    await send(session, "response.create")
+    done = await t.wait_for("response.done")
+    assert done["response"]["status"] == "completed"
+    (call,) = done["response"]["output"]  # a call alone: no message item, no words
+    assert call["type"] == "function_call" and call["name"] == TOOL_NAME
+    assert json.loads(call["arguments"]) == json.loads(TOOL_ARGS)
+    arguments = t.of("response.function_call_arguments.done")[0]
+    assert arguments["call_id"] == call["call_id"] and arguments["item_id"] == call["id"]
+    deltas = t.of("response.function_call_arguments.delta")
+    assert "".join(d["delta"] for d in deltas) == call["arguments"]
+    assert not t.of("response.output_text.delta")
+    assert [e["item"]["type"] for e in t.of("conversation.item.done")] == [
+        "message",
+        "function_call",
+    ]
+    assert engine.requests[0].tools[0].name == TOOL_NAME
+    # The client runs the function and hands back its output.
+    output = {
+        "type": "function_call_output",
+        "call_id": call["call_id"],
+        "output": '{"sky": "sunny"}',
+    }
+    await send(session, "conversation.item.create", item=output)
+    await send(session, "response.create")
+    second = await t.wait_for("response.done", 2)
+    assert second["response"]["output"][0]["content"][0]["text"] == TOOL_ANSWER
+    roles = [m.role for m in engine.requests[1].history]
+    assert roles == ["user", "assistant", "tool"]
+    # Bad forms: an output without a call id, arguments that are not JSON, a tool_choice
+    # naming no tool.
+    await send(session, "conversation.item.create", item={"type": "function_call_output"})
+    assert error_of(t)["code"] == "invalid_item" and "call_id" in error_of(t)["message"]
+    bad_call = {"type": "function_call", "name": "f", "arguments": "{nope", "call_id": "c1"}
+    await send(session, "conversation.item.create", item=bad_call)
+    assert error_of(t, 2)["code"] == "invalid_item" and "JSON" in error_of(t, 2)["message"]
+    await send(session, "conversation.item.create", item=user_text("And tomorrow?"))
+    await send(
+        session,
+        "response.create",
+        response={"tool_choice": {"type": "function", "name": "nope"}},
+        event_id="tc",
+    )
+    assert error_of(t, 3)["code"] == "invalid_tool_choice" and error_of(t, 3)["event_id"] == "tc"
+    session.close()

@@ -26,14 +26,12 @@ whichever loop submitted the request.
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import pytest
 from conftest import SAMPLE_WAV, SCRIPT
 from fakes import FakeTransport, frames
@@ -49,6 +47,7 @@ from fuzz_events import (
 )
 from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
+from wire import append_event, session_update
 
 from voxtral_server.api import protocol as p
 from voxtral_server.api.metrics import Metrics
@@ -117,6 +116,8 @@ ERROR_CODES = PARSE_CODES | {
     "audio_too_long",
     "generation_failed",
     "semantic_vad_unavailable",
+    "unsupported_audio_format",
+    "output_audio_format_busy",
 }
 
 
@@ -216,22 +217,15 @@ class WireTransport(FakeTransport):
 SPEECH = read_audio_file(SAMPLE_WAV)  # speech 0.3-2.7 s, then 1.3 s of silence
 
 
-def append_event(audio: np.ndarray) -> str:
-    pcm = (np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes()
-    return json.dumps(
-        {"type": "input_audio_buffer.append", "audio": base64.b64encode(pcm).decode()}
-    )
-
-
 CLIP = [append_event(frame) for frame in frames(SPEECH, ms=100)]
 ASK = [
     append_event(SPEECH[: SPEECH.size // 4]),
     '{"type": "input_audio_buffer.commit"}',
     '{"type": "response.create"}',
 ]
-PUSH_TO_TALK = json.dumps(
-    {"type": "session.update", "session": {"audio": {"input": {"turn_detection": None}}}}
-)
+# The normal turn after fuzzing: a realtime session's (a fuzzed step may have made it a
+# transcription session), push-to-talk, 16 kHz.
+REALTIME_PUSH_TO_TALK = session_update({"type": "realtime"}, turn_detection=None)
 
 
 @dataclass(frozen=True)
@@ -282,8 +276,11 @@ async def settle(session: Session, t: WireTransport) -> None:
 
 async def normal_turn(session: Session, t: WireTransport) -> None:
     """What a client does after anything: push-to-talk, end what runs, clear, say, answer."""
-    await session.handle_text(PUSH_TO_TALK)
+    await session.handle_text(REALTIME_PUSH_TO_TALK)
     while session.responding:  # a server-VAD turn may start once the cancelled one is done
+        if session.transcribing:  # a transcription session's run: it ends by itself
+            await t.wait_until(lambda: not session.transcribing)
+            continue
         ended = len(t.of("response.done"))
         await session.handle_text('{"type": "response.cancel"}')
         await t.wait_for("response.done", ended + 1, WAIT_S)

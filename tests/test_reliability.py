@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import gc
 import io
 import json
@@ -20,6 +19,7 @@ import websockets
 from conftest import SAMPLE_WAV, SCRIPT
 from fakes import FakeTransport, frames
 from servers import running_server
+from wire import DECLARE_16K, PUSH_TO_TALK, append_event
 
 from voxtral_server import ttft
 from voxtral_server.api.metrics import Metrics, TurnRecord
@@ -27,7 +27,7 @@ from voxtral_server.api.session import Session
 from voxtral_server.api.speech import WebSocketAudioOut
 from voxtral_server.cli import LOG_FORMAT
 from voxtral_server.config import ConfigError, Settings, load_settings
-from voxtral_server.models.audio import float_to_pcm16, read_audio_file
+from voxtral_server.models.audio import read_audio_file
 from voxtral_server.models.chunking import ChunkSink
 from voxtral_server.models.types import Chunk, Request, RequestHandle
 from voxtral_server.models.voxtral import VoxtralEngine
@@ -37,13 +37,6 @@ WORDS = SCRIPT.split()
 RECORD = TurnRecord(
     "sess_1", 1, "websocket", "chat", "completed", 30.0, 40.0, None, 0.2, 90.0, 11, 27, 400.0
 )
-
-
-def append_event(audio: np.ndarray) -> str:
-    pcm = float_to_pcm16(audio).astype("<i2").tobytes()
-    return json.dumps(
-        {"type": "input_audio_buffer.append", "audio": base64.b64encode(pcm).decode()}
-    )
 
 
 class HeldAnswers:
@@ -97,11 +90,7 @@ async def test_a_cancel_anywhere_in_an_answer_leaves_the_conversation_working(
     t = FakeTransport()
     session = Session(engine, Settings(), t)  # type: ignore[arg-type]
     await session.start()
-    await session.handle_text(
-        json.dumps(
-            {"type": "session.update", "session": {"audio": {"input": {"turn_detection": None}}}}
-        )
-    )
+    await session.handle_text(PUSH_TO_TALK)
     await ask(session)
     chunks, sink = await engine.complete.get()
     words, final = chunks[:-1], chunks[-1]
@@ -375,14 +364,10 @@ async def test_a_failure_at_any_stage_ends_that_turn_with_an_error_and_the_next_
     t = FakeTransport()
     tts = ChaosTts(stage.removeprefix("tts-") if stage.startswith("tts") else None)
     session = Session(engine, Settings(), t, tts=tts)
-    audio_out = WebSocketAudioOut(t.send, 24000)
+    audio_out = WebSocketAudioOut(t.send, lambda: session.config.output_format)
     session.audio_out = audio_out
     await session.start()
-    await session.handle_text(
-        json.dumps(
-            {"type": "session.update", "session": {"audio": {"input": {"turn_detection": None}}}}
-        )
-    )
+    await session.handle_text(PUSH_TO_TALK)
     await ask(session)
     first = await t.wait_for("response.done")
     error = t.of("error")[0]["error"]
@@ -502,6 +487,7 @@ async def test_one_sessions_audio_flood_does_not_hold_up_another_session(
         await flood.start()
         await other.start()
         speech = np.tile(SPEECH, 6)  # 24 s: speech starts 0.3 s in
+        await flood.handle_text(DECLARE_16K)
         await flood.handle_text(append_event(speech))
         await other.handle_text('{"type": "session.update", "session": {}}')
         await flood_t.wait_for("input_audio_buffer.speech_started")
@@ -528,6 +514,7 @@ async def test_a_closed_session_is_freed_once_its_tasks_have_ended(
         transport = FakeTransport()
         session = Session(scripted_engine, Settings(), transport, vad_worker=worker)
         await session.start()
+        await session.handle_text(DECLARE_16K)
         await session.handle_text(append_event(SPEECH))  # server VAD ends the turn
         await transport.wait_for("response.done")
         session.close()

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import base64
 import json
 
 import numpy as np
 import pytest
 from conftest import SAMPLE_WAV, SCRIPT
 from fakes import FakeTransport, frames
+from wire import PUSH_TO_TALK, append_event, session_update
 
 from voxtral_server.api.session import Session
 from voxtral_server.config import Settings
@@ -18,19 +18,13 @@ from voxtral_server.models.voxtral import VoxtralEngine
 SPEECH = read_audio_file(SAMPLE_WAV)  # speech 0.3-2.7 s, then 1.3 s of silence
 
 
-def append(audio: np.ndarray) -> str:
-    pcm = (np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes()
-    return json.dumps(
-        {"type": "input_audio_buffer.append", "audio": base64.b64encode(pcm).decode()}
-    )
-
-
 async def new_session(engine: VoxtralEngine, **update: object) -> tuple[Session, FakeTransport]:
+    """A started session; with `update`, that session.update sent (declaring 16 kHz input)."""
     transport = FakeTransport()
     session = Session(engine, Settings(), transport)
     await session.start()
     if update:
-        await session.handle_text(json.dumps({"type": "session.update", "session": update}))
+        await session.handle_text(session_update(update))
     return session, transport
 
 
@@ -93,7 +87,7 @@ async def test_push_to_talk_waits_for_response_create(scripted_engine: VoxtralEn
     session, t = await new_session(scripted_engine, audio={"input": {"turn_detection": None}})
     assert t.of("session.updated")[0]["session"]["audio"]["input"]["turn_detection"] is None
     for frame in frames(SPEECH, ms=100):
-        await session.handle_text(append(frame))
+        await session.handle_text(append_event(frame))
     assert "input_audio_buffer.speech_started" not in t.types()
     await session.handle_text('{"type": "input_audio_buffer.commit"}')
     assert t.types()[-3:] == [
@@ -111,7 +105,7 @@ async def test_push_to_talk_waits_for_response_create(scripted_engine: VoxtralEn
 @pytest.mark.asyncio
 async def test_response_cancel_ends_cancelled(scripted_engine: VoxtralEngine) -> None:
     session, t = await new_session(scripted_engine, audio={"input": {"turn_detection": None}})
-    await session.handle_text(append(SPEECH))
+    await session.handle_text(append_event(SPEECH))
     await session.handle_text('{"type": "input_audio_buffer.commit"}')
     await session.handle_text('{"type": "response.create"}')
     await t.wait_for("response.output_text.delta")
@@ -120,7 +114,7 @@ async def test_response_cancel_ends_cancelled(scripted_engine: VoxtralEngine) ->
     assert done["response"]["status"] == "cancelled"
     assert len(words(t)) < len(SCRIPT.split())
     # The engine is free: the next turn completes.
-    await session.handle_text(append(SPEECH))
+    await session.handle_text(append_event(SPEECH))
     await session.handle_text('{"type": "input_audio_buffer.commit"}')
     await session.handle_text('{"type": "response.create"}')
     assert (await t.wait_for("response.done", 2))["response"]["status"] == "completed"
@@ -158,7 +152,7 @@ async def test_session_update_switches_mode_language_and_instructions(
     assert state["type"] == "transcription" and state["instructions"] == "Be brief."
     assert state["audio"]["input"]["transcription"]["language"] == "fr"
     assert (session.mode, session.language) == ("transcribe", "fr")
-    await session.handle_text(append(SPEECH))
+    await session.handle_text(append_event(SPEECH))
     # A transcription session writes each committed turn down by itself.
     await session.handle_text('{"type": "input_audio_buffer.commit"}')
     item_id = t.of("input_audio_buffer.committed")[0]["item_id"]
@@ -193,7 +187,7 @@ async def test_session_update_switches_mode_language_and_instructions(
 async def test_chat_keeps_the_conversation(scripted_engine: VoxtralEngine) -> None:
     session, t = await new_session(scripted_engine, audio={"input": {"turn_detection": None}})
     for i in range(2):
-        await session.handle_text(append(SPEECH))
+        await session.handle_text(append_event(SPEECH))
         await session.handle_text('{"type": "input_audio_buffer.commit"}')
         await session.handle_text('{"type": "response.create"}')
         await t.wait_for("response.done", i + 1)
@@ -228,12 +222,8 @@ async def test_a_busy_engine_keeps_the_turn_for_a_retry(scripted_engine: Voxtral
     transport = FakeTransport()
     session = Session(_BusyOnce(scripted_engine), Settings(), transport)  # type: ignore[arg-type]
     await session.start()
-    await session.handle_text(
-        json.dumps(
-            {"type": "session.update", "session": {"audio": {"input": {"turn_detection": None}}}}
-        )
-    )
-    await session.handle_text(append(SPEECH))
+    await session.handle_text(PUSH_TO_TALK)
+    await session.handle_text(append_event(SPEECH))
     await session.handle_text('{"type": "input_audio_buffer.commit"}')
     await session.handle_text('{"type": "response.create"}')
     assert transport.of("error")[-1]["error"]["code"] == "engine_busy"

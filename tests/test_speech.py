@@ -17,6 +17,7 @@ from aiortc.mediastreams import MediaStreamError
 from clients import Client
 from conftest import SAMPLE_WAV, SCRIPT
 from servers import idle, on_server, running_server
+from wire import DECLARE_16K, appends
 
 from voxtral_server.config import Settings
 from voxtral_server.models.audio import PcmResampler, read_audio_file
@@ -29,17 +30,8 @@ pytestmark = pytest.mark.skipif(
 
 SPEECH = read_audio_file(SAMPLE_WAV)  # 0.3 s silence, speech to 2.7 s, then silence
 SETTINGS = Settings().with_overrides({("tts", "engine"): "espeak"})
-WS_RATE = SETTINGS.tts.sample_rate
+WS_RATE = 24000  # audio/pcm, the output format of a session that declares none
 ENVELOPE_MS = 20
-
-
-def appends(audio: np.ndarray, chunk_ms: int = 40) -> Iterator[str]:
-    step = 16 * chunk_ms
-    for i in range(0, audio.size, step):
-        pcm = (np.clip(audio[i : i + step], -1, 1) * 32767).astype("<i2").tobytes()
-        yield json.dumps(
-            {"type": "input_audio_buffer.append", "audio": base64.b64encode(pcm).decode()}
-        )
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +97,7 @@ async def ws_turn(url: str, barge_in: bool = False) -> list[dict[str, Any]]:
     events: list[dict[str, Any]] = []
     first: str | None = None  # the id of the turn's response
     async with websockets.connect(url) as ws:
+        await ws.send(DECLARE_16K)
         await ws.send(SPOKEN_EVENTS)
         for message in appends(SPEECH):
             await ws.send(message)
@@ -159,6 +152,17 @@ async def test_websocket_audio_is_the_answer_spoken(
     assert similarity(heard, expected, WS_RATE) > 0.95
     t = done["timings"]
     assert t["ttfa_ms"] is not None and t["ttfa_ms"] >= t["first_word_ms"] > 0
+    # As with OpenAI's API, the output audio buffer events are WebRTC-only.
+    assert not [e for e in events if e["type"].startswith("output_audio_buffer.")]
+
+
+def buffer_events(events: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """The output_audio_buffer.* events, in order, as (what happened, response id)."""
+    return [
+        (e["type"].removeprefix("output_audio_buffer."), e["response_id"])
+        for e in events
+        if e["type"].startswith("output_audio_buffer.")
+    ]
 
 
 class ListeningClient(Client):
@@ -217,9 +221,17 @@ async def test_webrtc_track_carries_the_answer_spoken(
         while len(client.frames) < ended + 20:  # 400 ms of track
             client.changed.clear()
             await asyncio.wait_for(client.changed.wait(), 10)
+        await client.wait_for("output_audio_buffer.stopped")
     finally:
         await client.close()
     assert done["response"]["status"] == "completed"
+    # The client is told when the answer's audio started and when it had all been played.
+    answer = done["response"]["id"]
+    assert buffer_events(client.events) == [("started", answer), ("stopped", answer)]
+    types = [e["type"] for e in client.events]
+    started = types.index("output_audio_buffer.started")
+    assert types.index("response.created") < started
+    assert started < types.index("voxtral.output_audio.spoken")  # before its first phrase
     shown = "".join(e["delta"] for e in client.events if e["type"].endswith("transcript.delta"))
     phrases = [e["delta"] for e in client.events if e["type"] == "voxtral.output_audio.spoken"]
     assert shown == SCRIPT and "".join(phrases) == SCRIPT
@@ -256,13 +268,71 @@ async def test_no_audio_is_sent_once_the_server_hears_a_barge_in(
     # Less was sent than the whole answer: the rest was dropped at the server.
     sent = decode([events[i] for i in audio])
     assert sent.size < render(espeak, [SCRIPT], WS_RATE).size
+    # Its item keeps only the words the user heard, and says it was cut.
+    item = done["response"]["output"][0]
+    heard = item["content"][0]["transcript"]
+    assert SCRIPT.startswith(heard) and len(heard) < len(SCRIPT)
+    truncated = of(events, "conversation.item.truncated")
+    assert [t["item_id"] for t in truncated] == [item["id"]]
+
+
+@pytest.mark.asyncio
+async def test_a_truncated_answer_keeps_the_words_heard(server: tuple[str, Any]) -> None:
+    """A client that stopped playing halfway through the answer truncates its item there:
+    the item (what the next answer reads) keeps the words heard by then; past the end of
+    the audio is refused."""
+    base_url, _app = server
+    async with websockets.connect(base_url.replace("http", "ws") + "/v1/realtime") as ws:
+
+        async def until(type_: str) -> dict[str, Any]:
+            while True:
+                event = json.loads(await asyncio.wait_for(ws.recv(), 60))
+                deltas.extend([event] if event["type"] == "response.output_audio.delta" else [])
+                if event["type"] == type_:
+                    return dict(event)
+
+        deltas: list[dict[str, Any]] = []
+        await ws.send(DECLARE_16K)
+        for message in appends(SPEECH):
+            await ws.send(message)
+        done = await until("response.done")
+        item = done["response"]["output"][0]
+        assert item["content"][0]["transcript"] == SCRIPT
+        audio_ms = decode(deltas).size * 1000 // WS_RATE
+        await ws.send(
+            json.dumps(
+                {
+                    "type": "conversation.item.truncate",
+                    "item_id": item["id"],
+                    "content_index": 0,
+                    "audio_end_ms": audio_ms // 2,
+                }
+            )
+        )
+        truncated = await until("conversation.item.truncated")
+        assert truncated["audio_end_ms"] == audio_ms // 2
+        await ws.send(json.dumps({"type": "conversation.item.retrieve", "item_id": item["id"]}))
+        heard = (await until("conversation.item.retrieved"))["item"]["content"][0]["transcript"]
+        assert heard and SCRIPT.startswith(heard) and len(heard) < len(SCRIPT)
+        await ws.send(
+            json.dumps(
+                {
+                    "type": "conversation.item.truncate",
+                    "item_id": item["id"],
+                    "content_index": 0,
+                    "audio_end_ms": audio_ms + 1000,
+                }
+            )
+        )
+        error = (await until("error"))["error"]
+        assert error["code"] == "invalid_audio_end_ms"
 
 
 @pytest.mark.asyncio
 async def test_the_webrtc_track_is_silent_from_the_frame_after_a_barge_in() -> None:
     from voxtral_server.api.transports.audio_track import FRAME_SAMPLES, SpeechTrack
 
-    track = SpeechTrack()
+    track = SpeechTrack(lambda _event: None)
     started: list[int] = []
     track.write(np.full(10 * FRAME_SAMPLES, 8000, np.int16), ("r", "i"), lambda: started.append(1))
     try:
@@ -283,6 +353,7 @@ async def test_disconnect_while_speaking_leaves_nothing_running(
     base_url, app = server
     baseline = on_server(app, idle(app))
     async with websockets.connect(base_url.replace("http", "ws") + "/v1/realtime") as ws:
+        await ws.send(DECLARE_16K)
         for message in appends(SPEECH):
             await ws.send(message)
         while json.loads(await asyncio.wait_for(ws.recv(), 60))["type"] != (
@@ -336,6 +407,7 @@ async def test_webrtc_track_sends_no_speech_after_a_barge_in(server: tuple[str, 
         client.channel.send(SPOKEN_EVENTS)
         (call,) = app.state.server.peers.calls
         log = TrackLog(call.speech_track)
+        client.channel.send(DECLARE_16K)  # the appends below go on the data channel
         for message in appends(SPEECH):
             client.channel.send(message)
         await asyncio.wait_for(client.sound.wait(), 30)  # the answer is heard
@@ -356,6 +428,10 @@ async def test_webrtc_track_sends_no_speech_after_a_barge_in(server: tuple[str, 
     assert any(
         e["type"] == "input_audio_buffer.speech_started" for e in client.events[sent_before:]
     )
+    # The client was told the answer's audio started, then that the barge-in cleared it.
+    answer = done["response"]["id"]
+    heard = [e for e in buffer_events(client.events) if e[1] == answer]
+    assert heard == [("started", answer), ("cleared", answer)]
     assert TrackLog.CLEARED in log.entries, "the barge-in never reached the call's track"
     cut = log.entries.index(TrackLog.CLEARED)
     before = [e for e in log.entries[:cut] if isinstance(e, bool)]
@@ -369,3 +445,22 @@ async def test_webrtc_track_sends_no_speech_after_a_barge_in(server: tuple[str, 
         f"heard {sum(loud)} loud frames, the track sent {sum(before)} before the barge-in"
     )
     assert not any(loud[-10:]), "the client still hears speech after the barge-in"
+
+
+@pytest.mark.asyncio
+async def test_webrtc_a_cancelled_answer_s_audio_is_announced_cleared(
+    server: tuple[str, Any],
+) -> None:
+    base_url, _app = server
+    client = ListeningClient()
+    try:
+        await client.connect(base_url)
+        started = await client.wait_for("output_audio_buffer.started")
+        client.send({"type": "response.cancel"})  # while it speaks: seconds of it are left
+        done = await client.wait_for("response.done")
+        await client.wait_for("output_audio_buffer.cleared")
+    finally:
+        await client.close()
+    answer = done["response"]["id"]
+    assert done["response"]["status"] == "cancelled" and started["response_id"] == answer
+    assert buffer_events(client.events) == [("started", answer), ("cleared", answer)]

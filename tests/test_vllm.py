@@ -27,6 +27,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from patience import scaled
 from vllm_server import VllmServer, VllmUnavailable, ensure_vllm, free_port
+from wire import session_update
 
 from voxtral_server.api.app import create_app
 from voxtral_server.api.inprocess import InProcessServer
@@ -48,10 +49,12 @@ WAIT_S = scaled(30.0, 120.0)  # upper bound for one event to arrive; never a pas
 class FakeVllm:
     """An OpenAI-compatible streaming server with knobs: what it says, where it stalls."""
 
-    deltas: list[str] = field(default_factory=lambda: ["Hello ", "from ", "fake."])
+    # Each delta's text, or a whole `delta` object (e.g. one carrying `tool_calls`).
+    deltas: list[str | dict[str, Any]] = field(default_factory=lambda: ["Hello ", "from ", "fake."])
     hold_after: int | None = None  # stall after this many deltas until released
     die_after: int | None = None  # drop the connection after this many deltas
     status: int = 200  # of the completion endpoints
+    finish_reason: str | None = None  # sent with the last delta
     health_failures: int = 0  # /health answers 503 this many more times
     requests: list[dict[str, Any]] = field(default_factory=list)
     health_calls: int = 0
@@ -113,7 +116,11 @@ class FakeVllm:
                     await self._release.wait()
                 if i == self.die_after:
                     raise ConnectionAbortedError("fake endpoint died")
-                event = {"object": kind, "choices": [{"delta": {"content": text}}]}
+                delta = text if isinstance(text, dict) else {"content": text}
+                choice: dict[str, Any] = {"delta": delta}
+                if i == len(self.deltas) - 1 and self.finish_reason is not None:
+                    choice["finish_reason"] = self.finish_reason
+                event = {"object": kind, "choices": [choice]}
                 event["usage"] = {"completion_tokens": i + 1}
                 yield f"data: {json.dumps(event)}\n\n"
             yield "data: [DONE]\n\n"
@@ -481,7 +488,7 @@ class Conversation:
             "type": "realtime" if mode == "chat" else "transcription",
             "audio": {"input": {"turn_detection": None, "transcription": {"language": language}}},
         }
-        await ws.send(json.dumps({"type": "session.update", "session": session}))
+        await ws.send(session_update(session))
         await conv.until("session.updated")
         return conv
 

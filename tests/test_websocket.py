@@ -13,25 +13,14 @@ import pytest
 import websockets
 from conftest import SAMPLE_WAV, SCRIPT
 from servers import running_server
+from wire import DECLARE_16K, PUSH_TO_TALK, appends
 
 from voxtral_server.config import Settings
 from voxtral_server.models.audio import read_audio_file
+from voxtral_server.models.resample import resample
 from voxtral_server.models.voxtral import VoxtralEngine
 
 SPEECH = read_audio_file(SAMPLE_WAV)
-CHUNK_MS = 40  # what a real-time client sends at a time
-
-
-def pcm_b64(audio: np.ndarray) -> str:
-    return base64.b64encode((np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes()).decode()
-
-
-def appends(audio: np.ndarray) -> Iterator[str]:
-    step = 16 * CHUNK_MS
-    for i in range(0, audio.size, step):
-        yield json.dumps(
-            {"type": "input_audio_buffer.append", "audio": pcm_b64(audio[i : i + step])}
-        )
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +46,7 @@ async def test_server_vad_turn_streams_the_scripted_words(server: str) -> None:
     seen: list[dict[str, Any]] = []
     async with websockets.connect(server) as ws:
         await recv_until(ws, "session.created", seen)
+        await ws.send(DECLARE_16K)
         for message in appends(SPEECH):
             await ws.send(message)
         done = await recv_until(ws, "response.done", seen)
@@ -76,14 +66,7 @@ async def test_push_to_talk_turn(server: str) -> None:
     seen: list[dict[str, Any]] = []
     async with websockets.connect(server) as ws:
         await recv_until(ws, "session.created", seen)
-        await ws.send(
-            json.dumps(
-                {
-                    "type": "session.update",
-                    "session": {"audio": {"input": {"turn_detection": None}}},
-                }
-            )
-        )
+        await ws.send(PUSH_TO_TALK)
         await recv_until(ws, "session.updated", seen)
         for message in appends(SPEECH):
             await ws.send(message)
@@ -97,6 +80,7 @@ async def test_push_to_talk_turn(server: str) -> None:
 
 @pytest.mark.asyncio
 async def test_the_official_openai_client_receives_the_words(server: str) -> None:
+    """It declares no format: OpenAI's default, PCM16 at 24 kHz, is what it sends."""
     from openai import AsyncOpenAI
 
     http_base = server.replace("ws://", "http://").removesuffix("/realtime")
@@ -106,9 +90,11 @@ async def test_the_official_openai_client_receives_the_words(server: str) -> Non
         await conn.session.update(
             session={"type": "realtime", "audio": {"input": {"turn_detection": None}}}
         )
-        step = 16 * 100
-        for i in range(0, SPEECH.size, step):
-            await conn.input_audio_buffer.append(audio=pcm_b64(SPEECH[i : i + step]))
+        speech = resample(SPEECH, 16000, 24000)
+        step = 24 * 100
+        for i in range(0, speech.size, step):
+            pcm = (np.clip(speech[i : i + step], -1, 1) * 32767).astype("<i2").tobytes()
+            await conn.input_audio_buffer.append(audio=base64.b64encode(pcm).decode())
         await conn.input_audio_buffer.commit()
         await conn.response.create()
         async for event in conn:

@@ -22,6 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from ..config import Settings
 from ..models.engine import load_engine
 from ..resources import MissingResource, static_dir
+from . import rest
 from .security import bearer_token, ice_servers, token_matches
 from .state import EngineFactory, ServerState
 from .transports import peer_tasks, webrtc, websocket
@@ -94,15 +95,12 @@ def create_app(settings: Settings, engine_factory: EngineFactory = load_engine) 
             "language": settings.transcribe.language,
             "model": settings.model.id,
             # Speech out: what the page plays (null: the server answers in text only).
-            "speech": (
-                {"engine": settings.tts.engine, "sample_rate": settings.tts.sample_rate}
-                if settings.tts.engine != "none"
-                else None
-            ),
+            "speech": ({"engine": settings.tts.engine} if settings.tts.engine != "none" else None),
         }
         return JSONResponse(config, headers={"cache-control": "no-store"})
 
     app.include_router(websocket.router)
+    app.include_router(rest.router)
     app.include_router(webrtc.router)
     try:
         page = static_dir()

@@ -46,6 +46,8 @@ class InProcessServer:
     ) -> None:
         self.app = app
         self.host = host
+        # uvicorn's ssl_certfile / ssl_keyfile (api/tls.py's tls_options) make it https.
+        self.scheme = "https" if config.get("ssl_certfile") else "http"
         self.port = port or free_port(host)
         config.setdefault("log_config", None)
         config.setdefault("ws_max_size", 16 * 1024 * 1024)
@@ -57,7 +59,12 @@ class InProcessServer:
 
     @property
     def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{self.scheme}://{self.host}:{self.port}"
+
+    @property
+    def realtime_url(self) -> str:
+        """The WebSocket endpoint: ws://, or wss:// when serving TLS."""
+        return f"{self.scheme.replace('http', 'ws', 1)}://{self.host}:{self.port}/v1/realtime"
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:

@@ -66,15 +66,29 @@ class Transcription(_Loose):
     )
 
 
+class AudioFormatConfig(_Loose):
+    """`{"type": "audio/pcm", "rate": 24000}`, `{"type": "audio/pcmu"}`, ...: checked by
+    `audio_formats.audio_format`, which names what is not supported."""
+
+    type: str | None = Field(default=None, max_length=64)
+    rate: int | None = None
+
+
 class AudioInput(_Loose):
+    format: AudioFormatConfig | None = None
     # A present `turn_detection: null` means push-to-talk; an absent key means "unchanged".
     turn_detection: TurnDetection | None = None
     # A present `transcription: null` turns the user's captions off.
     transcription: Transcription | None = None
 
 
+class AudioOutput(_Loose):
+    format: AudioFormatConfig | None = None
+
+
 class AudioConfig(_Loose):
     input: AudioInput | None = None
+    output: AudioOutput | None = None
 
 
 MAX_TOOLS = 64
@@ -133,7 +147,7 @@ class SessionUpdate(_Event):
 
 class InputAudioBufferAppend(_Event):
     type: Literal["input_audio_buffer.append"]
-    audio: str  # base64 PCM16 little-endian, 16 kHz mono
+    audio: str  # base64, in the session's audio.input.format (audio_formats.py)
 
 
 class InputAudioBufferCommit(_Event):
@@ -545,7 +559,7 @@ class TextDone(ServerEvent):
 
 
 class AudioDelta(ServerEvent):
-    """Speech for the WebSocket: base64 PCM16 mono at `tts.sample_rate` (24 kHz by default)."""
+    """Speech for the WebSocket: base64 audio in the session's audio.output.format."""
 
     type: Literal["response.output_audio.delta"] = "response.output_audio.delta"
     response_id: str
@@ -597,6 +611,22 @@ class TranscriptDone(ServerEvent):
     output_index: int = 0
     content_index: int = 0
     transcript: str
+
+
+# WebRTC only, as in OpenAI's API: the call's audio track playing a response's audio.
+class OutputAudioBufferStarted(ServerEvent):
+    type: Literal["output_audio_buffer.started"] = "output_audio_buffer.started"
+    response_id: str
+
+
+class OutputAudioBufferStopped(ServerEvent):
+    type: Literal["output_audio_buffer.stopped"] = "output_audio_buffer.stopped"
+    response_id: str
+
+
+class OutputAudioBufferCleared(ServerEvent):
+    type: Literal["output_audio_buffer.cleared"] = "output_audio_buffer.cleared"
+    response_id: str
 
 
 class Timings(BaseModel):

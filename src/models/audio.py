@@ -59,10 +59,25 @@ def read_audio_file(path: Path) -> np.ndarray:
     """Decode any format libsndfile reads (wav, flac, ogg, mp3, ...) -> 16 kHz mono float32."""
     if not path.is_file():
         raise AudioInputError("unreadable_audio", f"{path}: no such file")
+    return _decode(str(path), str(path))
+
+
+def read_audio_bytes(data: bytes, what: str) -> np.ndarray:
+    """An audio file's bytes (any format libsndfile reads) -> 16 kHz mono float32; `what`
+    names it in errors."""
+    if not data:
+        raise AudioInputError("empty_audio", f"{what} is empty")
+    return _decode(io.BytesIO(data), what)
+
+
+def _decode(source: str | io.BytesIO, what: str) -> np.ndarray:
     try:
-        samples, rate = sf.read(str(path), dtype="float32", always_2d=False)
-    except (sf.LibsndfileError, RuntimeError, OSError) as exc:
-        raise AudioInputError("unreadable_audio", f"{path}: cannot decode audio ({exc})") from None
+        samples, rate = sf.read(source, dtype="float32", always_2d=False)
+    except (sf.LibsndfileError, RuntimeError, OSError, TypeError) as exc:
+        detail = getattr(exc, "error_string", None) or str(exc)  # libsndfile's own words
+        raise AudioInputError(
+            "unreadable_audio", f"{what}: cannot decode audio ({detail})"
+        ) from None
     return to_mono_16k(samples, int(rate))
 
 

@@ -19,7 +19,7 @@ import time
 import unicodedata
 from collections.abc import Callable
 
-from .types import Chunk, EngineError, RequestHandle, Status, Totals, ms_between
+from .types import Chunk, EngineError, RequestHandle, Status, ToolCall, Totals, ms_between
 
 _WORD = re.compile(r"\s*\S+")
 # Greedy: ends at the last non-space character that whitespace follows (the last whole word).
@@ -217,11 +217,13 @@ def final_chunk(
     error: EngineError | None,
     started: float | None,
     now: float,
+    tool_calls: tuple[ToolCall, ...] = (),
 ) -> Chunk:
     """The one final chunk of an answer, its `Totals` derived the same way for every engine.
 
     `stream`/`started` are None if the request never ran (cancelled while queued, engine
     closed); `started` is when the engine picked it up, `now` when generation stopped.
+    `tool_calls`: the functions the model called (kept only if the answer completed).
     """
     status: Status
     if error is not None:
@@ -258,6 +260,7 @@ def final_chunk(
         error_code=error.code if error else None,
         error=str(error) if error else None,
         token_ids=tuple(stream.token_ids) if stream else (),
+        tool_calls=tool_calls if status == "completed" else (),
     )
     return Chunk(
         text="",

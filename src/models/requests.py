@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .audio import AudioInputError, validate
-from .chat import chat_messages
+from .chat import chat_messages, offered_tools
 from .types import EngineError, Request
 
 
@@ -17,4 +17,5 @@ def check_request(request: Request, max_utterance_s: float) -> None:
     elif request.mode == "transcribe":
         raise AudioInputError("empty_audio", "nothing to transcribe: the request has no audio")
     if request.mode == "chat":
-        chat_messages(request)
+        chat_messages(request)  # a conversation the model cannot continue
+        offered_tools(request)  # tools or a tool_choice it cannot be given

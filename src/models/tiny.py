@@ -7,6 +7,11 @@ text then EOS, whatever the audio: each token of the script gets a +100 `sequenc
 `generation_config.json`, conditioned on the shortest run of preceding tokens that identifies
 its position. (Arranging the weights as a successor map cannot express a token that occurs
 twice with different successors, e.g. "the" in "the quick ... over the lazy".)
+
+With `tool_call=(name, arguments_json)` a chat answer to a user turn is that function call,
+written as Voxtral writes one (tokenizer v7: `[TOOL_CALLS]` then a JSON list of
+`{"name", "arguments"}`, then EOS); the answer after a function's result is the script (if
+any), so a whole call -> result -> answer conversation is scripted.
 """
 
 from __future__ import annotations
@@ -32,8 +37,10 @@ _SPECIAL_TOKENS: dict[int, str] = {
 NUM_SPECIAL = 1000
 BOS_ID, EOS_ID, PAD_ID = 1, 2, 11
 END_INST_ID, AUDIO_ID, TRANSCRIBE_ID = 4, 24, 34
-# The last prompt token before the answer: `[TRANSCRIBE]` (transcription) or `[/INST]` (chat).
-ANSWER_STARTS = (TRANSCRIBE_ID, END_INST_ID)
+END_TOOL_RESULTS_ID, TOOL_CALLS_ID = 8, 9
+# The last prompt token before the answer: `[TRANSCRIBE]` (transcription), `[/INST]` (chat,
+# after a user turn) or `[/TOOL_RESULTS]` (chat, after a function's result).
+ANSWER_STARTS = (TRANSCRIBE_ID, END_INST_ID, END_TOOL_RESULTS_ID)
 SCRIPT_BIAS = 100.0
 DEFAULT_BPE_RANKS = 2000
 SEED = 0
@@ -68,24 +75,24 @@ def _tekken_json(n_bpe: int) -> dict[str, Any]:
     }
 
 
-def script_bias(script_ids: Sequence[int], eos_id: int = EOS_ID) -> list[list[Any]]:
-    """`sequence_bias` entries that make greedy decoding emit `script_ids` then EOS.
+def script_bias(answers: dict[int, Sequence[int]], eos_id: int = EOS_ID) -> list[list[Any]]:
+    """`sequence_bias` entries that make greedy decoding emit, after each answer start token
+    P in `answers`, the tokens `answers[P]` then EOS.
 
-    For each answer start token P, the target sequence is P + script + EOS. Every target
-    token is biased after the shortest context that no other position with a different next
-    token shares. P never occurs inside the script (it is a control token), so a context that
-    reaches back to P is always unique.
+    Every target token is biased after the shortest context that no other position (of any
+    answer) with a different next token shares. P never occurs inside an answer (it is a
+    control token), so a context that reaches back to P is always unique.
     """
+    seqs = [[start, *ids, eos_id] for start, ids in answers.items()]
+    positions = [(s, j) for s in seqs for j in range(1, len(s))]
     entries: dict[tuple[int, ...], float] = {}
-    for start in ANSWER_STARTS:
-        seq = [start, *script_ids, eos_id]
+    for seq in seqs:
         for i in range(1, len(seq)):
             for length in range(1, i + 1):
                 ctx = seq[i - length : i]
                 clash = any(
-                    seq[j] != seq[i] and seq[j - length : j] == ctx
-                    for j in range(length, len(seq))
-                    if j != i
+                    other[j] != seq[i] and j >= length and other[j - length : j] == ctx
+                    for other, j in positions
                 )
                 if not clash:
                     entries[(*ctx, seq[i])] = SCRIPT_BIAS
@@ -93,8 +100,29 @@ def script_bias(script_ids: Sequence[int], eos_id: int = EOS_ID) -> list[list[An
     return [[list(k), v] for k, v in entries.items()]
 
 
-def build_tiny(out_dir: Path, script: str | None = None, n_bpe: int = DEFAULT_BPE_RANKS) -> Path:
-    """Write a tiny random Voxtral checkpoint (and processor) into `out_dir`; return it."""
+def tool_call_text(name: str, arguments: str) -> str:
+    """A function call as Voxtral (tokenizer v7) writes it after `[TOOL_CALLS]`. Raises
+    ValueError unless `arguments` is a JSON object."""
+    try:
+        args = json.loads(arguments)
+    except ValueError as exc:
+        raise ValueError(f"--script-tool arguments are not JSON: {exc}") from None
+    if not isinstance(args, dict):
+        raise ValueError(f"--script-tool arguments must be a JSON object, got {arguments!r}")
+    return json.dumps([{"name": name, "arguments": args}], ensure_ascii=False)
+
+
+def build_tiny(
+    out_dir: Path,
+    script: str | None = None,
+    n_bpe: int = DEFAULT_BPE_RANKS,
+    tool_call: tuple[str, str] | None = None,
+) -> Path:
+    """Write a tiny random Voxtral checkpoint (and processor) into `out_dir`; return it.
+
+    `script`: the text greedy decoding answers; `tool_call` (name, arguments as JSON): the
+    function call it answers a user turn with instead (see the module's docstring).
+    """
     import torch
     from transformers import (
         GenerationConfig,
@@ -139,11 +167,17 @@ def build_tiny(out_dir: Path, script: str | None = None, n_bpe: int = DEFAULT_BP
     model = VoxtralForConditionalGeneration(config).eval()
 
     gen: dict[str, Any] = {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID}
+    answers: dict[int, Sequence[int]] = {}
     if script is not None:
         ids = tokenizer.encode(script, add_special_tokens=False)
         if not ids:
             raise ValueError("--script needs at least one non-space character")
-        gen["sequence_bias"] = script_bias(ids)
+        answers = dict.fromkeys(ANSWER_STARTS, ids)
+    if tool_call is not None:
+        call = tool_call_text(*tool_call)
+        answers[END_INST_ID] = [TOOL_CALLS_ID, *tokenizer.encode(call, add_special_tokens=False)]
+    if answers:
+        gen["sequence_bias"] = script_bias(answers)
     model.generation_config = GenerationConfig(**gen)
     model.save_pretrained(str(out_dir))
 
@@ -153,5 +187,7 @@ def build_tiny(out_dir: Path, script: str | None = None, n_bpe: int = DEFAULT_BP
     VoxtralProcessor(feature_extractor=feature_extractor, tokenizer=tokenizer).save_pretrained(
         str(out_dir)
     )
-    logger.info("wrote tiny Voxtral checkpoint to %s (script=%r)", out_dir, script)
+    logger.info(
+        "wrote tiny Voxtral checkpoint to %s (script=%r, tool_call=%r)", out_dir, script, tool_call
+    )
     return out_dir

@@ -124,7 +124,9 @@ class Totals:
     error_code: str | None = None
     error: str | None = None
     token_ids: tuple[int, ...] = ()  # every generated token, EOS included
-    tool_calls: tuple[ToolCall, ...] = ()  # functions the model called (chat with tools)
+    # The functions the model called, in order (status "completed"; `answer` is then the
+    # text it said before the call, usually ""). Empty when it answered in words.
+    tool_calls: tuple[ToolCall, ...] = ()
     prompt_tokens: int | None = None  # tokens the model read (when the engine knows)
 
 

@@ -28,6 +28,7 @@ const state = {
   lastTurnEnd: null, // browser clock: end of speech (estimated) or push-to-talk release
   lastStop: null, // browser clock: speech_stopped arrived (semantic_vad: silence known at the end)
   lastItem: null, // the user item last committed: the one the next response answers
+  outputRate: 24000, // Hz of the WebSocket's speech (audio/pcm; the session reports it)
   held: false,
   commitTimer: 0,
 };
@@ -66,11 +67,13 @@ function onEvent(event) {
       state.retries = 0;
       conversation.connected(resting()); // the server's first event: before any speech event
       state.sessionTurnDetection = event.session.audio.input.turn_detection;
+      state.outputRate = outputRate(event.session);
       endOfTurn.confirm(state.sessionTurnDetection, true);
       sendSettings();
       break;
     case "session.updated":
       state.sessionTurnDetection = event.session.audio.input.turn_detection;
+      state.outputRate = outputRate(event.session);
       endOfTurn.confirm(state.sessionTurnDetection, false);
       break;
     case "input_audio_buffer.speech_started":
@@ -132,7 +135,7 @@ function onEvent(event) {
     case "response.output_audio.delta": {
       const r = state.responding;
       if (!r || r.id !== event.response_id || !state.player || r.retracted) break;
-      state.player.playPcm16(event.delta, state.config.speech.sample_rate);
+      state.player.playPcm16(event.delta, state.outputRate);
       conversation.answerArriving();
       break;
     }
@@ -260,21 +263,29 @@ function handleServerError(error) {
   }
 }
 
+// The rate of audio/pcm speech out as the session reports it (OpenAI's 24 kHz by default).
+function outputRate(session) {
+  const format = session.audio.output && session.audio.output.format;
+  return (format && format.rate) || 24000;
+}
+
 function sendSettings() {
   const t = state.transport;
   endOfTurn.enabled = state.turnMode === "vad";
   if (!t) return;
+  const input = {
+    // The user's words are written down too (the "You spoke" bubble).
+    transcription: { model: "voxtral", language: ui.language.value },
+    turn_detection: state.turnMode === "vad" ? endOfTurn.detection() : null,
+  };
+  // The worklet sends 16 kHz PCM16 (Voxtral's rate: this server's extension to audio/pcm,
+  // nothing to resample). WebRTC audio is Opus on the track.
+  if (t.kind === "websocket") input.format = { type: "audio/pcm", rate: 16000 };
   t.send({
     type: "session.update",
     session: {
       type: ui.mode.value === "transcribe" ? "transcription" : "realtime",
-      audio: {
-        input: {
-          // The user's words are written down too (the "You spoke" bubble).
-          transcription: { model: "voxtral", language: ui.language.value },
-          turn_detection: state.turnMode === "vad" ? endOfTurn.detection() : null,
-        },
-      },
+      audio: { input },
       voxtral: { spoken_events: true }, // which phrase is sounding: its words are marked
     },
   });

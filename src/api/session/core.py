@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field, replace
@@ -36,8 +37,10 @@ from ...models.types import (
     ms_between,
 )
 from .. import protocol as p
+from ..audio_formats import InputDecoder
 from ..metrics import Metrics, quoted
 from ..speech import AudioOut, Speech
+from ..spoken import SpokenTimeline
 from . import items as conv
 from . import report
 from .endpointing import PauseWatch
@@ -50,7 +53,6 @@ from .input import (
     Silence,
     SpeechBegan,
     TurnEnded,
-    decode_pcm16,
     ms_to_samples,
     parse_event,
 )
@@ -62,7 +64,7 @@ logger = logging.getLogger(__name__)
 
 Transport = p.Transport
 MIN_ITEMS = 64  # items a conversation keeps at least (history reads the last turns only)
-_BIG_EVENT_BYTES = 64 * 1024  # parsed off the event loop above this (~2 s of 16 kHz audio)
+_BIG_EVENT_BYTES = 64 * 1024  # parsed off the event loop above this (~1 s of 24 kHz PCM)
 
 
 class Session:
@@ -158,7 +160,12 @@ class Session:
 
     @property
     def responding(self) -> bool:
+        """A response, or a transcription session's transcription, is running."""
         return self._answer is not None
+
+    @property
+    def transcribing(self) -> bool:
+        return self._answer is not None and self._answer.transcribes is not None
 
     @property
     def mode(self) -> str:
@@ -189,9 +196,9 @@ class Session:
         big = size > _BIG_EVENT_BYTES
         try:
             if big:
-                event, audio = await asyncio.to_thread(parse_event, raw)
+                event, audio = await asyncio.to_thread(parse_event, raw, self.input.decoder)
             else:
-                event, audio = parse_event(raw)
+                event, audio = parse_event(raw, self.input.decoder)
         except p.ProtocolError as exc:
             self._error(exc.code, str(exc), exc.event_id)
             return
@@ -285,10 +292,13 @@ class Session:
             self._revise(revised)
             item_id = revised.turn.item_id
         self.transport.send(p.SpeechStarted(audio_start_ms=event.audio_start_ms, item_id=item_id))
-        if self._answer is not None and td.interrupt_response and self.mode == "chat":
-            logger.info("session=%s barge-in cancels response=%s", self.id, self._answer.id)
-            self._answer.barged_in = True
-            self._answer.stop()
+        answer = self._answer
+        if answer is not None and td.interrupt_response and self.mode == "chat":
+            logger.info("session=%s barge-in cancels response=%s", self.id, answer.id)
+            answer.barged_in = True
+            if answer.speech is not None and answer.heard_ms is None:
+                answer.heard_ms = answer.speech.heard_ms()  # its item keeps the words heard
+            answer.stop()
 
     def _revise(self, revised: _Revisable) -> None:
         """The speaker went on within `vad.revision_window_ms` of a semantic_vad turn: it
@@ -500,7 +510,7 @@ class Session:
         running = answer is not None and answer.item is item
         timeline = self._timeline(answer) if running and answer else item.extra.get("timeline")
         duration = timeline.duration_ms if timeline is not None else 0
-        if event.audio_end_ms > duration:
+        if event.audio_end_ms > math.ceil(duration):
             raise p.ProtocolError(
                 "invalid_audio_end_ms",
                 f"audio_end_ms {event.audio_end_ms} is beyond the {duration:.0f} ms of audio "
@@ -520,10 +530,12 @@ class Session:
 
     def _decode_audio(self, b64: str) -> np.ndarray:
         """Audio of a client's item, in the session's input format, as 16 kHz float32."""
+        decoder = InputDecoder(self.config.input_format)
         try:
-            return decode_pcm16(b64)
+            audio = decoder.decode(b64)
         except ValueError as exc:
             raise p.ProtocolError("invalid_audio", f"item audio: {exc}") from None
+        return np.concatenate([audio, decoder.flush()])
 
     def _clear_output_audio(self) -> None:
         """`output_audio_buffer.clear`: stop the speech (the answer ends cancelled)."""
@@ -895,8 +907,14 @@ class Session:
         self._log.add(logged_as, turn, None if self.closed else self._loop)
         if self.closed:
             return
-        heard = self._heard(answer, totals)
+        heard_ms = self._heard(answer, totals)
+        timeline = self._timeline(answer)
+        heard = timeline.text_until(heard_ms) if heard_ms is not None and timeline else None
         answer.send_done(status, totals, timings, self._previous_of, heard)
+        if heard_ms is not None and answer.item is not None and answer.add_item is not None:
+            # Cut to what was heard, as if the client had truncated it.
+            truncated = p.ItemTruncated(item_id=answer.item.id, audio_end_ms=int(heard_ms))
+            self.transport.send(truncated)
         if answer.retracted:  # the turn was not over: its answer leaves the conversation
             for item in answer.output:
                 self._remove_item(item.id)
@@ -907,20 +925,19 @@ class Session:
             if self._committed is not None:
                 self._answer_turn()
 
-    def _heard(self, answer: Answer, totals: Totals) -> str | None:
-        """What the user heard of a spoken answer cut short (None: all of it, or text). The
-        speech's timeline stays on the item, for a later `conversation.item.truncate`."""
-        timeline = self._timeline(answer)
-        if timeline is None:
+    def _heard(self, answer: Answer, totals: Totals) -> float | None:
+        """How much of a spoken answer cut short the user heard (ms; None: all of it, or a
+        text answer). The speech's timeline stays on the item, for a later truncate."""
+        speech = answer.speech
+        if speech is None:
             return None
-        answer.item_timeline(timeline)
+        answer.item_timeline(speech.timeline)
         if totals.status == "completed" and answer.heard_ms is None:
             return None
-        heard_ms = answer.heard_ms if answer.heard_ms is not None else timeline.played_ms()
-        return str(timeline.text_until(heard_ms))
+        return answer.heard_ms if answer.heard_ms is not None else speech.heard_ms()
 
-    def _timeline(self, answer: Answer) -> Any:
-        return getattr(answer.speech, "timeline", None) if answer.speech is not None else None
+    def _timeline(self, answer: Answer) -> SpokenTimeline | None:
+        return answer.speech.timeline if answer.speech is not None else None
 
     # ----------------------------------------------------------------- session.update
 
@@ -934,7 +951,16 @@ class Session:
                 "(Smart Turn), which this server has not loaded; use server_vad",
                 event.event_id,
             )
+        answer = self._answer
+        if config.output_format != self.config.output_format and answer and answer.speech:
+            raise p.ProtocolError(
+                "output_audio_format_busy",
+                f"session.audio.output.format cannot change while response {answer.id} is "
+                "being spoken; send it after response.done",
+                event.event_id,
+            )
         self.config = config
+        self.input.use_format(config.input_format)
         if "turn_detection" in _fields_set(event):
             await self._use_vad()
         self.transport.send(p.SessionUpdated(session=self._state()))

@@ -9,7 +9,6 @@ into events, a response or a barge-in.
 
 from __future__ import annotations
 
-import binascii
 import time
 from collections import deque
 from collections.abc import Callable
@@ -18,8 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from ...models import vad
-from ...models.audio import SAMPLE_RATE, AudioChunks, AudioInputError, pcm16_to_float
+from ...models.audio import SAMPLE_RATE, AudioChunks
 from .. import protocol as p
+from ..audio_formats import DEFAULT_FORMAT, AudioFormat, InputDecoder
 
 TAIL_KEEP_S = 0.1  # audio kept after the detected end of speech
 MIN_COMMIT_S = 0.1  # OpenAI's minimum for a committed buffer
@@ -113,6 +113,14 @@ class InputBuffer:
         self._speech_item: str | None = None
         self._pause: Paused | None = None  # the speech paused here (no turn end yet)
         self._arrivals: deque[tuple[int, float]] = deque(maxlen=_ARRIVALS_KEPT)
+        self.decoder = InputDecoder(DEFAULT_FORMAT)  # for parse_event: appends -> 16 kHz
+
+    def use_format(self, fmt: AudioFormat) -> None:
+        """Appends from now on are in `fmt`. Audio already appended was decoded in the
+        format it came in and stays; a changed format starts a fresh resampler (what the old
+        one held back, at most half its filter, a few ms, is dropped)."""
+        if fmt != self.decoder.format:
+            self.decoder = InputDecoder(fmt)
 
     @property
     def samples(self) -> int:
@@ -199,6 +207,9 @@ class InputBuffer:
 
     def commit(self, event_id: str | None) -> np.ndarray:
         """Everything buffered, as the user's turn (push-to-talk or a manual commit)."""
+        tail = self.decoder.flush()  # the end of what was appended, to the last sample
+        if tail.size:
+            self._audio.append(tail)
         if self._audio.size < MIN_COMMIT_S * SAMPLE_RATE:
             raise p.ProtocolError(
                 "input_audio_buffer_commit_empty",
@@ -211,6 +222,7 @@ class InputBuffer:
         return audio
 
     def clear(self) -> None:
+        self.decoder.flush()  # the tail of the audio cleared
         self._audio.cut_before(self._audio.end)
         self._restart_vad()
 
@@ -281,27 +293,17 @@ class InputBuffer:
         return []
 
 
-def parse_event(raw: str | bytes) -> tuple[p.ClientEvent, np.ndarray | None]:
-    """The event, and an append's audio decoded (ProtocolError for either)."""
+def parse_event(raw: str | bytes, decoder: InputDecoder) -> tuple[p.ClientEvent, np.ndarray | None]:
+    """The event, and an append's audio decoded to 16 kHz (ProtocolError for either).
+
+    Appends must come through here in order, one at a time: `decoder` carries its resampler
+    from one to the next.
+    """
     event = p.parse_client_event(raw)
     if isinstance(event, p.InputAudioBufferAppend):
         try:
-            return event, decode_pcm16(event.audio)
+            return event, decoder.decode(event.audio)
         except p.ProtocolError as exc:
             exc.event_id = exc.event_id or event.event_id
             raise
     return event, None
-
-
-def decode_pcm16(b64: str) -> np.ndarray:
-    """input_audio_buffer.append's audio -> float32 samples, or a ProtocolError."""
-    try:
-        # One strict pass (alphabet, padding) over the str, holding the GIL about half as
-        # long as b64decode(validate=True): its regex, then a second decoding pass.
-        pcm = binascii.a2b_base64(b64, strict_mode=True)
-    except (binascii.Error, ValueError):  # ValueError: not ASCII
-        raise p.ProtocolError("invalid_audio", "audio is not valid base64") from None
-    try:
-        return pcm16_to_float(pcm)
-    except AudioInputError as exc:
-        raise p.ProtocolError("invalid_audio", str(exc)) from None

@@ -6,9 +6,9 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal, TypeVar
 
 from ...config import Settings, VadSettings
-from ...models.audio import SAMPLE_RATE
 from ...models.types import Mode, Tool
 from .. import protocol as p
+from ..audio_formats import DEFAULT_FORMAT, AudioFormat, audio_format
 from .endpointing import EAGERNESS, Eagerness
 
 TurnType = Literal["server_vad", "semantic_vad"]
@@ -85,6 +85,9 @@ class SessionSettings:
     # events): the model name the client asked for, or None (off).
     transcription_model: str | None = None
     spoken_events: bool = False  # extension: voxtral.output_audio.spoken
+    # The WebSocket's audio formats (WebRTC carries Opus on its tracks whatever these say).
+    input_format: AudioFormat = DEFAULT_FORMAT
+    output_format: AudioFormat = DEFAULT_FORMAT
 
     @classmethod
     def from_config(cls, settings: Settings, can_speak: bool = False) -> SessionSettings:
@@ -114,9 +117,16 @@ class SessionSettings:
             new = replace(new, max_output_tokens=max_tokens_of(cfg.max_output_tokens))
         if cfg.voxtral is not None:
             new = replace(new, spoken_events=cfg.voxtral.spoken_events)
+        audio_out = cfg.audio.output if cfg.audio else None
+        if audio_out is not None and audio_out.format is not None:
+            fmt = audio_format(audio_out.format, "session.audio.output.format")
+            new = replace(new, output_format=fmt)
         audio_in = cfg.audio.input if cfg.audio else None
         if audio_in is None:
             return new
+        if audio_in.format is not None:
+            fmt = audio_format(audio_in.format, "session.audio.input.format")
+            new = replace(new, input_format=fmt)
         if "transcription" in audio_in.model_fields_set:
             t = audio_in.transcription
             new = replace(new, transcription_model=(t.model or "voxtral") if t else None)
@@ -154,11 +164,11 @@ class SessionSettings:
             output_modalities=[self.output_modality],
             audio={
                 "input": {
-                    "format": {"type": "audio/pcm", "rate": SAMPLE_RATE},
+                    "format": self.input_format.describe(),
                     "turn_detection": td.describe() if td is not None else None,
                     "transcription": transcription,
                 },
-                "output": {"format": {"type": "audio/pcm", "rate": 24000}},
+                "output": {"format": self.output_format.describe()},
             },
             tools=[
                 {

@@ -281,7 +281,7 @@ class PeerManager:
                 for t in pc.getTransceivers()
             ):
                 # The offer can receive audio: speak on it (an offer without audio gets text).
-                call.speech_track = SpeechTrack()
+                call.speech_track = SpeechTrack(call.transport.send)
                 pc.addTrack(call.speech_track)
                 session.audio_out = call.speech_track
             # Browsers leave end-of-candidates out of the SDP; without it ICE keeps waiting.

@@ -88,7 +88,7 @@ async def realtime_websocket(ws: WebSocket) -> None:
         return
     audio_out = None
     if state.tts is not None:
-        audio_out = WebSocketAudioOut(transport.send, settings.tts.sample_rate)
+        audio_out = WebSocketAudioOut(transport.send, lambda: session.config.output_format)
         session.audio_out = audio_out
     await ws.accept(subprotocol=_subprotocol(ws))
     writer = asyncio.create_task(transport.write_loop(), name=f"ws-writer-{session.id}")

@@ -38,9 +38,11 @@ from typing import Any, TypeVar
 import httpx
 
 from ...config import Settings
+from ..chat import must_call, offered_tools
 from ..chunking import ChunkSink, DeltaChunker, WordChunker, final_chunk
 from ..requests import check_request
-from ..types import EngineError, Request, RequestHandle
+from ..tools import ToolCallParts, call_ids, check_required
+from ..types import EngineError, Request, RequestHandle, ToolCall
 from .endpoints import Endpoint, probe_delays
 from .wire import (
     ERROR_BODY_CHARS,
@@ -350,11 +352,18 @@ class VllmEngine:
         started = time.perf_counter()
         stream: DeltaChunker | None = None
         error: EngineError | None = None
+        parts = ToolCallParts()
+        calls: tuple[ToolCall, ...] = ()
         try:
             if not handle.cancelled:
                 stream = self._chunker(handle, turn.sink)
-                await self._stream(turn, stream)
+                await self._stream(turn, stream, parts)
                 stream.end_text()
+                request = handle.request
+                if request.mode == "chat" and not stream.cut_short:
+                    if parts or (parts.cut_off and must_call(request)):
+                        calls = parts.finish(offered_tools(request), call_ids(request.history))
+                    check_required(request, calls, stream.text)
         except asyncio.CancelledError:
             if stream is not None:
                 stream.end_text()  # cancelled: records that the answer was cut short
@@ -362,6 +371,8 @@ class VllmEngine:
             error = EngineError(exc.code, str(exc))
             if exc.endpoint_down:
                 self._mark_down(endpoint, str(exc))
+        except EngineError as exc:  # e.g. the model's function call is not valid
+            error = exc
         except Exception as exc:  # e.g. the sink raised; one turn must not stop the engine
             logger.exception("request=%s vLLM turn failed", handle.request.id)
             error = EngineError("generation_failed", f"{type(exc).__name__}: {exc}")
@@ -369,7 +380,12 @@ class VllmEngine:
             with self._lock:
                 endpoint.in_flight -= 1
         final = final_chunk(
-            handle, stream, error, started if stream is not None else None, time.perf_counter()
+            handle,
+            stream,
+            error,
+            started if stream is not None else None,
+            time.perf_counter(),
+            calls,
         )
         try:
             turn.sink(final)
@@ -393,8 +409,9 @@ class VllmEngine:
         model = self.vllm.model or endpoint.model or ""
         return build_request(self._client, request, endpoint.url, model, self.settings)
 
-    async def _stream(self, turn: _Turn, stream: DeltaChunker) -> None:
-        """Read the turn's server-sent events into `stream` until `[DONE]`."""
+    async def _stream(self, turn: _Turn, stream: DeltaChunker, calls: ToolCallParts) -> None:
+        """Read the turn's server-sent events into `stream` (function calls into `calls`)
+        until `[DONE]`."""
         endpoint = turn.endpoint
         where = f"vLLM endpoint {endpoint.url}"
         wait_s = self.vllm.delta_timeout_s
@@ -439,6 +456,6 @@ class VllmEngine:
                 data = line[5:].strip()
                 if data == "[DONE]":
                     return
-                feed(stream, parse_event(data, where), time.perf_counter())
+                feed(stream, parse_event(data, where), time.perf_counter(), calls)
         finally:
             await response.aclose()  # on cancel too: closing the stream makes vLLM abort

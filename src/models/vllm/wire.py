@@ -9,8 +9,9 @@ import httpx
 
 from ...config import Settings
 from ..audio import wav_bytes
-from ..chat import chat_messages, openai_messages
+from ..chat import chat_messages, offered_tools, openai_messages, openai_tool_choice, openai_tools
 from ..chunking import DeltaChunker
+from ..tools import ToolCallParts
 from ..types import Request, sampling
 
 ERROR_BODY_CHARS = 300  # of an error response quoted in the turn's error message
@@ -61,6 +62,10 @@ def build_request(
         body["top_p"] = top_p
     if request.min_new_tokens:
         body["min_tokens"] = request.min_new_tokens  # vLLM's extra sampling parameter
+    tools = offered_tools(request)
+    if tools:  # "auto" needs vLLM started with --enable-auto-tool-choice --tool-call-parser mistral
+        body["tools"] = openai_tools(tools)
+        body["tool_choice"] = openai_tool_choice(request)
     return client.build_request("POST", f"{url}/v1/chat/completions", json=body)
 
 
@@ -80,16 +85,24 @@ def parse_event(data: str, where: str) -> dict[str, Any]:
     return event
 
 
-def feed(stream: DeltaChunker, event: dict[str, Any], now: float) -> None:
-    """One chat or transcription chunk: count its tokens, chunk its text."""
+def feed(stream: DeltaChunker, event: dict[str, Any], now: float, calls: ToolCallParts) -> None:
+    """One chat or transcription chunk: count its tokens, chunk its text, gather the parts of
+    the function calls it carries (`delta.tool_calls`)."""
     text = ""
+    called = False
     for choice in event.get("choices") or ():
         delta = choice.get("delta") or {}
         text += delta.get("content") or ""
+        for entry in delta.get("tool_calls") or ():
+            if isinstance(entry, dict):
+                calls.add(entry)
+                called = True
+        if choice.get("finish_reason") == "length":
+            calls.cut_off = True
     usage = event.get("usage") or {}
     total = usage.get("completion_tokens")
     # Continuous usage stats give the exact running count; else one delta ~ one token.
-    new_tokens = total - stream.tokens if isinstance(total, int) else int(bool(text))
+    new_tokens = total - stream.tokens if isinstance(total, int) else int(bool(text) or called)
     if new_tokens > 0:
         stream.mark_tokens(new_tokens, now)  # the first one is the model's TTFT
     if text:

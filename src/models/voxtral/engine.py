@@ -21,27 +21,29 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import CompileConfig, StaticCache, StoppingCriteriaList
+from transformers import CompileConfig, LogitsProcessorList, StaticCache, StoppingCriteriaList
 
 from ...config import Settings
 from ..audio import SAMPLE_RATE
 from ..chat import audios as chat_audios
-from ..chat import chat_messages
+from ..chat import chat_messages, must_call, offered_tools
 from ..chunking import ChunkSink, WordChunker, final_chunk
 from ..mel import AUDIO_TOKENS_PER_WINDOW, N_SAMPLES, LogMel, processor_features
 from ..requests import check_request
+from ..tools import call_ids, check_required, parse_mistral
 from ..types import (
     Chunk,
     EngineError,
     ModelLoadError,
     Request,
     RequestHandle,
+    ToolCall,
     sampling,
 )
 from .embeds import AudioEmbedCache
 from .load import Runtime, load_pretrained
 from .prompt import PromptBuilder
-from .streamer import CancelCriteria, WordStreamer
+from .streamer import CancelCriteria, ToolCallGate, WordStreamer
 
 logger = logging.getLogger(__name__)
 
@@ -313,8 +315,18 @@ class VoxtralEngine:
             return
         streamer = self._streamer(handle, job.sink)
         error: EngineError | None = None
+        calls: tuple[ToolCall, ...] = ()
         try:
             self._generate(handle, streamer)
+            request = handle.request
+            if streamer.call_text is not None:
+                taken = call_ids(request.history)
+                calls = parse_mistral(streamer.call_text, offered_tools(request), taken)
+            if request.mode == "chat" and not streamer.cut_short:
+                check_required(request, calls, streamer.text)
+        except EngineError as exc:  # the request's own fault (its conversation, the call)
+            logger.warning("request=%s failed: %s: %s", handle.request.id, exc.code, exc)
+            error = exc
         except Exception as exc:  # one request's failure must not stop the worker
             logger.exception("request=%s generation failed", handle.request.id)
             oom = isinstance(exc, torch.OutOfMemoryError)
@@ -322,7 +334,7 @@ class VoxtralEngine:
             error = EngineError(code, f"generation failed: {type(exc).__name__}: {exc}")
             if oom and self.runtime.device.type == "cuda":
                 torch.cuda.empty_cache()
-        self._finish(job, streamer, error, started)
+        self._finish(job, streamer, error, started, calls)
 
     def _finish(
         self,
@@ -330,10 +342,11 @@ class VoxtralEngine:
         streamer: WordStreamer | None,
         error: EngineError | None,
         started: float | None,
+        calls: tuple[ToolCall, ...] = (),
     ) -> None:
         """Hand out the final chunk. `streamer`/`started` are None if it never ran."""
         handle = job.handle
-        final = final_chunk(handle, streamer, error, started, time.perf_counter())
+        final = final_chunk(handle, streamer, error, started, time.perf_counter(), calls)
         queue_wait_ms = final.totals.queue_wait_ms if final.totals else 0.0
         try:
             job.sink(final)
@@ -411,7 +424,7 @@ class VoxtralEngine:
             audios = [request.audio]
         else:
             messages = chat_messages(request)
-            ids = self.prompts.chat(messages, request.tools, request.tool_choice)
+            ids = self.prompts.chat(messages, offered_tools(request))
             audios = chat_audios(messages)
         input_ids = torch.tensor([ids], device=self.runtime.device)
         embeds = self.model.get_input_embeddings()(input_ids)
@@ -453,25 +466,42 @@ class VoxtralEngine:
 
     def _streamer(self, handle: RequestHandle, sink: ChunkSink) -> WordStreamer:
         cr = self.settings.chunked_response
+        request = handle.request
+        calls = request.mode == "chat" and bool(offered_tools(request))
         return WordStreamer(
             self.processor.tokenizer,
             handle,
             WordChunker(cr.min_words_per_chunk, cr.max_words_per_chunk),
             cr.chunk_timeout_ms / 1000.0,
             sink,
+            tool_calls_token=self.prompts.tool_calls_token if calls else None,
         )
+
+    def _tool_gate(self, request: Request, prompt_len: int) -> list[ToolCallGate]:
+        """A chat answer calls no function unless one is offered, and must start with a call
+        when tool_choice requires one."""
+        if request.mode != "chat":
+            return []
+        token = self.prompts.tool_calls_token
+        if not offered_tools(request):
+            return [ToolCallGate(token, "forbid", prompt_len)]
+        if must_call(request):
+            return [ToolCallGate(token, "force", prompt_len)]
+        return []
 
     def _generate(self, handle: RequestHandle, streamer: WordStreamer) -> None:
         request = handle.request
         max_new_tokens = request.max_new_tokens or self.settings.model.max_new_tokens
         with torch.inference_mode():
             inputs = self.model_inputs(request)
+            prompt_len = inputs["input_ids"].shape[1]
             self.model.generate(
                 **inputs,
-                **self._cache_kwargs(request, inputs["input_ids"].shape[1], max_new_tokens),
+                **self._cache_kwargs(request, prompt_len, max_new_tokens),
                 **self._sampling(request),
                 max_new_tokens=max_new_tokens,
                 min_new_tokens=request.min_new_tokens,
                 streamer=streamer,
                 stopping_criteria=StoppingCriteriaList([CancelCriteria(handle)]),
+                logits_processor=LogitsProcessorList(self._tool_gate(request, prompt_len)),
             )

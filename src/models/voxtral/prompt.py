@@ -11,18 +11,21 @@ import io
 from typing import Any
 
 import numpy as np
+from mistral_common.exceptions import MistralCommonException
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.protocol.transcription.request import TranscriptionRequest
 
 from ..audio import wav_bytes
 from ..chat import openai_messages, openai_tools
-from ..types import Message, Tool
+from ..types import EngineError, Message, Tool
 
 
 class PromptBuilder:
     def __init__(self, processor: Any, model_id: str) -> None:
         self._tokenizer = processor.tokenizer.tokenizer  # mistral_common's MistralTokenizer
         self._model_id = model_id
+        # The token Voxtral starts a function call with (its answer then is the call's JSON).
+        self.tool_calls_token: int = self._tokenizer.instruct_tokenizer.TOOL_CALLS
 
     def transcription(self, audio: np.ndarray, language: str | None) -> list[int]:
         request = TranscriptionRequest.from_openai(
@@ -30,12 +33,18 @@ class PromptBuilder:
         )
         return list(self._tokenizer.encode_transcription(request).tokens)
 
-    def chat(
-        self, messages: list[Message], tools: tuple[Tool, ...] = (), tool_choice: str = "auto"
-    ) -> list[int]:
-        """The conversation `chat.chat_messages` gives, encoded for the model to answer."""
-        kwargs: dict[str, Any] = {}
-        if tools and tool_choice != "none":
-            kwargs["tools"] = openai_tools(tools)
-        request = ChatCompletionRequest.from_openai(messages=openai_messages(messages), **kwargs)
-        return list(self._tokenizer.encode_chat_completion(request).tokens)
+    def chat(self, messages: list[Message], tools: tuple[Tool, ...] = ()) -> list[int]:
+        """The conversation `chat.chat_messages` gives, encoded for the model to answer, with
+        `tools` (`chat.offered_tools`) offered before the last user turn. Raises
+        `EngineError` (invalid_conversation) for one Mistral's format cannot carry."""
+        kwargs: dict[str, Any] = {"tools": openai_tools(tools)} if tools else {}
+        try:
+            request = ChatCompletionRequest.from_openai(
+                messages=openai_messages(messages), **kwargs
+            )
+            return list(self._tokenizer.encode_chat_completion(request).tokens)
+        # (pydantic's ValidationError is a ValueError; mistral_common asserts some rules)
+        except (MistralCommonException, ValueError, AssertionError) as exc:
+            raise EngineError(
+                "invalid_conversation", f"the conversation cannot be given to the model: {exc}"
+            ) from None
