@@ -29,8 +29,8 @@ from compat_harness import (
     write_speech_24k,
 )
 from conftest import SCRIPT
-from selfsigned import make_cert, openssl_missing
 from servers import running_server
+from tls import self_signed
 
 from voxtral_server.config import Settings
 from voxtral_server.models.voxtral import VoxtralEngine
@@ -56,14 +56,9 @@ def tls_server(
 ) -> Iterator[tuple[str, Path]]:
     """(https base URL, the certificate a client must trust): the server behind TLS with a
     self-signed certificate for 127.0.0.1."""
-    missing = openssl_missing()
-    if missing:
-        pytest.skip(missing)
-    cert, key = make_cert(tmp_path_factory.mktemp("tls"))
-    with running_server(
-        SETTINGS, scripted_engine, ssl_certfile=str(cert), ssl_keyfile=str(key)
-    ) as (base_url, _app):
-        yield base_url.replace("http://", "https://"), cert
+    cert = self_signed(tmp_path_factory.mktemp("tls"))
+    with running_server(SETTINGS, scripted_engine, **cert.uvicorn()) as (base_url, _app):
+        yield base_url, cert.cert
 
 
 @pytest.fixture(scope="module")
@@ -157,10 +152,11 @@ def test_pipecat_realtime_service_answers_its_context_and_speech_once(
     server: str, speech: Path
 ) -> None:
     """pipecat-ai 1.14 `OpenAIRealtimeLLMService` with `base_url` at the server: the
-    context's messages go in as conversation items and are answered, then speech is
-    answered; each answer's text reaches the pipeline once (pipecat turns both text and
-    audio-transcript deltas into LLMTextFrames), and no server event kills the service
-    (pipecat treats any `error` or an event it cannot parse as fatal)."""
+    context's message goes in as a conversation item and is answered, then speech is
+    answered (pipecat truncates the played answer when the user speaks); each answer's
+    text reaches the pipeline once (pipecat turns both text and audio-transcript deltas
+    into LLMTextFrames) and the context records both answers; no server event kills the
+    service (pipecat treats any `error` or an event it cannot parse as fatal)."""
     run = run_python_client(require(PIPECAT), "pipecat_client.py", ws_url(server), str(speech))
     no_problems(run)
     assert words(run.turn("context")["text"]) == ANSWER, run.describe()

@@ -153,13 +153,16 @@ class Session:
 
 
 @asynccontextmanager
-async def session(server: str) -> AsyncIterator[Session]:
+async def session(server: str, standard: bool = True) -> AsyncIterator[Session]:
+    """A connected session. `standard=False`: it uses this server's extensions (16 kHz
+    PCM), which OpenAI's types do not allow, so its events are not checked against them."""
     client = AsyncOpenAI(api_key="not-needed", base_url=server + "/v1")
     async with client.realtime.connect(model="gpt-realtime") as conn:
         s = Session(conn)
         await s.next("session.created")
         yield s
-    s.assert_all_valid()
+    if standard:
+        s.assert_all_valid()
     assert not s.of("error"), s.of("error")
 
 
@@ -199,7 +202,7 @@ async def test_24khz_speech_is_heard_as_24khz(server: str) -> None:
     clip sent at 16 kHz (the documented extension) ends, and both are answered."""
     ends = {}
     for rate, audio in ((CLIENT_RATE, SPEECH_24K), (SAMPLE_RATE, SPEECH)):
-        async with session(server) as s:
+        async with session(server, standard=rate == CLIENT_RATE) as s:
             fmt = {"type": "audio/pcm", "rate": rate}
             updated = await s.configure(
                 output_modalities=["text"],

@@ -2,14 +2,15 @@
 `base_url` pointed at it), in a pipeline as pipecat's realtime examples build one, with a
 simulated loudspeaker as its output transport.
 
-argv: WS_URL PCM24K_FILE. The context starts with a system message and a user message, so
-the service opens the conversation with `conversation.item.create` for each and answers
-that first (a context turn); then the speech goes in as 24 kHz `InputAudioRawFrame`s and
-the server's turn detection answers it (a voice turn). When the user starts speaking,
-pipecat truncates the last answer to what was played (`conversation.item.truncate`).
-Reports each response's text as pipecat hands it on (LLMTextFrames between
-LLMFullResponseStart/End), its audio, every ErrorFrame and every warning pipecat logs
-(a server `error` is fatal to its service).
+argv: WS_URL PCM24K_FILE. The system prompt is the service's `system_instruction` and the
+context starts with a user message, so the service opens the conversation with
+`conversation.item.create` for it and answers that first (a context turn); then the speech
+goes in as 24 kHz `InputAudioRawFrame`s and the server's turn detection answers it (a voice
+turn). When the user starts speaking, pipecat truncates the last answer to what was played
+(`conversation.item.truncate`). Reports each response's text as pipecat hands it on
+(LLMTextFrames between LLMFullResponseStart/End), its audio, each answer the context
+recorded, every ErrorFrame and every warning pipecat logs (a server `error` is fatal to
+its service).
 """
 
 from __future__ import annotations
@@ -48,10 +49,8 @@ from pipecat.transports.base_output import BaseOutputTransport
 from pipecat.transports.base_transport import TransportParams
 from pipecat.workers.runner import WorkerRunner
 
-CONTEXT = [
-    {"role": "system", "content": "You are a helpful assistant. Answer briefly."},
-    {"role": "user", "content": "Say hello."},
-]
+SYSTEM = "You are a helpful assistant. Answer briefly."
+CONTEXT = [{"role": "user", "content": "Say hello."}]
 
 
 class Observer(FrameProcessor):
@@ -119,10 +118,20 @@ async def main(argv: list[str]) -> None:
     llm = OpenAIRealtimeLLMService(
         api_key="not-needed",
         base_url=url,
-        settings=OpenAIRealtimeLLMService.Settings(session_properties=SessionProperties()),
+        settings=OpenAIRealtimeLLMService.Settings(
+            system_instruction=SYSTEM, session_properties=SessionProperties()
+        ),
     )
     context = LLMContext(CONTEXT)
     aggregators = LLMContextAggregatorPair(context)
+    recorded: asyncio.Queue[None] = asyncio.Queue()
+
+    @aggregators.assistant().event_handler("on_assistant_turn_stopped")
+    async def on_assistant_turn_stopped(_aggregator: Any, message: Any) -> None:
+        """An answer was played and went into the context."""
+        emit("assistant_turn", content=message.content, interrupted=message.interrupted)
+        await recorded.put(None)
+
     pipeline = Pipeline(
         [aggregators.user(), llm, Observer(responses), Speaker(), aggregators.assistant()]
     )
@@ -152,6 +161,8 @@ async def main(argv: list[str]) -> None:
         answered.set()
         await mic
         emit("turn", what="voice", text=text)
+        for _ in range(2):  # both answers played and recorded in the context
+            await recorded.get()
         emit("context", messages=[dict(m) for m in context.get_messages()])
     finally:
         await worker.cancel()
