@@ -475,11 +475,11 @@ async def test_a_webrtc_call_made_through_the_sdk_frames_and_clears_its_audio(se
     peer.pc.addTrack(peer.player.audio)
     await peer.pc.setLocalDescription(await peer.pc.createOffer())
     client = AsyncOpenAI(api_key="not-needed", base_url=server + "/v1")
-    answer = await client.realtime.calls.create(
-        sdp=peer.pc.localDescription.sdp,
-        session={"type": "realtime", "output_modalities": ["audio"]},
-    )
     try:
+        answer = await client.realtime.calls.create(
+            sdp=peer.pc.localDescription.sdp,
+            session={"type": "realtime", "output_modalities": ["audio"]},
+        )
         await peer.pc.setRemoteDescription(RTCSessionDescription(answer.text, "answer"))
         await peer.wait_for("output_audio_buffer.stopped")
         first = [e["type"] for e in peer.events]
