@@ -229,7 +229,7 @@ async def committed_audio(engine: VoxtralEngine, fmt: af.AudioFormat, wire: byte
         done = await t.wait_for("response.done", within_s=WAIT_S)
         assert done["response"]["status"] == "completed", t.of("error")
         assert "".join(e["delta"] for e in t.of("response.output_text.delta")) == SCRIPT
-        return session.conversation.history[0].audio
+        return session.conversation.history()[0].audio
     finally:
         session.close()
 
@@ -288,7 +288,7 @@ async def test_a_format_change_applies_from_the_next_append(scripted_engine: Vox
         await session.handle_text('{"type": "input_audio_buffer.commit"}')
         await session.handle_text('{"type": "response.create"}')
         await t.wait_for("response.done", within_s=WAIT_S)
-        heard = session.conversation.history[0].audio
+        heard = session.conversation.history()[0].audio
         assert abs(heard.size - SPEECH.size) <= 32  # a few samples
         assert not t.of("error")
     finally:

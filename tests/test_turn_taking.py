@@ -174,9 +174,11 @@ def test_a_speculative_run_never_holds_up_a_confirmed_one(
 
         return put
 
-    scripted_engine.submit(Request(audio), sink("running"))
-    spec = scripted_engine.submit(Request(audio, speculative=True), sink("speculative"))
-    scripted_engine.submit(Request(audio), sink("confirmed"))
+    # Each its own recording, as in a server (picking a confirmed request from behind a
+    # speculative one used to compare the two requests' audio and kill the worker).
+    scripted_engine.submit(Request(audio.copy()), sink("running"))
+    spec = scripted_engine.submit(Request(audio.copy(), speculative=True), sink("speculative"))
+    scripted_engine.submit(Request(audio.copy()), sink("confirmed"))
     assert done.wait(120)
     assert finals["confirmed"].totals is not None
     assert finals["confirmed"].totals.status == "completed"

@@ -71,7 +71,7 @@ class Message:
     call_id: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # audio arrays have no plain ==
 class Request:
     # 16 kHz mono float32: what to transcribe, or the user's new utterance in chat mode
     # (None in chat mode: answer the history as it stands; its last message is the user's
@@ -150,7 +150,7 @@ class Chunk:
         return data
 
 
-@dataclass
+@dataclass(eq=False)
 class RequestHandle:
     """The caller's side of a submitted request: cancel it, read its timestamps."""
 

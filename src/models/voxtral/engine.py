@@ -50,7 +50,7 @@ logger = logging.getLogger(__name__)
 _PROMPT_TEXT_MARGIN = 64  # control and language tokens around each user turn
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # one queued job is itself, whatever it holds
 class _Job:
     handle: RequestHandle
     sink: ChunkSink
