@@ -13,6 +13,7 @@ server, with file:line in its source, is in docs/compat.md.
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +29,7 @@ from compat_harness import (
     words,
     write_speech_24k,
 )
-from conftest import SCRIPT
+from conftest import SCRIPT, TOOL_ANSWER, TOOL_ARGS, TOOL_NAME
 from servers import running_server
 from tls import self_signed
 
@@ -47,6 +48,14 @@ ANSWER = words(SCRIPT)
 @pytest.fixture(scope="module")
 def server(scripted_engine: VoxtralEngine) -> Iterator[str]:
     with running_server(SETTINGS, scripted_engine) as (base_url, _app):
+        yield base_url
+
+
+@pytest.fixture(scope="module")
+def tool_server(tool_engine: VoxtralEngine) -> Iterator[str]:
+    """The tool-call checkpoint: a user turn is answered by calling TOOL_NAME with
+    TOOL_ARGS, the function's result by TOOL_ANSWER."""
+    with running_server(SETTINGS, tool_engine) as (base_url, _app):
         yield base_url
 
 
@@ -103,6 +112,26 @@ def test_openai_agents_python_voice_turn_and_send_message_keep_one_history(
     assert [texts(i) for i in messages(history, "assistant")] == [ANSWER, ANSWER], run.describe()
     assert len({item["item_id"] for item in history}) == len(history), run.describe()
     assert [i["role"] for i in history] == ["user", "assistant", "user", "assistant"]
+
+
+def test_openai_agents_python_runs_the_function_voxtral_called_from_speech(
+    tool_server: str, speech: Path
+) -> None:
+    """openai-agents with a `@function_tool`: the spoken question makes the model call it;
+    the SDK runs the function with the model's arguments, sends its result back and the
+    model's answer to it arrives; the history holds the user's turn, the call with its
+    output, and the answer, each once."""
+    run = run_python_client(
+        require(AGENTS), "agents_client.py", ws_url(tool_server), str(speech), "tools"
+    )
+    no_problems(run)
+    assert [(t["city"], t["unit"]) for t in run.of("tool_called")] == [("Paris", "celsius")]
+    history = run.turn("tool")["history"]
+    assert [i["type"] for i in history] == ["message", "function_call", "message"], history
+    call = history[1]
+    assert (call["name"], json.loads(call["arguments"])) == (TOOL_NAME, json.loads(TOOL_ARGS))
+    assert call["output"] == run.of("tool_end")[0]["output"]
+    assert [texts(i) for i in messages(history, "assistant")] == [words(TOOL_ANSWER)]
 
 
 def test_openai_agents_npm_voice_turn_history_and_send_message(server: str, speech: Path) -> None:

@@ -1,9 +1,11 @@
 """openai-agents (Python) against the server: `RealtimeRunner` with `model_config={"url": ...}`.
 
-argv: WS_URL PCM24K_FILE. Does what the SDK's quickstart does: one voice turn (the audio in
-100 ms chunks, then silence: the server's turn detection ends it), then one typed message
-through `session.send_message`. Reports every session event type, each error, each
-assistant answer's text as the session's history holds it, and the final history.
+argv: WS_URL PCM24K_FILE [tools]. Does what the SDK's quickstart does: one voice turn (the
+speech, then silence, as a microphone: the server's turn detection ends it), then one typed
+message through `session.send_message`. With `tools` the agent has a function tool
+(`get_weather`) instead, and the voice turn goes on until the SDK has run the function the
+model called and the model has answered its result. Reports every session event type,
+each error, each tool run, and the history as the session holds it after each turn.
 """
 
 from __future__ import annotations
@@ -16,24 +18,37 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _report import emit, forward_logging, microphone, read_pcm, run
+from agents import function_tool
 from agents.realtime import RealtimeAgent, RealtimeRunner
 
 TEXT_MESSAGE = "What is the capital of France?"
 
 
+@function_tool
+def get_weather(city: str, unit: str) -> str:
+    """The weather in a city."""
+    emit("tool_called", city=city, unit=unit)
+    return f"Sunny, 21 degrees {unit} in {city}."
+
+
 def item_summary(item: Any) -> dict[str, Any]:
-    """A history item as plain data: its id, role, status and the text it holds."""
+    """A history item as plain data: its id, role, status and the text it holds (a
+    function call: its name, arguments and output)."""
     texts = []
     for part in getattr(item, "content", None) or []:
         text = getattr(part, "text", None) or getattr(part, "transcript", None)
         texts.append({"type": part.type, "text": text})
-    return {
+    summary = {
         "item_id": item.item_id,
         "type": item.type,
         "role": getattr(item, "role", None),
         "status": getattr(item, "status", None),
         "content": texts,
     }
+    for name in ("name", "arguments", "output"):
+        if hasattr(item, name):
+            summary[name] = getattr(item, name)
+    return summary
 
 
 async def turn_end(turns_done: asyncio.Queue[Exception | None]) -> None:
@@ -44,8 +59,13 @@ async def turn_end(turns_done: asyncio.Queue[Exception | None]) -> None:
 
 async def main(argv: list[str]) -> None:
     url, pcm_path = argv[0], argv[1]
+    tools = argv[2:] == ["tools"]
     forward_logging()
-    agent = RealtimeAgent(name="Assistant", instructions="You are a helpful assistant.")
+    agent = RealtimeAgent(
+        name="Assistant",
+        instructions="You are a helpful assistant.",
+        tools=[get_weather] if tools else [],
+    )
     runner = RealtimeRunner(starting_agent=agent)
     session = await runner.run(model_config={"url": url, "api_key": "not-needed"})
     # None: a turn ended; an exception: an error came, the answer will not.
@@ -66,7 +86,9 @@ async def main(argv: list[str]) -> None:
                 audio_bytes += len(event.audio.data)
                 continue
             emit("session_event", type=event.type)
-            if event.type == "error":
+            if event.type == "tool_end":
+                emit("tool_end", tool=event.tool.name, output=str(event.output))
+            elif event.type == "error":
                 emit("error", error=str(event.error))
                 await turns_done.put(RuntimeError("the session reported an error"))
             elif event.type == "history_updated":
@@ -87,6 +109,10 @@ async def main(argv: list[str]) -> None:
             answered.set()
             await mic
             emit("turn", what="voice", history=[item_summary(i) for i in history])
+            if tools:  # the model called the function; the SDK answers it, the model goes on
+                await turn_end(turns_done)
+                emit("turn", what="tool", history=[item_summary(i) for i in history])
+                return
             await session.send_message(TEXT_MESSAGE)
             await turn_end(turns_done)
             emit("turn", what="text", history=[item_summary(i) for i in history])
