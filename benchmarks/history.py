@@ -1,12 +1,16 @@
 """Multi-turn chat: model TTFT turn after turn, with the audio encoder cache and without.
 
     python benchmarks/history.py [--model DIR_OR_HUB_ID] [--audio FILE] [--conversations N]
+                                 [--max-batch N]
 
 A chat sends its last `conversation.max_turns` exchanges (their audio included) with every
 new turn. Without the cache the audio encoder re-reads all of it each time, so TTFT grows
 turn after turn; with it (`models/embeds.py`) each utterance is encoded once. One engine,
 the same conversations run alternately with the cache on and off (off = an always-empty
 cache), in one process. With no --model, a tiny scripted checkpoint (offline, CPU).
+--max-batch 1 runs the serial worker; above 1 (continuous batching) a turn also reuses the
+KV cache row its conversation's previous turn left (`models/voxtral/prefix.py`), so with
+the cache both the encoder and most of the prefill are skipped.
 Writes benchmarks/out/history.json and history.png.
 """
 
@@ -58,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         "--audio", type=Path, default=Path(__file__).parent.parent / "static" / "sample.wav"
     )
     parser.add_argument("--conversations", type=int, default=5)
+    parser.add_argument("--max-batch", type=int, help="engine.max_batch (default: config)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="history-") as tmp:
         model = args.model
@@ -65,7 +70,9 @@ def main(argv: list[str] | None = None) -> int:
             from voxtral_server.models.tiny import build_tiny
 
             model = str(build_tiny(Path(tmp) / "tiny", script="Sure, here is my answer."))
-        settings = load_settings(None, {("model", "id"): model})
+        settings = load_settings(
+            None, {("model", "id"): model, ("engine", "max_batch"): args.max_batch}
+        )
         audio = read_audio_file(args.audio)
         engine = VoxtralEngine.load(settings)
         cached, plain = engine._embeds, NoCache(1)
@@ -101,7 +108,10 @@ def main(argv: list[str] | None = None) -> int:
             ]
         )
     print(f"machine: {machine()}")
-    print(f"model: {args.model or 'tiny scripted checkpoint'}  audio: {args.audio.name}")
+    print(
+        f"model: {args.model or 'tiny scripted checkpoint'}  audio: {args.audio.name}  "
+        f"engine.max_batch: {settings.engine.max_batch}"
+    )
     print(f"{args.conversations} conversations of {TURNS} turns each way; model TTFT in ms")
     headers = ["turn", "history turns", "no cache p50", "p95", "cache p50", "p95", "no/with"]
     print(table(headers, rows))

@@ -2,7 +2,13 @@
 
     python benchmarks/load.py [--model DIR_OR_HUB_ID] [--config FILE] [--audio FILE]
                               [--levels 1 4 16 32] [--turns N] [--queue-size N] [--pace]
-                              [--engine transformers|vllm] [--vllm-endpoint URL ...]
+                              [--max-batch 1 16] [--engine transformers|vllm]
+                              [--vllm-endpoint URL ...]
+
+--max-batch runs the whole set of levels once per `engine.max_batch` value, each on a fresh
+server, in the same run: 1 is the serial worker (one answer at a time), 16 continuous
+batching; the table then compares them (the targets of continuous batching are printed as
+ratios against the same run's single session).
 
 --engine vllm sends the turns to vLLM server(s) (engine.vllm.endpoints, or --vllm-endpoint)
 instead of loading the model here; queue wait is then ~0 and the first word includes vLLM's
@@ -16,8 +22,9 @@ conversation history grows the prompt): session.update (`"type": "transcription"
 turn_detection null); the clip as input_audio_buffer.append events of 40 ms (back to back, or
 at real-time pace with --pace); a no-op session.update round trip, so the server holds all the
 audio before the commit is timed; input_audio_buffer.commit and response.create back to back;
-read up to response.done. All sessions run their turns at the same time and the engine has
-one worker, so queue wait grows with C: that is what this benchmark shows. With no --model it
+read up to response.done. All sessions run their turns at the same time; the serial worker
+answers one at a time, so its queue wait grows with C, while the batched one runs up to
+max_batch answers together: that is what this benchmark shows. With no --model it
 builds a tiny scripted checkpoint (real architecture, random weights, a fixed 11-word
 answer), so it runs offline on a CPU.
 
@@ -29,6 +36,9 @@ Per level:
   errors           `error` events by code, failed connections, timeouts, responses that did
                    not complete (an `engine_busy` turn gets an error and no response)
   turns/s          completed turns / wall time of the level (connect -> last turn ends)
+  tok/s            generated tokens of completed turns / wall time of the level (aggregate)
+  tok/s per turn   one answer's decode rate, (tokens - 1) / (total - queue wait - model
+                   TTFT), median over the level's turns
   RSS              the server's resident memory (this process: server and clients share it)
                    before the level and after it, once every session is closed
 The clients run in the server's process (their own event loop and thread, sharing the GIL),
@@ -208,6 +218,7 @@ async def run_turn(client: Client, audio_events: list[str], pace: bool) -> dict[
         "model_ttft_ms": t.get("model_ttft_ms"),
         "total_ms": t.get("total_ms"),
         "words": t.get("words"),
+        "tokens": t.get("tokens"),
     }
 
 
@@ -309,28 +320,49 @@ async def run_all(
 # ----------------------------------------------------------------- report
 
 
-def summarise(level: dict[str, Any]) -> dict[str, Any]:
+def decode_rate(turn: dict[str, Any]) -> float | None:
+    """One answer's tokens/s after its first token (None if it cannot be told)."""
+    tokens, total = turn.get("tokens"), turn.get("total_ms")
+    waited, ttft = turn.get("queue_wait_ms"), turn.get("model_ttft_ms")
+    if not tokens or tokens < 2 or None in (total, waited, ttft):
+        return None
+    decode_ms = total - waited - ttft
+    return (tokens - 1) / (decode_ms / 1000) if decode_ms > 0 else None
+
+
+def summarise(level: dict[str, Any], max_batch: int | None) -> dict[str, Any]:
     turns = level["turns"]
     summary: dict[str, Any] = {}
     for key in METRICS:
         values = [t[key] for t in turns if t[key] is not None]
         summary[key] = {"n": len(values), "p50": pct(values, 50), "p95": pct(values, 95)}
     completed = len(turns)
+    wall = level["wall_s"]
+    rates = [r for r in (decode_rate(t) for t in turns) if r is not None]
     return {
+        "max_batch": max_batch,
         "sessions": level["sessions"],
         "connected": level["connected"],
         "turns_completed": completed,
         "turns_attempted": level["attempted"],
         "errors": level["errors"],
-        "wall_s": level["wall_s"],
-        "turns_per_s": completed / level["wall_s"] if level["wall_s"] > 0 else float("nan"),
+        "wall_s": wall,
+        "turns_per_s": completed / wall if wall > 0 else float("nan"),
+        "tokens_per_s": sum(t["tokens"] or 0 for t in turns) / wall if wall > 0 else float("nan"),
+        "turn_tokens_per_s_p50": pct(rates, 50),
         "rss_before_mb": level["rss_before_mb"],
         "rss_after_mb": level["rss_after_mb"],
         **summary,
     }
 
 
-def plot(results: list[dict[str, Any]], title: str) -> None:
+def label(max_batch: int | None) -> str:
+    if max_batch is None:
+        return "vllm"
+    return "serial" if max_batch == 1 else f"batched {max_batch}"
+
+
+def plot(runs: dict[str, list[dict[str, Any]]], title: str) -> None:
     try:
         import matplotlib
 
@@ -339,37 +371,67 @@ def plot(results: list[dict[str, Any]], title: str) -> None:
     except ImportError:
         print("matplotlib not installed: no plot", file=sys.stderr)
         return
-    x = [r["sessions"] for r in results]
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    lines = (
-        ("client_ms", "p50", "client 1st word p50", "C0", "-"),
-        ("client_ms", "p95", "client 1st word p95", "C0", "--"),
-        ("first_word_ms", "p50", "server 1st word p50", "C1", "-"),
-        ("first_word_ms", "p95", "server 1st word p95", "C1", "--"),
-        ("queue_wait_ms", "p95", "queue wait p95", "C2", ":"),
-    )
-    for key, q, label, color, style in lines:
-        ax.plot(x, [r[key][q] for r in results], style, color=color, marker="o", label=label)
-    for r in results:
-        n_err = sum(r["errors"].values())
-        if n_err:
-            ax.annotate(
-                f"{n_err} errors",
-                (r["sessions"], r["client_ms"]["p95"]),
-                xytext=(-40, 8),
-                textcoords="offset points",
-                fontsize=8,
-            )
+    for i, (name, results) in enumerate(runs.items()):
+        x = [r["sessions"] for r in results]
+        color = f"C{i}"
+        for q, style in (("p50", "-"), ("p95", "--")):
+            values = [r["client_ms"][q] for r in results]
+            ax.plot(x, values, style, color=color, marker="o", label=f"{name}: 1st word {q}")
+        for r in results:
+            n_err = sum(r["errors"].values())
+            if n_err:
+                ax.annotate(
+                    f"{n_err} errors",
+                    (r["sessions"], r["client_ms"]["p95"]),
+                    xytext=(-40, 8),
+                    textcoords="offset points",
+                    fontsize=8,
+                    color=color,
+                )
+    sessions = sorted({r["sessions"] for results in runs.values() for r in results})
     ax.set_xscale("log", base=2)
-    ax.set_xticks(x, [str(v) for v in x])
+    ax.set_xticks(sessions, [str(v) for v in sessions])
     ax.set_xlabel("concurrent sessions")
-    ax.set_ylabel("ms")
+    ax.set_ylabel("client first word, ms")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(OUT / "load.png", dpi=110)
     print(f"wrote {OUT / 'load.png'}")
+
+
+def targets(runs: dict[str, list[dict[str, Any]]], sessions: int) -> list[list[Any]]:
+    """Continuous batching's targets, as ratios within this run (batched vs serial)."""
+    serial = {r["sessions"]: r for r in runs.get("serial", [])}
+    rows: list[list[Any]] = []
+    for name, results in runs.items():
+        if name == "serial":
+            continue
+        by = {r["sessions"]: r for r in results}
+        one, many, base = by.get(1), by.get(sessions), serial.get(1)
+        if one is None or many is None:
+            continue
+        p50_1 = one["client_ms"]["p50"]
+        rows.append([
+            name, f"{sessions} sessions: 1st word p95 / 1-session p50",
+            many["client_ms"]["p95"] / p50_1, "<= 3",
+        ])  # fmt: skip
+        rows.append([
+            name, f"{sessions} sessions: aggregate tok/s / 1-session",
+            many["tokens_per_s"] / one["tokens_per_s"], ">= 4",
+        ])  # fmt: skip
+        if base is not None:
+            rows.append([
+                name, "1 session: 1st word p50 / serial's",
+                p50_1 / base["client_ms"]["p50"], "<= 1.10",
+            ])  # fmt: skip
+            rows.append([
+                name, "1 session: tok/s per turn / serial's",
+                one["turn_tokens_per_s_p50"] / base["turn_tokens_per_s_p50"], ">= 0.90",
+            ])  # fmt: skip
+    return rows
 
 
 def main() -> int:
@@ -382,6 +444,13 @@ def main() -> int:
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16, 32])
     parser.add_argument("--turns", type=int, default=3, help="push-to-talk turns per session")
     parser.add_argument("--queue-size", type=int, help="engine.queue_size (default: config)")
+    parser.add_argument(
+        "--max-batch",
+        type=int,
+        nargs="+",
+        default=[1, 16],
+        help="engine.max_batch values to compare in this run (1 = the serial worker)",
+    )
     parser.add_argument("--pace", action="store_true", help="send the audio in real time")
     parser.add_argument("--engine", choices=ENGINES, default="transformers")
     parser.add_argument(
@@ -391,8 +460,8 @@ def main() -> int:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="show server warnings")
     args = parser.parse_args()
-    if min(args.levels) < 1 or args.turns < 1:
-        parser.error("--levels and --turns must be at least 1")
+    if min(args.levels) < 1 or args.turns < 1 or min(args.max_batch) < 1:
+        parser.error("--levels, --turns and --max-batch must be at least 1")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:  # every slow turn and every engine_busy is logged: expected here
         logging.getLogger("voxtral_server").setLevel(logging.ERROR)
@@ -419,45 +488,73 @@ def main() -> int:
     audio_events = appends(audio)
 
     t_start = time.perf_counter()
-    server = start_server(settings, args.engine)
-    print(f"server up at {server.base_url} in {time.perf_counter() - t_start:.1f} s")
-    rss_loaded = rss_mb()
+    batches: list[int | None] = list(args.max_batch) if args.engine == "transformers" else [None]
+    servers: dict[str, RunningServer] = {}
+    rss_loaded: dict[str, float] = {}
     try:
-        raw = asyncio.run(run_all(server, audio_events, args.levels, args.turns, args.pace))
+        for max_batch in batches:
+            run_settings = settings
+            if max_batch is not None:
+                run_settings = settings.with_overrides({("engine", "max_batch"): max_batch})
+            t0 = time.perf_counter()
+            name = label(max_batch)
+            servers[name] = start_server(run_settings, args.engine)
+            print(f"[{name}] up at {servers[name].base_url} in {time.perf_counter() - t0:.1f} s")
+            rss_loaded[name] = rss_mb()
+        # Level by level, each worker in turn (the others idle): a machine that gets busier
+        # during the run shifts every worker's figures alike.
+        raws: dict[str, list[dict[str, Any]]] = {name: [] for name in servers}
+        for level in args.levels:
+            for name, server in servers.items():
+                print(f"[{name}]", end="")
+                raws[name] += asyncio.run(
+                    run_all(server, audio_events, [level], args.turns, args.pace)
+                )
     finally:
-        server.stop()
+        for server in servers.values():
+            server.stop()
+    runs = {
+        name: [summarise(level, mb) for level in raws[name]]
+        for name, mb in zip(servers, batches, strict=True)
+    }
     run_s = time.perf_counter() - t_start
-    results = [summarise(level) for level in raw]
 
     rows = []
-    for r in results:
-        errors = ", ".join(f"{k}={v}" for k, v in sorted(r["errors"].items())) or "0"
-        rows.append([
-            r["sessions"], f"{r['turns_completed']}/{r['turns_attempted']}",
-            r["client_ms"]["p50"], r["client_ms"]["p95"],
-            r["first_word_ms"]["p50"], r["first_word_ms"]["p95"],
-            r["queue_wait_ms"]["p50"], r["queue_wait_ms"]["p95"],
-            r["turns_per_s"], errors, r["rss_before_mb"], r["rss_after_mb"],
-        ])  # fmt: skip
+    for name, results in runs.items():
+        for r in results:
+            errors = ", ".join(f"{k}={v}" for k, v in sorted(r["errors"].items())) or "0"
+            rows.append([
+                name, r["sessions"], f"{r['turns_completed']}/{r['turns_attempted']}",
+                r["client_ms"]["p50"], r["client_ms"]["p95"],
+                r["first_word_ms"]["p50"], r["first_word_ms"]["p95"],
+                r["queue_wait_ms"]["p50"], r["queue_wait_ms"]["p95"],
+                r["turns_per_s"], r["tokens_per_s"], r["turn_tokens_per_s_p50"], errors,
+                r["rss_before_mb"], r["rss_after_mb"],
+            ])  # fmt: skip
     seconds = len(audio) / 16000
     print(f"machine: {machine()}")
     print(
-        f"model: {model}  engine: {server.engine}  audio: {args.audio.name} "
+        f"model: {model}  engine: {args.engine}  audio: {args.audio.name} "
         f"({seconds:.1f} s{', real-time pace' if args.pace else ''})  "
         f"queue_size: {settings.engine.queue_size}"
     )
     print(f"{args.turns} transcription turns per session; times in ms, RSS in MiB")
     print(table(
-        ["sessions", "turns", "client p50", "client p95", "server p50", "server p95",
-         "queue p50", "queue p95", "turns/s", "errors", "RSS before", "RSS after"],
+        ["worker", "sessions", "turns", "client p50", "client p95", "server p50", "server p95",
+         "queue p50", "queue p95", "turns/s", "tok/s", "tok/s per turn", "errors",
+         "RSS before", "RSS after"],
         rows,
     ))  # fmt: skip
-    print(f"RSS after load: {rss_loaded:.0f} MiB; total run {run_s:.1f} s")
+    goals = targets(runs, 16 if 16 in args.levels else max(args.levels))
+    if goals:
+        print("targets (ratios within this run):")
+        print(table(["worker", "measure", "ratio", "target"], goals))
+    print(f"RSS after load: {rss_loaded}; total run {run_s:.1f} s")
     path = write_json(
         "load",
         {
             "model": model,
-            "engine": server.engine,
+            "engine": args.engine,
             "audio": args.audio.name,
             "audio_s": seconds,
             "paced": args.pace,
@@ -467,12 +564,13 @@ def main() -> int:
             "definitions": METRICS,
             "rss_after_load_mb": rss_loaded,
             "run_s": run_s,
-            "results": results,
-            "raw": [level["turns"] for level in raw],
+            "results": runs,
+            "targets": goals,
+            "raw": {name: [level["turns"] for level in raw] for name, raw in raws.items()},
         },
     )
     print(f"wrote {path}")
-    plot(results, f"{args.turns} push-to-talk turns per session, {server.engine} engine")
+    plot(runs, f"{args.turns} push-to-talk turns per session, {args.engine} engine")
     return 0
 
 

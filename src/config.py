@@ -100,6 +100,8 @@ class VllmSettings(_Section):
 class EngineSettings(_Section):
     kind: Literal["transformers", "vllm"] = "transformers"
     queue_size: int = Field(default=32, ge=1, le=10_000)
+    max_batch: int = Field(default=16, ge=1, le=256)
+    prefill_chunk_tokens: int = Field(default=512, ge=16, le=65_536)
     vllm: VllmSettings = VllmSettings()
 
 

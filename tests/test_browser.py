@@ -71,6 +71,12 @@ def _webrtc_words_appear_in_order(browser: Any, server: str) -> None:
     strip = browser.locator(".turn.bot .latency").first.inner_text()
     assert "you saw the first word after" in strip and "model TTFT" in strip
     assert "webrtc" in strip
+    # The user's words, written down by the same model, fill the "You spoke" bubble (the
+    # scripted checkpoint writes its one sentence whatever it hears).
+    browser.wait_for_function(
+        f"document.querySelector('.turn.user .bubble').textContent === {SCRIPT!r}",
+        timeout=within_ms(30),
+    )
     seen_ms = browser.locator("[data-metric=browser_first_word_ms]").first.inner_text()
     assert seen_ms.endswith("ms") and seen_ms != "– ms"
     snap(browser, "webrtc")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,15 +9,13 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from conftest import SAMPLE_WAV, SCRIPT, engine_settings, speech_like
-from transformers import AutoProcessor, VoxtralForConditionalGeneration
+from reference import MAX_NEW, reference_ids
 
 from voxtral_server.models.audio import (
     SAMPLE_RATE,
     AudioInputError,
     read_audio_file,
-    wav_bytes,
 )
 from voxtral_server.models.types import (
     Chunk,
@@ -29,8 +26,6 @@ from voxtral_server.models.types import (
 )
 from voxtral_server.models.voxtral import VoxtralEngine
 
-MAX_NEW = 24
-
 # A test holds the engine's worker in a sink until it sets the gate itself (every test sets
 # it, also when it fails). The bound only keeps a broken test from holding the worker forever:
 # if it ran out while the test was still arranging the queue on a busy machine, the hold
@@ -40,39 +35,6 @@ HOLD_S = 300.0
 
 def collect(engine: VoxtralEngine, request: Request) -> list[Chunk]:
     return list(engine.stream(request))
-
-
-def reference_ids(model_dir: Path, request: Request) -> list[int]:
-    """Plain pipeline: processor features + model.generate, greedy."""
-    processor = AutoProcessor.from_pretrained(str(model_dir))
-    model = VoxtralForConditionalGeneration.from_pretrained(str(model_dir)).eval()
-    if request.mode == "transcribe":
-        inputs = processor.apply_transcription_request(
-            language=request.language,
-            audio=request.audio,
-            sampling_rate=SAMPLE_RATE,
-            format="wav",
-            model_id=str(model_dir),
-        )
-    else:
-
-        def audio_part(audio: np.ndarray) -> dict[str, str]:
-            return {"type": "audio", "base64": base64.b64encode(wav_bytes(audio)).decode()}
-
-        conversation: list[dict[str, Any]] = []
-        for m in request.history:
-            if m.role == "user":
-                assert m.audio is not None
-                conversation.append({"role": "user", "content": [audio_part(m.audio)]})
-            else:
-                conversation.append({"role": m.role, "content": m.text})
-        assert request.audio is not None
-        conversation.append({"role": "user", "content": [audio_part(request.audio)]})
-        inputs = processor.apply_chat_template(conversation)
-    with torch.inference_mode():
-        out = model.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False)
-    ids: list[int] = out[0, inputs["input_ids"].shape[1] :].tolist()
-    return ids
 
 
 def _requests() -> dict[str, Request]:

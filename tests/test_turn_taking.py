@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 import threading
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from conftest import SAMPLE_WAV, SCRIPT
+from conftest import SAMPLE_WAV, SCRIPT, engine_settings
 from fakes import FakeTransport, frames
 
 from voxtral_server.api.metrics import Metrics, TurnRecord
@@ -153,11 +154,19 @@ async def test_a_pause_the_speaker_talks_through_is_never_seen(
     assert record.spec_wasted_ms is not None and record.spec_wasted_ms >= 0
 
 
-def test_a_speculative_run_never_holds_up_a_confirmed_one(
-    scripted_engine: VoxtralEngine,
-) -> None:
-    """Queued behind a running turn, a confirmed request goes before a speculative one that
-    was submitted first; a running speculative one is stopped for it."""
+def test_a_speculative_run_never_holds_up_a_confirmed_one(tiny_scripted: Path) -> None:
+    """The serial worker (engine.max_batch 1): queued behind a running turn, a confirmed
+    request goes before a speculative one that was submitted first; a running speculative
+    one is stopped for it. (Batched, the speculative one runs in a free slot, or gives its
+    slot up: test_batching.py.)"""
+    engine = VoxtralEngine.load(engine_settings(tiny_scripted, engine={"max_batch": 1}))
+    try:
+        _confirmed_goes_first(engine)
+    finally:
+        engine.close()
+
+
+def _confirmed_goes_first(scripted_engine: VoxtralEngine) -> None:
     audio = SPEECH[: SPEECH_END + 1600]
     order: list[str] = []
     finals: dict[str, Chunk] = {}

@@ -209,6 +209,28 @@ class Metrics:
         self.queue_depth = Gauge(
             "voxtral_queue_depth", "Requests waiting for the model", registry=r
         )
+        # The transformers engine's batched steps (engine.max_batch > 1).
+        self.prefill_step_seconds = Histogram(
+            "voxtral_prefill_step_seconds",
+            "Prompt prefill run between two decode steps (audio encoder + prompt chunks)",
+            registry=r,
+            buckets=_BUCKETS,
+        )
+        self.prefill_tokens = Counter(
+            "voxtral_prefill_tokens", "Prompt tokens prefilled", registry=r
+        )
+        self.decode_step_seconds = Histogram(
+            "voxtral_decode_step_seconds",
+            "One decode step of the running answers",
+            registry=r,
+            buckets=(0.001, 0.002, 0.005, *_BUCKETS),
+        )
+        self.decode_batch = Histogram(
+            "voxtral_decode_batch_size",
+            "Answers advanced by one decode step",
+            registry=r,
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+        )
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -239,6 +261,15 @@ class Metrics:
         self.speculative.labels(outcome="discarded").inc(record.spec_discarded or 0)
         self.speculative_wasted.inc((record.spec_wasted_ms or 0) / 1000.0)
         self.retractions.inc(record.retracted or 0)
+
+    def prefill_step(self, seconds: float, tokens: int) -> None:
+        """`models.steps.StepObserver`: called on the engine's thread."""
+        self.prefill_step_seconds.observe(seconds)
+        self.prefill_tokens.inc(tokens)
+
+    def decode_step(self, seconds: float, batch: int) -> None:
+        self.decode_step_seconds.observe(seconds)
+        self.decode_batch.observe(batch)
 
     def error(self, session: str, code: str, message: str) -> None:
         _events.warning("ERROR session=%s code=%s message=%s", session, code, quoted(message))

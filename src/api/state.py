@@ -13,6 +13,7 @@ from typing import Protocol
 from ..config import Settings
 from ..models import vad
 from ..models.engine import Engine
+from ..models.steps import ObservableEngine
 from ..models.tts import TtsEngine, load_tts
 from ..models.turn.worker import JudgeWorker, load_judge
 from .metrics import Metrics
@@ -89,6 +90,8 @@ class ServerState:
             if self.tts is not None:
                 logger.info("speech out: tts=%s rate=%d Hz", self.tts.name, self.tts.sample_rate)
             self.engine = await asyncio.to_thread(self._factory, self.settings)
+            if isinstance(self.engine, ObservableEngine):  # batch sizes and step times
+                self.engine.observe_steps(self.metrics)
             logger.info("engine ready: /readyz answers 200")
         except Exception as exc:
             self.load_error = str(exc)

@@ -86,6 +86,9 @@ class Request:
     max_new_tokens: int | None = None  # None = model.max_new_tokens
     temperature: float | None = None  # None = chat.temperature (chat) / 0 (transcribe)
     top_p: float | None = None
+    # Sampling only: the answer's random generator starts from this seed, so the same request
+    # gets the same answer whoever else the engine serves at the time. None = a fresh seed.
+    seed: int | None = None
     min_new_tokens: int = 0  # benchmarks: keep a random model from stopping at once
     # Started before the turn is confirmed (the speaker paused): served after every confirmed
     # request and stopped for one, until `Engine.promote` makes it an ordinary request.

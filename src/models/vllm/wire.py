@@ -66,6 +66,8 @@ def build_request(
     if tools:  # "auto" needs vLLM started with --enable-auto-tool-choice --tool-call-parser mistral
         body["tools"] = openai_tools(tools)
         body["tool_choice"] = openai_tool_choice(request)
+    if request.seed is not None:
+        body["seed"] = request.seed  # vLLM samples each request with its own generator too
     return client.build_request("POST", f"{url}/v1/chat/completions", json=body)
 
 

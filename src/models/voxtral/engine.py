@@ -1,8 +1,10 @@
-"""The Voxtral engine: load, compile, warm up, then stream words for one request at a time.
+"""The Voxtral engine: load, compile, warm up, then stream words for many requests at once.
 
 One worker thread owns the model and every tensor: it warms up (compile and CUDA graphs are
 per-thread), then serves requests from a bounded queue: confirmed ones in the order they were
 submitted, speculative ones (started while the speaker pauses) only when no confirmed one waits.
+With `engine.max_batch` > 1 up to that many answers run together, continuously batched
+(`batching.BatchLoop`); with 1 the worker runs one `generate` at a time (the serial worker).
 Callers get a `RequestHandle` (cancel) and receive `Chunk`s through a sink they pass in,
 called on the worker thread: a `queue.Queue.put` for threads, `loop.call_soon_threadsafe`
 for asyncio.
@@ -16,7 +18,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -30,6 +31,7 @@ from ..chat import chat_messages, must_call, offered_tools
 from ..chunking import ChunkSink, WordChunker, final_chunk
 from ..mel import AUDIO_TOKENS_PER_WINDOW, N_SAMPLES, LogMel, processor_features
 from ..requests import check_request
+from ..steps import StepObserver
 from ..tools import call_ids, check_required, parse_mistral
 from ..types import (
     Chunk,
@@ -40,6 +42,8 @@ from ..types import (
     ToolCall,
     sampling,
 )
+from .batching import BatchLoop
+from .batching import Job as _Job
 from .embeds import AudioEmbedCache
 from .load import Runtime, load_pretrained
 from .prompt import PromptBuilder
@@ -48,12 +52,6 @@ from .streamer import CancelCriteria, ToolCallGate, WordStreamer
 logger = logging.getLogger(__name__)
 
 _PROMPT_TEXT_MARGIN = 64  # control and language tokens around each user turn
-
-
-@dataclass(frozen=True, eq=False)  # one queued job is itself, whatever it holds
-class _Job:
-    handle: RequestHandle
-    sink: ChunkSink
 
 
 class ChunkStream:
@@ -97,12 +95,15 @@ class VoxtralEngine:
         self._closed = False
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)
-        self._current: RequestHandle | None = None
+        self._running: list[RequestHandle] = []  # taken from the queue, not yet finished
         self._thread = threading.Thread(target=self._run, name="voxtral-engine", daemon=True)
         self._gen_defaults = self._generation_defaults()
         self._static_cache: StaticCache | None = None
         self._static_cache_len = 0
-        if runtime.compile:
+        self._batch: BatchLoop | None = None
+        if settings.engine.max_batch > 1:
+            self._batch = BatchLoop(self)
+        elif runtime.compile:
             self._static_cache_len = self._max_cache_len()
             self._static_cache = StaticCache(
                 config=model.config.get_text_config(decoder=True),
@@ -157,7 +158,14 @@ class VoxtralEngine:
             "model": self.settings.model.id,
             "device": str(self.runtime.device),
             "compile": self.runtime.compile,
+            "max_batch": self.settings.engine.max_batch,
         }
+
+    def observe_steps(self, observer: StepObserver) -> None:
+        """Report every batched prefill and decode step's duration and size to `observer`
+        (from the worker thread; nothing with the serial worker)."""
+        if self._batch is not None:
+            self._batch.observer = observer
 
     def close(self, timeout: float = 30.0) -> None:
         """Cancel what is running or queued and stop the worker (idempotent)."""
@@ -165,8 +173,8 @@ class VoxtralEngine:
             if self._closed:
                 return
             self._closed = True
-            if self._current is not None:
-                self._current.cancel()
+            for handle in self._running:
+                handle.cancel()
             # Queued requests end as cancelled, so no caller waits forever.
             waiting = list(self._jobs)
             self._jobs.clear()
@@ -228,26 +236,74 @@ class VoxtralEngine:
         return dropped
 
     def _preempt(self) -> None:
-        """(Under the lock.) A speculative request must never hold up a confirmed one: stop
-        the running one if a confirmed request waits."""
-        current = self._current
-        if current is None or not current.speculative or current.cancelled:
-            return
-        if any(not job.handle.speculative and not job.handle.cancelled for job in self._jobs):
-            current.preempted = True
-            current.cancel()
+        """(Under the lock.) A speculative request must never hold up a confirmed one: for
+        each confirmed request that waits with no free slot, stop a running speculative one
+        (the newest first)."""
+        waiting = sum(not job.handle.speculative and not job.handle.cancelled for job in self._jobs)
+        busy = sum(not handle.cancelled for handle in self._running)
+        short = waiting - (self.settings.engine.max_batch - busy)
+        for handle in reversed(self._running):
+            if short <= 0:
+                return
+            if handle.speculative and not handle.cancelled:
+                handle.preempted = True
+                handle.cancel()
+                short -= 1
 
-    def _next_job(self) -> _Job | None:
-        """The next request to serve (blocking), or None once closed."""
+    def _admit(self, free: int, wait: bool) -> list[_Job] | None:
+        """Up to `free` requests to start (confirmed ones first, each kind in submission
+        order); with `wait`, blocks until there is one. None once closed."""
         with self._lock:
-            while not self._jobs and not self._closed:
+            while wait and not self._jobs and not self._closed:
                 self._work.wait()
             if self._closed:
                 return None
-            job = next((j for j in self._jobs if not j.handle.speculative), self._jobs[0])
-            self._jobs.remove(job)
-            self._current = job.handle
-            return job
+            confirmed = [job for job in self._jobs if not job.handle.speculative]
+            speculative = [job for job in self._jobs if job.handle.speculative]
+            taken = (confirmed + speculative)[:free]
+            if taken:  # by identity: requests hold arrays, which do not compare with ==
+                ids = {id(job) for job in taken}
+                self._jobs = deque(job for job in self._jobs if id(job) not in ids)
+                self._running.extend(job.handle for job in taken)
+            return taken
+
+    def _release(
+        self,
+        job: _Job,
+        streamer: WordStreamer | None,
+        error: EngineError | None,
+        started: float | None,
+    ) -> None:
+        """A taken request ended: its slot is free, its caller gets the final chunk (with
+        the functions it called, whichever worker served it)."""
+        with self._lock:
+            self._running = [h for h in self._running if h is not job.handle]
+        calls: tuple[ToolCall, ...] = ()
+        if error is None and streamer is not None:
+            try:
+                calls = self._calls(job.handle.request, streamer)
+            except EngineError as exc:  # the model's call is not one the request allows
+                logger.warning("request=%s failed: %s: %s", job.handle.request.id, exc.code, exc)
+                error = exc
+        self._finish(job, streamer, error, started, calls)
+
+    @staticmethod
+    def _calls(request: Request, streamer: WordStreamer) -> tuple[ToolCall, ...]:
+        """The functions the answer called; `EngineError` (invalid_tool_call) for a call
+        that is malformed, not offered, or missing where tool_choice requires one."""
+        calls: tuple[ToolCall, ...] = ()
+        if streamer.call_text is not None:
+            calls = parse_mistral(
+                streamer.call_text, offered_tools(request), call_ids(request.history)
+            )
+        if request.mode == "chat" and not streamer.cut_short:
+            check_required(request, calls, streamer.text)
+        return calls
+
+    def _next_job(self) -> _Job | None:
+        """The next request to serve (blocking), or None once closed."""
+        jobs = self._admit(1, wait=True)
+        return jobs[0] if jobs else None
 
     def stream(self, request: Request) -> ChunkStream:
         """Submit and read the chunks from this thread: `for chunk in engine.stream(r)`."""
@@ -266,15 +322,14 @@ class VoxtralEngine:
             self._ready.set()
             return
         self._ready.set()
+        if self._batch is not None:
+            self._batch.run()
+            return
         while True:
             job = self._next_job()
             if job is None:
                 return
-            try:
-                self._serve(job)
-            finally:
-                with self._lock:
-                    self._current = None
+            self._serve(job)
             # Let go of the request now, while idle: the sink may hold the last reference to
             # a closed conversation, and freeing that (its VAD model, its audio) must not
             # happen on the next request's clock, inside its queue wait.
@@ -284,16 +339,23 @@ class VoxtralEngine:
         runs = self.settings.model.warmup_runs
         if runs == 0:
             return
+        if self._batch is not None:
+            self._batch.warm_up()  # every decode bucket first: the requests below use one
         silence = np.zeros(int(self.settings.model.warmup_audio_s * SAMPLE_RATE), np.float32)
         for i in range(runs):
             for mode in ("transcribe", "chat"):
                 t0 = time.perf_counter()
                 handle = RequestHandle(Request(silence, mode, max_new_tokens=8, min_new_tokens=8))
-                self._generate(handle, self._streamer(handle, lambda chunk: None))
+                if self._batch is not None:
+                    self._batch.serve_now(_Job(handle, lambda chunk: None))
+                else:
+                    self._generate(handle, self._streamer(handle, lambda chunk: None))
                 self._sync()
                 elapsed = (time.perf_counter() - t0) * 1000
                 self.warmup_ms.append(elapsed)
-                compiling = self.runtime.compile and len(self.warmup_ms) == 1
+                # (batched: the decode step was compiled above, bucket by bucket)
+                first = len(self.warmup_ms) == 1
+                compiling = self.runtime.compile and self._batch is None and first
                 logger.info(
                     "warm-up run %d/%d (%s%s): %.0f ms",
                     i + 1,
@@ -311,20 +373,13 @@ class VoxtralEngine:
         handle = job.handle
         started = time.perf_counter()
         if handle.cancelled:  # cancelled while it waited in the queue
-            self._finish(job, None, None, None)
+            self._release(job, None, None, None)
             return
         streamer = self._streamer(handle, job.sink)
         error: EngineError | None = None
-        calls: tuple[ToolCall, ...] = ()
         try:
             self._generate(handle, streamer)
-            request = handle.request
-            if streamer.call_text is not None:
-                taken = call_ids(request.history)
-                calls = parse_mistral(streamer.call_text, offered_tools(request), taken)
-            if request.mode == "chat" and not streamer.cut_short:
-                check_required(request, calls, streamer.text)
-        except EngineError as exc:  # the request's own fault (its conversation, the call)
+        except EngineError as exc:  # the request's own fault (its conversation)
             logger.warning("request=%s failed: %s: %s", handle.request.id, exc.code, exc)
             error = exc
         except Exception as exc:  # one request's failure must not stop the worker
@@ -334,7 +389,7 @@ class VoxtralEngine:
             error = EngineError(code, f"generation failed: {type(exc).__name__}: {exc}")
             if oom and self.runtime.device.type == "cuda":
                 torch.cuda.empty_cache()
-        self._finish(job, streamer, error, started, calls)
+        self._release(job, streamer, error, started)
 
     def _finish(
         self,
@@ -492,6 +547,8 @@ class VoxtralEngine:
     def _generate(self, handle: RequestHandle, streamer: WordStreamer) -> None:
         request = handle.request
         max_new_tokens = request.max_new_tokens or self.settings.model.max_new_tokens
+        if request.seed is not None:  # one worker thread: the global generator is its own
+            torch.manual_seed(request.seed)
         with torch.inference_mode():
             inputs = self.model_inputs(request)
             prompt_len = inputs["input_ids"].shape[1]

@@ -50,11 +50,15 @@ class WordStreamer(TextIteratorStreamer, DeltaChunker):  # type: ignore[misc]
         self.call_text: str | None = None  # set by end() if the model called a function
 
     def put(self, value: torch.Tensor) -> None:
+        """`generate`'s call: the prompt first (skipped), then each new token."""
         if self.skip_prompt and self.next_tokens_are_prompt:
             self.next_tokens_are_prompt = False
             return
+        self.put_ids(value.reshape(-1).tolist())
+
+    def put_ids(self, ids: list[int]) -> None:
+        """New tokens of the answer (a batched decode loop's call: no prompt first)."""
         now = self.clock()
-        ids = value.reshape(-1).tolist()
         self.mark_tokens(len(ids), now)
         self.token_ids.extend(ids)
         if self.handle.cancelled:
