@@ -47,10 +47,11 @@ class SharedEngine:
 
 
 @contextmanager
-def running_server(settings: Settings, engine: Any) -> Iterator[tuple[str, Any]]:
-    """Yields (base http URL, the FastAPI app) while the server runs."""
+def running_server(settings: Settings, engine: Any, **config: Any) -> Iterator[tuple[str, Any]]:
+    """Yields (base URL, the FastAPI app) while the server runs. `config` goes to uvicorn
+    (`**SelfSigned.uvicorn()` from tests/tls.py for TLS: the URL then says https)."""
     app = create_app(settings, engine_factory=lambda s: SharedEngine(engine))
-    with InProcessServer(app) as server:
+    with InProcessServer(app, **config) as server:
         yield server.base_url, app
 
 

@@ -10,10 +10,8 @@ python, or raises `VllmUnavailable` saying why (callers skip the test with that 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -23,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+from cached_install import InstallFailed, cached_install, run_logged
 from patience import load_factor
 
 logger = logging.getLogger(__name__)
@@ -57,44 +56,16 @@ def _stamp_text() -> str:
     return " ".join(INSTALL_SPECS) + "\n"
 
 
-def _run(cmd: list[str], log: Path) -> None:
-    with log.open("a", encoding="utf-8") as out:
-        out.write(f"$ {' '.join(cmd)}\n")
-        out.flush()
-        result = subprocess.run(
-            cmd, stdout=out, stderr=subprocess.STDOUT, timeout=INSTALL_TIMEOUT_S, check=False
-        )
-    if result.returncode != 0:
-        tail = log.read_text(encoding="utf-8", errors="replace").splitlines()[-15:]
-        raise VllmUnavailable(
-            f"`{' '.join(cmd[:4])} ...` failed (exit {result.returncode}); log {log}:\n"
-            + "\n".join(tail)
-        )
-
-
 def ensure_vllm() -> Path:
     """The python of a venv with vLLM installed (installing it the first time, ~100 s)."""
     venv = venv_dir()
     python = venv / "bin" / "python"
-    stamp = venv / STAMP_NAME
-    venv.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = venv.parent / (venv.name + ".lock")
-    with lock_path.open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another pytest process may be installing
-        if stamp.is_file() and stamp.read_text() == _stamp_text() and python.is_file():
-            return python
-        log = venv.parent / (venv.name + "-install.log")
-        log.write_text("", encoding="utf-8")
-        shutil.rmtree(venv, ignore_errors=True)  # a half-finished install is not reused
-        t0 = time.perf_counter()
-        logger.info("installing vLLM %s into %s (once, ~100 s)", VLLM_VERSION, venv)
-        try:
-            _run([sys.executable, "-m", "venv", str(venv)], log)
-            pip = [str(python), "-m", "pip"]
-            _run([*pip, "install", "--quiet", *INSTALL_SPECS], log)
-            _run([*pip, "uninstall", "--yes", *UNINSTALL], log)
-        except subprocess.TimeoutExpired as exc:
-            raise VllmUnavailable(f"installing vLLM timed out after {exc.timeout:.0f} s") from None
+
+    def build(log: Path) -> None:
+        run_logged([sys.executable, "-m", "venv", str(venv)], log, INSTALL_TIMEOUT_S)
+        pip = [str(python), "-m", "pip"]
+        run_logged([*pip, "install", "--quiet", *INSTALL_SPECS], log, INSTALL_TIMEOUT_S)
+        run_logged([*pip, "uninstall", "--yes", *UNINSTALL], log, INSTALL_TIMEOUT_S)
         # torchaudio's compiled part is a CUDA build that fails to load; vLLM only needs its
         # Python resampler (used for audio that is not 16 kHz).
         for lib in venv.glob("lib/python*/site-packages/torchaudio/lib/*.so"):
@@ -107,12 +78,15 @@ def ensure_vllm() -> Path:
             check=False,
         )
         if check.returncode != 0:
-            raise VllmUnavailable(
+            raise InstallFailed(
                 f"vLLM installed in {venv} but does not import: {check.stderr.strip()[-2000:]}"
             )
-        stamp.write_text(_stamp_text())
-        logger.info("vLLM %s installed in %.0f s", check.stdout.strip(), time.perf_counter() - t0)
-        return python
+
+    try:
+        cached_install(venv, _stamp_text(), build, stamp_name=STAMP_NAME)
+    except InstallFailed as exc:
+        raise VllmUnavailable(str(exc)) from None
+    return python
 
 
 def free_port() -> int:
