@@ -632,10 +632,10 @@ OFFER_CASES = {
         "application/json",
         415,
         "unsupported_media_type",
-        ("expected application/sdp, got application/json",),
+        ("expected application/sdp", "got application/json"),
     ),
     "no_content_type": OfferCase(
-        "v=0\r\n", None, 415, "unsupported_media_type", ("expected application/sdp, got nothing",)
+        "v=0\r\n", None, 415, "unsupported_media_type", ("expected application/sdp", "got nothing")
     ),
     "oversize_sdp": OfferCase(
         "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\n" + "a=x-padding\r\n" * 6000,
@@ -653,6 +653,49 @@ async def test_bad_offer_gets_a_clear_http_error(main: Running, case: OfferCase)
     reply = await post_offer(main.base_url, case.body, case.content_type)
     check_problem(reply, case.status, case.code, *case.fragments)
     await wait_idle(main.app)  # a refused offer leaves no session or call behind
+
+
+def multipart(parts: dict[str, str]) -> bytes:
+    body = b""
+    for name, value in parts.items():
+        body += (
+            f'--xyz\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'
+        ).encode()
+    return body + b"--xyz--\r\n"
+
+
+MULTIPART = "multipart/form-data; boundary=xyz"
+MULTIPART_CASES = {
+    "no_sdp_part": OfferCase(
+        multipart({"session": "{}"}), MULTIPART, 400, "invalid_sdp", ("no `sdp` part",)
+    ),
+    "session_not_json": OfferCase(
+        multipart({"sdp": "v=0", "session": "{nope"}),
+        MULTIPART,
+        400,
+        "invalid_session",
+        ("`session` part",),
+    ),
+    "session_bad_field": OfferCase(
+        multipart({"sdp": "v=0", "session": json.dumps({"type": "banana"})}),
+        MULTIPART,
+        400,
+        "invalid_session",
+        ("session.type",),
+    ),
+    "not_multipart_really": OfferCase(
+        b"garbage", MULTIPART, 400, "invalid_request", ("cannot read the multipart body",)
+    ),
+}
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("case", list(MULTIPART_CASES.values()), ids=list(MULTIPART_CASES))
+async def test_bad_multipart_offer_gets_a_clear_http_error(main: Running, case: OfferCase) -> None:
+    """OpenAI's SDK posts the offer as multipart/form-data (`sdp`, `session`)."""
+    reply = await post_offer(main.base_url, case.body, case.content_type)
+    check_problem(reply, case.status, case.code, *case.fragments)
+    await wait_idle(main.app)
 
 
 @pytest.mark.asyncio

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import shutil
 from collections.abc import Iterator
 from typing import Any
@@ -348,7 +349,7 @@ async def test_the_webrtc_track_is_silent_from_the_frame_after_a_barge_in() -> N
 
 @pytest.mark.asyncio
 async def test_disconnect_while_speaking_leaves_nothing_running(
-    server: tuple[str, Any],
+    server: tuple[str, Any], caplog: pytest.LogCaptureFixture
 ) -> None:
     base_url, app = server
     baseline = on_server(app, idle(app))
@@ -362,6 +363,8 @@ async def test_disconnect_while_speaking_leaves_nothing_running(
             pass
     # The session closed mid-answer: its speech, audio pump and finishing task all ended.
     assert on_server(app, idle(app)) == baseline
+    # An ordinary disconnect, not an error (it used to log a traceback from the writer).
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
     events = await ws_turn(base_url.replace("http", "ws") + "/v1/realtime")  # next one works
     assert of(events, "response.done")[0]["response"]["status"] == "completed"
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from typing import Any
@@ -327,6 +328,38 @@ async def _read_body(request: Request, limit: int) -> bytes | None:
     return bytes(body) if seen <= limit else None
 
 
+async def _multipart_offer(request: Request) -> tuple[bytes, str | None] | Response:
+    """The offer (`sdp`) and the session settings (`session`, JSON) of a multipart call
+    request, the latter checked as a session.update; or the error response."""
+    try:
+        form = await request.form(max_files=2, max_fields=2, max_part_size=MAX_SDP_BYTES)
+    except Exception as exc:  # starlette's MultiPartException, malformed bodies
+        return _problem(400, "invalid_request", f"cannot read the multipart body: {exc}")
+    parts: dict[str, bytes] = {}
+    for name in ("sdp", "session"):
+        value = form.get(name)
+        if value is None:
+            continue
+        data = value.encode("utf-8") if isinstance(value, str) else await value.read(
+            MAX_SDP_BYTES + 1
+        )  # fmt: skip
+        if len(data) > MAX_SDP_BYTES:
+            return _problem(413, "offer_too_large", f"`{name}` part over {MAX_SDP_BYTES} bytes")
+        parts[name] = data
+    await form.close()
+    if "sdp" not in parts:
+        return _problem(400, "invalid_sdp", "the multipart body has no `sdp` part")
+    if "session" not in parts:
+        return parts["sdp"], None
+    try:
+        config = json.loads(parts["session"])
+        update = json.dumps({"type": "session.update", "session": config})
+        p.parse_client_event(update)
+    except ValueError as exc:  # not JSON, or a ProtocolError naming the field
+        return _problem(400, "invalid_session", f"the `session` part: {exc}")
+    return parts["sdp"], update
+
+
 @router.post("/v1/realtime/calls")
 async def create_call(request: Request) -> Response:
     state: ServerState = request.app.state.server
@@ -341,15 +374,26 @@ async def create_call(request: Request) -> Response:
     if not token_matches(bearer_token(request.headers), state.settings):
         return _problem(401, "unauthorized", "missing or wrong auth token")
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type != "application/sdp":
+    update: str | None = None  # the multipart form's `session`, as a session.update
+    if content_type == "multipart/form-data":  # OpenAI's SDK: `sdp` and `session` parts
+        parts = await _multipart_offer(request)
+        if isinstance(parts, Response):
+            return parts
+        body, update = parts
+    elif content_type == "application/sdp":
+        read = await _read_body(request, MAX_SDP_BYTES)
+        if read is None:
+            return _problem(
+                413, "offer_too_large", f"SDP offer over {MAX_SDP_BYTES} bytes", close=True
+            )
+        body = read
+    else:
         return _problem(
             415,
             "unsupported_media_type",
-            f"expected application/sdp, got {content_type or 'nothing'}",
+            "expected application/sdp, or multipart/form-data with an `sdp` part (and a "
+            f"`session` part), got {content_type or 'nothing'}",
         )
-    body = await _read_body(request, MAX_SDP_BYTES)
-    if body is None:
-        return _problem(413, "offer_too_large", f"SDP offer over {MAX_SDP_BYTES} bytes", close=True)
     try:
         sdp = body.decode("utf-8")
     except UnicodeDecodeError:
@@ -370,6 +414,8 @@ async def create_call(request: Request) -> Response:
     except Exception as exc:  # aiortc's parse and negotiation errors
         detail = f"{type(exc).__name__}: {exc}".rstrip(": ")
         return _problem(400, "invalid_sdp", f"cannot negotiate this offer ({detail})")
+    if update is not None:  # checked above: session.updated follows session.created
+        await call.session.handle_text(update)
     logger.info("session=%s call=%s answered", call.session.id, call.id)
     return Response(
         content=answer,

@@ -7,7 +7,7 @@ import contextlib
 import logging
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
-from starlette.websockets import WebSocketState
+from starlette.websockets import WebSocketDisconnected, WebSocketState
 
 from .. import protocol as p
 from ..security import bearer_token, origin_allowed, subprotocol_token, token_matches
@@ -42,9 +42,15 @@ class WebSocketTransport:
             self.too_slow.set()
 
     async def write_loop(self) -> None:
+        """Write queued events until the client goes away (an ordinary end: returns)."""
         while True:
             text = await self._outbox.get()
-            await self.ws.send_text(text)
+            try:
+                await self.ws.send_text(text)
+            except (WebSocketDisconnect, WebSocketDisconnected, OSError) as exc:
+                # uvicorn's ClientDisconnected is an OSError: the client closed its socket.
+                logger.info("websocket client gone while sending (%s)", type(exc).__name__)
+                return
             self._outbox.task_done()
 
     async def flush(self) -> None:
