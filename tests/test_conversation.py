@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from conftest import SAMPLE_WAV, SCRIPT, TOOL_ANSWER, TOOL_ARGS, TOOL_NAME
 from fakes import FakeTransport, frames
+from servers import SharedEngine
 from wire import PCM16K, pcm16_b64
 
 from voxtral_server.api.session import Session
@@ -24,29 +25,16 @@ from voxtral_server.models.voxtral import VoxtralEngine
 SPEECH = read_audio_file(SAMPLE_WAV)  # speech 0.3-2.7 s, then 1.3 s of silence
 
 
-class Recording:
+class Recording(SharedEngine):
     """The real engine, remembering every request it was given."""
 
     def __init__(self, engine: VoxtralEngine) -> None:
-        self.engine = engine
+        super().__init__(engine)
         self.requests: list[Request] = []
 
     def submit(self, request: Request, sink: ChunkSink) -> RequestHandle:
         self.requests.append(request)
-        handle: RequestHandle = self.engine.submit(request, sink)
-        return handle
-
-    def promote(self, handle: RequestHandle) -> None:
-        self.engine.promote(handle)
-
-    ready = property(lambda self: self.engine.ready)
-    queue_depth = property(lambda self: self.engine.queue_depth)
-
-    def describe(self) -> dict[str, Any]:
-        return self.engine.describe()
-
-    def close(self, timeout: float = 30.0) -> None:
-        pass
+        return super().submit(request, sink)
 
 
 async def new_session(
