@@ -452,6 +452,12 @@ def main() -> int:
         help="engine.max_batch values to compare in this run (1 = the serial worker)",
     )
     parser.add_argument("--pace", action="store_true", help="send the audio in real time")
+    parser.add_argument(
+        "--answer-words",
+        type=int,
+        help="the tiny checkpoint's answer: this many words (default: an 11-word sentence; "
+        "a long answer shows decoding, a short one prefill)",
+    )
     parser.add_argument("--engine", choices=ENGINES, default="transformers")
     parser.add_argument(
         "--vllm-endpoint",
@@ -469,7 +475,9 @@ def main() -> int:
     if args.model is None and args.engine == "transformers":  # vLLM serves its own model
         from voxtral_server.models.tiny import build_tiny
 
-        args.model = str(build_tiny(Path(tempfile.mkdtemp()) / "tiny", script=ANSWER))
+        words = [f"word{i}" for i in range(args.answer_words or 0)]
+        script = " ".join(words) + "." if words else ANSWER
+        args.model = str(build_tiny(Path(tempfile.mkdtemp()) / "tiny", script=script))
     settings = load_settings(args.config, {("model", "id"): args.model})
     # the previous level's sessions may still be closing: room for both
     sessions = max(settings.server.max_sessions, 2 * max(args.levels))
