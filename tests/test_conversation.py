@@ -407,3 +407,30 @@ async def test_a_spoken_question_calls_a_function_and_its_result_is_answered(
     )
     assert error_of(t, 3)["code"] == "invalid_tool_choice" and error_of(t, 3)["event_id"] == "tc"
     session.close()
+
+
+@pytest.mark.asyncio
+async def test_an_audio_item_is_heard_in_the_sessions_input_format(
+    scripted_engine: VoxtralEngine,
+) -> None:
+    session, t, engine = await new_session(scripted_engine)
+    item = {
+        "type": "message",
+        "role": "user",
+        "content": [
+            {"type": "input_audio", "audio": pcm16_b64(SPEECH)},
+            {"type": "input_text", "text": "Who said that?"},
+        ],
+    }
+    await send(session, "conversation.item.create", item=item)
+    added = t.of("conversation.item.added")[0]["item"]
+    assert [part["type"] for part in added["content"]] == ["input_audio", "input_text"]
+    await send(session, "response.create")
+    assert (await t.wait_for("response.done"))["response"]["status"] == "completed"
+    (message,) = engine.requests[0].history
+    assert message.text == "Who said that?" and message.audio is not None
+    assert message.audio.size == SPEECH.size  # 16 kHz in, as declared: nothing resampled
+    bad = {"type": "message", "role": "user", "content": [{"type": "input_audio", "audio": "%%"}]}
+    await send(session, "conversation.item.create", item=bad, event_id="a1")
+    assert error_of(t)["code"] == "invalid_audio" and error_of(t)["event_id"] == "a1"
+    session.close()
