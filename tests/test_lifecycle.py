@@ -16,6 +16,7 @@ from conftest import engine_settings
 from fakes import StubEngine
 from patience import scaled
 from servers import SharedEngine, idle, on_server, running_server
+from wire import session_update
 
 from voxtral_server.config import Settings
 from voxtral_server.models.chunking import ChunkSink
@@ -33,6 +34,7 @@ class RecordingEngine(SharedEngine):
         super().__init__(engine)
         self.handles: list[RequestHandle] = []
         self.finals: list[Chunk] = []
+        self.modes: list[str] = []  # the mode of each final's request, in the same order
         self.finished = threading.Condition()
 
     def submit(self, request: Request, sink: ChunkSink) -> RequestHandle:
@@ -40,6 +42,7 @@ class RecordingEngine(SharedEngine):
             if chunk.is_final:
                 with self.finished:
                     self.finals.append(chunk)
+                    self.modes.append(request.mode)
                     self.finished.notify_all()
             sink(chunk)
 
@@ -90,6 +93,26 @@ async def test_websocket_disconnect_mid_response_stops_generation(
             await ws.send(event)
         done = await ws_until(ws, "response.done")
     assert done["response"]["status"] == "completed"
+
+
+@pytest.mark.asyncio
+async def test_disconnect_while_the_users_words_are_written_down_stops_that_too(
+    server: tuple[str, Any, RecordingEngine],
+) -> None:
+    """Captions run on the engine beside the answer: a client that leaves mid-caption
+    leaves nothing generating."""
+    url, app, engine = server
+    baseline = on_server(app, idle(app))
+    captions = session_update(transcription={"model": "whisper-1"}, turn_detection=None)
+    async with websockets.connect(url.replace("http", "ws") + "/v1/realtime") as ws:
+        for event in [captions, *ptt_events()[1:]]:
+            await ws.send(event)
+        await ws_until(ws, "conversation.item.input_audio_transcription.delta")
+    finals = engine.wait_finals(2)
+    caption = [f for f, mode in zip(finals, engine.modes, strict=True) if mode == "transcribe"][-1]
+    assert caption.totals is not None and caption.totals.status == "cancelled"
+    assert caption.totals.tokens < 300  # stopped long before the end of its 150 words
+    assert on_server(app, idle(app)) == baseline
 
 
 @pytest.mark.asyncio

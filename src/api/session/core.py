@@ -508,7 +508,7 @@ class Session:
             )
         answer = self._answer
         running = answer is not None and answer.item is item
-        timeline = self._timeline(answer) if running and answer else item.extra.get("timeline")
+        timeline = self._timeline(answer) if running and answer else item.timeline
         duration = timeline.duration_ms if timeline is not None else 0
         if event.audio_end_ms > math.ceil(duration):
             raise p.ProtocolError(
@@ -617,7 +617,6 @@ class Session:
         answer = Answer(
             response_id,
             handle,
-            turn.audio if turn is not None else None,
             clock,
             self.transport,
             user_item=turn.item_id if turn is not None else None,
@@ -720,8 +719,7 @@ class Session:
         if item is None:  # deleted meanwhile: written down for the log only
             item = conv.Item(turn.item_id, "message", "user", audio=turn.audio)
         self._answer = Answer(
-            response_id, handle, turn.audio, clock, self.transport, user_item=turn.item_id,
-            transcribes=item,
+            response_id, handle, clock, self.transport, user_item=turn.item_id, transcribes=item,
         )  # fmt: skip
         if spec is not None:
             self.spec_stats.kept += 1
@@ -749,7 +747,7 @@ class Session:
             self._transcription_failed(item.id, exc.code, str(exc))
             return
         clock = report.TurnClock(time.perf_counter())
-        caption = Answer(caption_id, handle, None, clock, self.transport, transcribes=item)
+        caption = Answer(caption_id, handle, clock, self.transport, transcribes=item)
         caption.already_sent = sent
         self._captions[caption_id] = caption
 

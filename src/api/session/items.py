@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
 
 from ...models.types import Message, ToolCall
 from .. import protocol as p
+from ..spoken import SpokenTimeline
 
 ItemType = Literal["message", "function_call", "function_call_output"]
 ItemStatus = Literal["completed", "incomplete", "in_progress"]
@@ -38,7 +39,7 @@ class Item:
     name: str | None = None  # function_call
     arguments: str = ""  # function_call: JSON text
     output: str = ""  # function_call_output
-    extra: dict[str, Any] = field(default_factory=dict)  # speech timeline (assistant audio)
+    timeline: SpokenTimeline | None = None  # assistant audio: which words each stretch carries
 
     def wire(self) -> dict[str, Any]:
         """The item as the Realtime API shows it (`conversation.item.*`, `response.output`)."""

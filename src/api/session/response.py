@@ -14,8 +14,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-import numpy as np
-
 from ...config import TtsSettings
 from ...models.chunking import ChunkSink
 from ...models.tts import TtsEngine
@@ -23,6 +21,7 @@ from ...models.types import Chunk, RequestHandle, ToolCall, Totals
 from .. import protocol as p
 from ..protocol import new_id
 from ..speech import AudioOut, Speech
+from ..spoken import SpokenTimeline
 from .items import Item
 from .report import TurnClock
 
@@ -36,7 +35,6 @@ class Answer:
 
     id: str
     handle: RequestHandle
-    audio: np.ndarray | None  # what the user said (the turn it answers), if audio
     clock: TurnClock
     transport: p.Transport
     user_item: str | None = None  # the user item it answers
@@ -56,10 +54,10 @@ class Answer:
     heard_ms: float | None = None  # a truncate while it was spoken: the audio heard
     already_sent: str = ""  # a caption started again: the words sent by the run before
 
-    def item_timeline(self, timeline: Any) -> None:
+    def item_timeline(self, timeline: SpokenTimeline) -> None:
         """Keep the speech's timeline on the message item (a later truncate reads it)."""
         if self.item is not None:
-            self.item.extra["timeline"] = timeline
+            self.item.timeline = timeline
 
     def deliver(self, chunk: Chunk) -> None:
         """A word chunk (not the final one): to the client, and to the speech."""
