@@ -496,21 +496,22 @@ class OutputItemDone(ServerEvent):
     item: dict[str, Any]
 
 
-class ContentPartAdded(ServerEvent):
-    type: Literal["response.content_part.added"] = "response.content_part.added"
+class _ContentEvent(ServerEvent):
+    """An event about one content part of a response's output item."""
+
     response_id: str
     item_id: str
-    output_index: int
+    output_index: int = 0
     content_index: int = 0
+
+
+class ContentPartAdded(_ContentEvent):
+    type: Literal["response.content_part.added"] = "response.content_part.added"
     part: dict[str, Any]
 
 
-class ContentPartDone(ServerEvent):
+class ContentPartDone(_ContentEvent):
     type: Literal["response.content_part.done"] = "response.content_part.done"
-    response_id: str
-    item_id: str
-    output_index: int
-    content_index: int = 0
     part: dict[str, Any]
 
 
@@ -535,12 +536,8 @@ class FunctionCallArgumentsDone(ServerEvent):
     arguments: str
 
 
-class TextDelta(ServerEvent):
+class TextDelta(_ContentEvent):
     type: Literal["response.output_text.delta"] = "response.output_text.delta"
-    response_id: str
-    item_id: str
-    output_index: int = 0
-    content_index: int = 0
     delta: str
     # Extras for the browser UI.
     chunk_index: int
@@ -549,44 +546,28 @@ class TextDelta(ServerEvent):
     processing_time_ms: float
 
 
-class TextDone(ServerEvent):
+class TextDone(_ContentEvent):
     type: Literal["response.output_text.done"] = "response.output_text.done"
-    response_id: str
-    item_id: str
-    output_index: int = 0
-    content_index: int = 0
     text: str
 
 
-class AudioDelta(ServerEvent):
+class AudioDelta(_ContentEvent):
     """Speech for the WebSocket: base64 audio in the session's audio.output.format."""
 
     type: Literal["response.output_audio.delta"] = "response.output_audio.delta"
-    response_id: str
-    item_id: str
-    output_index: int = 0
-    content_index: int = 0
     delta: str
 
 
-class AudioDone(ServerEvent):
+class AudioDone(_ContentEvent):
     type: Literal["response.output_audio.done"] = "response.output_audio.done"
-    response_id: str
-    item_id: str
-    output_index: int = 0
-    content_index: int = 0
 
 
-class TranscriptDelta(ServerEvent):
+class TranscriptDelta(_ContentEvent):
     """An audio answer's words, each the moment it is complete (its audio follows)."""
 
     type: Literal["response.output_audio_transcript.delta"] = (
         "response.output_audio_transcript.delta"
     )
-    response_id: str
-    item_id: str
-    output_index: int = 0
-    content_index: int = 0
     delta: str
     # Extras for the browser UI, as on response.output_text.delta.
     chunk_index: int | None = None
@@ -604,12 +585,8 @@ class Spoken(ServerEvent):
     delta: str
 
 
-class TranscriptDone(ServerEvent):
+class TranscriptDone(_ContentEvent):
     type: Literal["response.output_audio_transcript.done"] = "response.output_audio_transcript.done"
-    response_id: str
-    item_id: str
-    output_index: int = 0
-    content_index: int = 0
     transcript: str
 
 
